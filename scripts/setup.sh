@@ -14,6 +14,7 @@ VENV=${VENV:-$ROOT/.venv}
 WHEELS=$ROOT/.cache/wheels
 CONSTRAINTS=$ROOT/scripts/constraints.txt
 FAIRSEQ_VERSION=0.12.3.1
+TORCH_VERSION=2.13.0
 
 log() { printf '[setup] %s\n' "$*"; }
 
@@ -41,8 +42,11 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 "${PIP[@]}" install -c "$CONSTRAINTS" pip setuptools wheel
 
-# torch first and pinned: an unpinned torch requirement resolves to a CUDA build.
-"${PIP[@]}" install -c "$CONSTRAINTS" torch numpy Cython
+# torch first and pinned: an unpinned torch requirement resolves to a CUDA build. (It is pinned
+# here and not in the constraints file: pip treats "torch==2.13.0" from both a constraint and the
+# local "+cpu" wheel as a conflict.)
+"${PIP[@]}" install "torch==$TORCH_VERSION"
+"${PIP[@]}" install -c "$CONSTRAINTS" numpy Cython
 
 # fairseq-fixed: its build needs torch/numpy/Cython from the venv, so no build isolation.
 mkdir -p "$WHEELS"
