@@ -12,6 +12,7 @@ setup(
         "console_scripts": [
             "gdps-make-corpus=fairseq_gdps.cli.make_corpus:main",
             "gdps-prep=fairseq_gdps.cli.prep:main",
+            "gdps-analyze=fairseq_gdps.cli.analyze:main",
             "gdps-score=fairseq_gdps.cli.score:main",
         ]
     },
