@@ -1,0 +1,24 @@
+# Shared settings of the recipes in this folder (sourced, not run).
+# The model size and optimisation settings are chosen to learn the demo corpus on 2 CPU cores;
+# see README.md ("Demo: how the quick profile was tuned").
+RECIPE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO_ROOT=$(cd "$RECIPE_DIR/../.." && pwd)
+USER_DIR="$REPO_ROOT/fairseq_gdps"
+if [ -x "$REPO_ROOT/.venv/bin/python" ]; then export PATH="$REPO_ROOT/.venv/bin:$PATH"; fi
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
+# fairseq checkpoints need pickle loading under torch >= 2.6 (the plugin sets it too).
+export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
+
+# s2t_transformer sized for 2 CPU cores: 4 encoder / 2 decoder layers, width 160, FFN 512 (2.0M params).
+MODEL_ARGS=(--arch s2t_transformer_s
+  --encoder-layers 4 --decoder-layers 2
+  --encoder-embed-dim 160 --decoder-embed-dim 160
+  --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
+  --encoder-attention-heads 4 --decoder-attention-heads 4
+  --dropout 0.1 --share-decoder-input-output-embed)
+OPTIM_ARGS=(--optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt
+  --warmup-updates 150 --clip-norm 10.0 --weight-decay 0.0001
+  --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --report-accuracy)
+# --required-batch-size-multiple 1: fairseq-fixed silently drops a final partial batch otherwise.
+DATA_ARGS=(--num-workers 0 --max-tokens 12000 --required-batch-size-multiple 1
+  --skip-invalid-size-inputs-valid-test)

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Decode each language's test manifest with fairseq-generate and score it with sacrebleu.
+#   decode_and_score.sh DATA_DIR OUT_DIR [--task T] [--checkpoint PATH] [-- extra generate flags]
+# Writes OUT_DIR/decode/<split>.txt (fairseq-generate output) and OUT_DIR/scores.json / .md.
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+DATA=$(cd "$1" && pwd); OUT=$2; shift 2
+TASK=speech_to_text; CKPT="$OUT/checkpoints/checkpoint_best.pt"; EXTRA=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --task) TASK=$2; shift 2 ;;
+    --checkpoint) CKPT=$2; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT/decode"
+splits=()
+for f in "$DATA"/test_*.tsv; do splits+=("$(basename "$f" .tsv)"); done
+[ ${#splits[@]} -gt 0 ] || { echo "no test_<lang>.tsv manifests in $DATA" >&2; exit 1; }
+for split in "${splits[@]}"; do
+  # fairseq-generate rebuilds the task from its command line: task flags are passed again.
+  fairseq-generate "$DATA" --user-dir "$USER_DIR" --task "$TASK" --config-yaml config.yaml \
+    --gen-subset "$split" --path "$CKPT" \
+    --max-tokens 50000 --required-batch-size-multiple 1 --num-workers 0 \
+    --beam 5 --scoring sacrebleu "${EXTRA[@]}" > "$OUT/decode/$split.txt" 2> "$OUT/decode/$split.log"
+done
+gdps-score --data "$DATA" --decode-dir "$OUT/decode" --out "$OUT/scores"

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Shared multilingual baseline with stock fairseq: task speech_to_text, arch s2t_transformer.
+# Trains on all languages at once, decodes every test utterance and scores each language.
+#
+#   run_baseline.sh DATA_DIR OUT_DIR [--max-update N] [--seed S] [-- extra fairseq-train flags]
+#
+# DATA_DIR is what gdps-prep wrote (config.yaml, train/dev/test.tsv, test_<lang>.tsv).
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+[ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update N] [--seed S] [-- fairseq flags]" >&2; exit 2; }
+DATA=$(cd "$1" && pwd); OUT=$2; shift 2
+MAX_UPDATE=1500; SEED=1; EXTRA=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --max-update) MAX_UPDATE=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT"
+fairseq-train "$DATA" --user-dir "$USER_DIR" --task speech_to_text \
+  --train-subset train --valid-subset dev --config-yaml config.yaml \
+  "${MODEL_ARGS[@]}" "${OPTIM_ARGS[@]}" "${DATA_ARGS[@]}" \
+  --max-update "$MAX_UPDATE" --seed "$SEED" \
+  --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --keep-last-epochs 1 \
+  --log-format simple --log-interval 50 "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"
+
+bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text

@@ -1,0 +1,128 @@
+"""Criterion ``label_smoothed_cross_entropy_gdps``: fairseq's label-smoothed cross entropy plus
+the options and the recorder of the GDPS gradient probe.
+
+The loss is the stock one. The per-language gradients come from the ``speech_to_text_gdps``
+task, which asks :meth:`probe_due` whether to split the batch by language and hands the
+gradients of the tracked modules to :meth:`record_step`.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+from fairseq.criterions import register_criterion
+from fairseq.criterions.label_smoothed_cross_entropy import (
+    LabelSmoothedCrossEntropyCriterion,
+    LabelSmoothedCrossEntropyCriterionConfig,
+)
+from omegaconf import II
+
+from fairseq_gdps.gdps.stats import GradientStatistics
+from fairseq_gdps.models.ffn_blocks import ffn_blocks
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelSmoothedCrossEntropyGDPSConfig(LabelSmoothedCrossEntropyCriterionConfig):
+    gdps_track: str = field(
+        default="*",
+        metadata={"help": "comma-separated globs over FFN block names (e.g. 'encoder.*', "
+                  "'decoder.layers.1.ffn'); the blocks whose per-language gradients are recorded"},
+    )
+    gdps_probe_interval: int = field(
+        default=0,
+        metadata={"help": "record per-language gradients every N updates; 0 disables the probe"},
+    )
+    gdps_probe_start: int = field(default=0, metadata={"help": "first update that may be probed"})
+    gdps_stats: Optional[str] = field(
+        default=None, metadata={"help": "statistics file, written atomically at every validation"}
+    )
+    gdps_sketch_dim: Optional[int] = field(
+        default=None,
+        metadata={"help": "count-sketch every module's gradient to this many dimensions, so the "
+                  "statistics' size no longer depends on module size"},
+    )
+    gdps_subspace_dim: int = field(
+        default=64, metadata={"help": "dimension of the per-step projection kept for SVD/CCA analysis"}
+    )
+    seed: int = II("common.seed")
+
+
+@register_criterion("label_smoothed_cross_entropy_gdps", dataclass=LabelSmoothedCrossEntropyGDPSConfig)
+class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion):
+    def __init__(self, cfg: LabelSmoothedCrossEntropyGDPSConfig, task):
+        super().__init__(
+            task,
+            cfg.sentence_avg,
+            cfg.label_smoothing,
+            ignore_prefix_size=cfg.ignore_prefix_size,
+            report_accuracy=cfg.report_accuracy,
+        )
+        if cfg.gdps_probe_interval < 0:
+            raise ValueError(f"--gdps-probe-interval must be >= 0, got {cfg.gdps_probe_interval}")
+        if cfg.gdps_probe_interval > 0 and not cfg.gdps_stats:
+            raise ValueError("--gdps-probe-interval > 0 needs --gdps-stats FILE to write the statistics to")
+        self.cfg = cfg
+        self.languages: list[str] = []
+        self.statistics: Optional[GradientStatistics] = None
+        self._tracked: Optional[dict[str, list[torch.nn.Parameter]]] = None
+        self._pending_state: Optional[dict] = None
+
+    @classmethod
+    def build_criterion(cls, cfg, task):
+        return cls(cfg, task)
+
+    def attach_languages(self, languages: list[str]) -> None:
+        self.languages = list(languages)
+
+    def probe_due(self, update_num: int) -> bool:
+        interval = self.cfg.gdps_probe_interval
+        return interval > 0 and update_num >= self.cfg.gdps_probe_start and (update_num - self.cfg.gdps_probe_start) % interval == 0
+
+    def tracked_parameters(self, model) -> dict[str, list[torch.nn.Parameter]]:
+        """Parameters of the tracked FFN blocks, by block name (resolved once per model)."""
+        if self._tracked is None:
+            patterns = [p.strip() for p in self.cfg.gdps_track.split(",") if p.strip()]
+            blocks = ffn_blocks(model)
+            chosen = {name: params for name, params in blocks.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+            if not chosen:
+                raise ValueError(
+                    f"--gdps-track {self.cfg.gdps_track!r} matches none of the model's FFN blocks: "
+                    f"{', '.join(blocks) or '(none)'}"
+                )
+            self._tracked = chosen
+            logger.info(f"GDPS probe tracks {len(chosen)} FFN blocks: {', '.join(chosen)}")
+        return self._tracked
+
+    def _statistics_for(self, tracked) -> GradientStatistics:
+        if self.statistics is None:
+            self.statistics = GradientStatistics(
+                {name: sum(p.numel() for p in params) for name, params in tracked.items()},
+                languages=self.languages,
+                sketch_dim=self.cfg.gdps_sketch_dim,
+                subspace_dim=self.cfg.gdps_subspace_dim,
+                seed=self.cfg.seed,
+            )
+            if self._pending_state is not None:
+                self.statistics.merge_(GradientStatistics.from_state_dict(self._pending_state))
+                self._pending_state = None
+        return self.statistics
+
+    def record_step(self, update_num: int, grads: dict[str, dict[str, torch.Tensor]]) -> None:
+        statistics = self._statistics_for(self._tracked)
+        skipped = statistics.add_step(update_num, grads)
+        for lang in skipped:
+            logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
+
+    def restore_statistics(self, state: dict) -> None:
+        """Statistics saved in a checkpoint; merged in once the tracked modules are known."""
+        self._pending_state = state
+
+    def save_statistics(self) -> None:
+        if self.statistics is not None and self.cfg.gdps_stats:
+            self.statistics.save(self.cfg.gdps_stats)
+            logger.info(f"GDPS statistics written to {self.cfg.gdps_stats}")
