@@ -1,0 +1,56 @@
+"""Learning curve of a fairseq-train log: dev loss and accuracy against updates and time.
+
+    python -m fairseq_gdps.cli.learning_curve TRAIN_LOG [TRAIN_LOG ...] --out PREFIX
+
+Writes PREFIX.tsv (one row per validation and log) and PREFIX.png.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from fairseq_gdps.data.train_log import read_validations
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("logs", nargs="+", type=Path)
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--labels", help="comma-separated label per log (default: parent folder names)")
+    args = parser.parse_args(argv)
+    labels = args.labels.split(",") if args.labels else [log.parent.name for log in args.logs]
+    curves = {label: read_validations(log) for label, log in zip(labels, args.logs)}
+    rows = ["system\tnum_updates\twall_s\tdev_loss\tdev_nll_loss\tdev_accuracy"]
+    for label, records in curves.items():
+        for r in records:
+            rows.append(f"{label}\t{int(r.get('num_updates', 0))}\t{r['wall'] or 0:.0f}\t{r.get('loss', float('nan')):.3f}\t{r.get('nll_loss', float('nan')):.3f}\t{r.get('accuracy', float('nan')):.1f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tsv.tmp")
+    tmp.write_text("\n".join(rows) + "\n")
+    os.replace(tmp, args.out.with_name(args.out.name + ".tsv"))
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, records in curves.items():
+        x = [r.get("num_updates", 0) for r in records]
+        ax_loss.plot(x, [r.get("loss") for r in records], marker="o", label=label)
+        ax_acc.plot(x, [r.get("accuracy") for r in records], marker="o", label=label)
+    ax_loss.set(xlabel="updates", ylabel="dev loss (label-smoothed, base 2)", title="dev loss")
+    ax_acc.set(xlabel="updates", ylabel="dev token accuracy (%)", title="dev accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.out.with_name(args.out.name + ".png"), dpi=100)
+    print("\n".join(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
