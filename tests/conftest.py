@@ -1,0 +1,36 @@
+"""Shared fixtures: a tiny synthesised corpus and its fairseq data folder, built once per session."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def run(cmd, cwd=None, timeout=600):
+    """Run a command with the venv's tools on PATH; fail the test with its output on error."""
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="2",
+               TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"
+                    f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "corpus"
+    run([BIN / "gdps-make-corpus", "--profile", "quick", "--utterances-per-language", "30",
+         "--seed", "3", "--out", out])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_corpus):
+    out = tiny_corpus.parent / "data"
+    run([BIN / "gdps-prep", "--corpus", tiny_corpus, "--out", out, "--vocab-size", "64"])
+    return out
