@@ -1,0 +1,90 @@
+"""gdps-analyze: per-language gradient statistics -> plan.json, report.md and plots.
+
+    gdps-analyze STATS --out DIR [--groups K | --distance-threshold T] [--top-k N]
+                 [--select top1|topk | --modules M [M ...]]
+                 [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--resamples 200] [--seed 0]
+
+The formulas are documented in ``fairseq_gdps.gdps.metrics`` (similarity, divergence, conflict,
+alignment, module score), ``fairseq_gdps.gdps.grouping`` (distance, clustering rule, bootstrap,
+ratio) and ``fairseq_gdps.gdps.report`` (module choice).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="gdps-analyze", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("stats", metavar="STATS", help="gradient statistics file written by the GDPS probe")
+    p.add_argument("--out", required=True, help="output folder (plan.json, report.md, *.png)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--groups", type=int, default=None, help="force this many language groups")
+    g.add_argument("--distance-threshold", type=float, default=None,
+                   help="cut the dendrogram at this distance (1 - noise-corrected cosine) instead of the silhouette rule")
+    p.add_argument("--top-k", type=int, default=3,
+                   help="number of top-ranked modules whose distances are averaged for grouping (and split with --select topk)")
+    s = p.add_mutually_exclusive_group()
+    s.add_argument("--select", choices=["top1", "topk"], default="top1",
+                   help="split the single most conflicting module, or the top --top-k")
+    s.add_argument("--modules", nargs="+", default=None,
+                   help="split exactly these modules (and group languages on them)")
+    p.add_argument("--ratio-min", type=float, default=0.25)
+    p.add_argument("--ratio-max", type=float, default=0.75)
+    p.add_argument("--ratio-step", type=float, default=0.125)
+    p.add_argument("--resamples", type=int, default=200, help="bucket-bootstrap resamples for grouping stability (0: none)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    p.add_argument("--subspace-rank", type=int, default=8, help="rank of each language's gradient subspace (SVD/CCA)")
+    p.add_argument("--ridge", type=float, default=0.1, help="CCA ridge, relative to the mean variance")
+    p.add_argument("--alignment-weight", type=float, default=0.5,
+                   help="weight of subspace misalignment in the conflict score (0: divergence only)")
+    p.add_argument("--silhouette-min", type=float, default=0.25, help="automatic rule: minimum silhouette to split")
+    p.add_argument("--min-split-distance", type=float, default=0.1,
+                   help="automatic rule: minimum linkage height (1 - corrected cosine) between groups to split")
+    p.add_argument("--expect-signature", default=None, help="refuse statistics recorded for another model signature")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.groups is not None and args.groups < 1:
+        print("gdps-analyze: --groups must be >= 1", file=sys.stderr)
+        return 2
+    if not 0 < args.ratio_min <= args.ratio_max < 1 or args.ratio_step <= 0:
+        print("gdps-analyze: need 0 < --ratio-min <= --ratio-max < 1 and --ratio-step > 0", file=sys.stderr)
+        return 2
+    if not 0 <= args.alignment_weight <= 1:
+        print("gdps-analyze: --alignment-weight must lie in [0, 1]", file=sys.stderr)
+        return 2
+    import logging
+
+    from fairseq_gdps.gdps.report import analyze, write_outputs
+
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # quiet even under a DEBUG root logger
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    try:
+        stats = GradientStatistics.load(args.stats, expect_signature=args.expect_signature)
+        a = analyze(stats, args.stats, modules=args.modules, select=args.select, top_k=args.top_k,
+                    n_groups=args.groups, threshold=args.distance_threshold, ratio_min=args.ratio_min,
+                    ratio_max=args.ratio_max, ratio_step=args.ratio_step, resamples=args.resamples,
+                    seed=args.seed, subspace_rank=args.subspace_rank, ridge=args.ridge,
+                    alignment_weight=args.alignment_weight, silhouette_min=args.silhouette_min,
+                    min_split_distance=args.min_split_distance)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"gdps-analyze: {exc}", file=sys.stderr)
+        return 1
+    paths = write_outputs(a, args.out)
+    print(f"split: {', '.join(a.split_modules)}")
+    print("groups: " + " / ".join("{" + ", ".join(g) + "}" for g in a.grouping.partition)
+          + (f" (stability {100 * a.grouping.chosen_frequency:.0f}% of {a.grouping.resamples} resamples)"
+             if a.grouping.resamples else ""))
+    print(f"shared ratio: {a.ratio:g}")
+    for k in ("plan", "report"):
+        print(f"{k}: {paths[k]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

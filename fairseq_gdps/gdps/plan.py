@@ -1,0 +1,174 @@
+"""The GDPS plan: which modules to split, the language groups and the shared ratio.
+
+``plan.json`` is the contract between ``gdps-analyze`` and stage-2 training. It is written
+atomically as JSON with sorted keys and an indent of 2, holds no timestamp, and rounds floats to
+10 significant digits, so identical inputs give identical bytes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Dict, Iterable, List, Optional
+
+PLAN_VERSION = 1
+PLAN_KIND = "gdps-plan"
+
+
+class PlanError(ValueError):
+    """A plan that is malformed or does not fit the model or data."""
+
+
+def _clean(x):
+    """JSON-safe, deterministic copy: floats rounded to 10 significant digits, NaN/inf -> None."""
+    if isinstance(x, bool) or x is None or isinstance(x, str):
+        return x
+    if isinstance(x, int):
+        return int(x)
+    if isinstance(x, float) or type(x).__name__.startswith("float"):
+        x = float(x)
+        if not math.isfinite(x):
+            return None
+        return float(f"{x:.10g}")
+    if type(x).__name__.startswith("int") or type(x).__name__.startswith("uint"):
+        return int(x)
+    if isinstance(x, dict):
+        return {str(k): _clean(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_clean(v) for v in x]
+    if hasattr(x, "tolist"):
+        return _clean(x.tolist())
+    raise TypeError(f"cannot store {type(x).__name__} in a plan")
+
+
+@dataclass
+class Plan:
+    modules: List[str]                                   # modules to split, most conflicting first
+    groups: List[List[str]]                              # language groups (partition)
+    shared_ratio: float                                  # share of each split module kept shared, in (0, 1)
+    language_to_group: Dict[str, int] = field(default_factory=dict)
+    scores: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # every module's scores
+    provenance: dict = field(default_factory=dict)       # stats file + sha256, settings (no timestamp)
+    version: int = PLAN_VERSION
+    kind: str = PLAN_KIND
+
+    def __post_init__(self):
+        self.modules = [str(m) for m in self.modules]
+        self.groups = [[str(l) for l in g] for g in self.groups]
+        if not self.language_to_group:
+            self.language_to_group = {l: gi for gi, g in enumerate(self.groups) for l in g}
+        self.language_to_group = {str(k): int(v) for k, v in self.language_to_group.items()}
+
+    @property
+    def languages(self) -> List[str]:
+        return [l for g in self.groups for l in g]
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.groups)
+
+    def group_of(self, language: str) -> int:
+        try:
+            return self.language_to_group[language]
+        except KeyError:
+            raise PlanError(f"language {language!r} is not in the plan (plan languages: {sorted(self.language_to_group)})") from None
+
+    # ------------------------------------------------------------------ checks
+    def validate(self, model_module_names: Optional[Iterable[str]] = None,
+                 languages: Optional[Iterable[str]] = None) -> "Plan":
+        """Raise ``PlanError`` unless the plan is well-formed and fits the model/data given."""
+        if self.kind != PLAN_KIND:
+            raise PlanError(f"not a GDPS plan (kind {self.kind!r})")
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"plan version {self.version!r} is not supported (this code reads {PLAN_VERSION})")
+        if not self.modules:
+            raise PlanError("the plan names no module to split")
+        if len(set(self.modules)) != len(self.modules):
+            raise PlanError(f"the plan names a module twice: {self.modules}")
+        r = self.shared_ratio
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r < 1:
+            raise PlanError(f"shared_ratio must lie strictly between 0 and 1, got {r!r}")
+        if not self.groups or any(len(g) == 0 for g in self.groups):
+            raise PlanError(f"groups must be non-empty lists of languages, got {self.groups}")
+        seen: Dict[str, int] = {}
+        for gi, g in enumerate(self.groups):
+            for l in g:
+                if l in seen:
+                    raise PlanError(f"language {l!r} is in group {seen[l]} and in group {gi}: groups overlap")
+                seen[l] = gi
+        if seen != self.language_to_group:
+            raise PlanError(f"language_to_group {self.language_to_group} does not match groups {self.groups}")
+        if model_module_names is not None:
+            have = set(model_module_names)
+            missing = [m for m in self.modules if m not in have]
+            if missing:
+                raise PlanError(f"the model has no module {missing} named in the plan "
+                                f"(model modules: {', '.join(sorted(have)) or '(none)'})")
+        if languages is not None:
+            data = list(dict.fromkeys(languages))
+            not_in_plan = [l for l in data if l not in seen]
+            if not_in_plan:
+                raise PlanError(f"languages {not_in_plan} of the data are in no group of the plan "
+                                f"(groups {self.groups}): the groups do not cover every language")
+            not_in_data = [l for l in seen if l not in set(data)]
+            if not_in_data:
+                raise PlanError(f"plan languages {not_in_data} are missing from the data (data languages: {data})")
+        return self
+
+    # ------------------------------------------------------------------ files
+    def to_dict(self) -> dict:
+        return _clean(asdict(self))
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, indent=2, allow_nan=False) + "\n"
+
+    def save(self, path) -> None:
+        """Write atomically: temporary file in the same folder, then ``os.replace``."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(self.dumps())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
+        if not isinstance(d, dict):
+            raise PlanError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
+        if d.get("kind", PLAN_KIND) != PLAN_KIND:
+            raise PlanError(f"{source}: not a GDPS plan (kind {d.get('kind')!r})")
+        if d.get("version") != PLAN_VERSION:
+            raise PlanError(f"{source}: plan version {d.get('version')!r} is not supported (this code reads {PLAN_VERSION})")
+        missing = [k for k in ("modules", "groups", "shared_ratio") if k not in d]
+        if missing:
+            raise PlanError(f"{source}: plan lacks {missing}")
+        known = {"modules", "groups", "shared_ratio", "language_to_group", "scores", "provenance", "version", "kind"}
+        try:
+            return cls(**{k: v for k, v in d.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise PlanError(f"{source}: malformed plan ({exc})") from exc
+
+    @classmethod
+    def load(cls, path, model_module_names: Optional[Iterable[str]] = None,
+             languages: Optional[Iterable[str]] = None) -> "Plan":
+        """Read and validate a plan file (errors name the file)."""
+        path = os.fspath(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+        plan = cls.from_dict(d, source=path)
+        try:
+            plan.validate(model_module_names=model_module_names, languages=languages)
+        except PlanError as exc:
+            raise PlanError(f"{path}: {exc}") from None
+        return plan

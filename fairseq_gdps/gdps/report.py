@@ -1,0 +1,352 @@
+"""The GDPS analysis (statistics -> metrics -> ranking -> grouping -> ratio -> plan) and its report.
+
+``analyze`` runs the analysis; ``write_outputs`` writes ``plan.json``, ``report.md`` and the PNG
+plots (``similarity.png``, ``dendrogram.png``, ``layer_profile.png``, ``stability.png``). Figures
+use matplotlib's Agg canvas directly (no pyplot, no global backend switch).
+
+Module choice. Modules are ranked by ``metrics``' conflict score. The modules to split are the
+explicit ``modules`` if given, else the top one (``select="top1"``, the default: the paper splits
+a single FFN) or the top ``top_k`` (``select="topk"``). The grouping distance is aggregated over
+the explicit ``modules`` if given, else over the top ``top_k`` ranked modules.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from fairseq_gdps.gdps import grouping as G
+from fairseq_gdps.gdps import metrics as M
+from fairseq_gdps.gdps.plan import Plan
+
+LAYER_RE = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
+
+
+def file_sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_layer(name: str):
+    """``encoder.conformer_layers.11.ffn2`` -> (``encoder.conformer_layers.*.ffn2``, 11); None if no index."""
+    m = LAYER_RE.match(name)
+    if not m:
+        return None
+    return f"{m['stack']}.*.{m['rest']}", int(m["layer"])
+
+
+@dataclass
+class Analysis:
+    stats_path: str
+    stats_sha256: str
+    languages: List[str]
+    metrics: Dict[str, M.ModuleMetrics]
+    ranking: List[str]
+    split_modules: List[str]
+    grouping: G.GroupingResult
+    ratio: float
+    ratio_raw: float
+    settings: dict
+    stats_info: dict
+    notes: List[str] = field(default_factory=list)
+
+    def plan(self) -> Plan:
+        scores = {m: self.metrics[m].scores() for m in self.ranking}
+        for rank, m in enumerate(self.ranking, 1):
+            scores[m]["rank"] = rank
+        g = self.grouping
+        provenance = {
+            "tool": "gdps-analyze",
+            "stats_file": self.stats_path,
+            "stats_sha256": self.stats_sha256,
+            "stats": self.stats_info,
+            "settings": self.settings,
+            "grouping": {"modules": g.modules, "rule": g.info.get("rule"),
+                         "distance": g.distance.tolist(), "languages": g.languages,
+                         "chosen_frequency": g.chosen_frequency, "resamples": g.resamples,
+                         "frequencies": [{"groups": [list(x) for x in p], "frequency": f} for p, f in g.frequencies]},
+            "ratio": {"mean_cross_group_corrected_cos": self.ratio_raw, "quantised": self.ratio},
+        }
+        return Plan(modules=self.split_modules, groups=g.groups, shared_ratio=self.ratio, scores=scores,
+                    provenance=provenance)
+
+
+def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = None, select: str = "top1",
+            top_k: int = 3, n_groups: Optional[int] = None, threshold: Optional[float] = None,
+            ratio_min: float = 0.25, ratio_max: float = 0.75, ratio_step: float = 0.125, resamples: int = 200,
+            seed: int = 0, subspace_rank: int = 8, ridge: float = 0.1, alignment_weight: float = 0.5,
+            silhouette_min: float = 0.25, min_split_distance: float = 0.1) -> Analysis:
+    if select not in ("top1", "topk"):
+        raise ValueError(f"select must be 'top1' or 'topk', got {select!r}")
+    if top_k < 1:
+        raise ValueError("top_k must be >= 1")
+    if modules:
+        unknown = [m for m in modules if m not in stats.module_names]
+        if unknown:
+            raise ValueError(f"modules {unknown} are not in the statistics (recorded: {', '.join(stats.module_names)})")
+    notes: List[str] = []
+    counts = stats.counts()
+    languages = [l for l in stats.languages if any(c > 0 for c in counts[l].values())]
+    dropped = [l for l in stats.languages if l not in languages]
+    if dropped:
+        notes.append(f"languages without any recorded step left out: {dropped}")
+    if not languages:
+        raise ValueError(f"{stats_path or 'statistics'}: no language has any recorded step")
+    few = [l for l in languages if min(counts[l].values()) < 2]
+    if few:
+        notes.append(f"languages with fewer than 2 steps in some module (no self-similarity): {few}")
+    skipped = {l: c for l, c in stats.skipped_nonfinite.items() if c}
+    if skipped:
+        notes.append(f"steps skipped for non-finite gradients: {skipped}")
+    mkw = dict(subspace_rank=subspace_rank, ridge=ridge, alignment_weight=alignment_weight, languages=languages)
+    metrics = M.compute_all(stats, **mkw)
+    for mm in metrics.values():
+        notes.extend(mm.notes)
+    ranking = M.rank_modules(metrics)
+    k = min(top_k, len(ranking))
+    if modules:
+        split_modules = list(modules)
+        group_modules = list(modules)
+    else:
+        split_modules = ranking[:1] if select == "top1" else ranking[:k]
+        group_modules = ranking[:k]
+    grouping = G.group_languages(stats, group_modules, languages, n_groups=n_groups, threshold=threshold,
+                                 resamples=resamples, seed=seed, silhouette_min=silhouette_min,
+                                 min_split_distance=min_split_distance)
+    rho = np.mean([metrics[m].corrected_cos for m in split_modules], axis=0)
+    ratio, ratio_raw = G.shared_ratio(rho, grouping.partition, languages, ratio_min, ratio_max, ratio_step)
+    if len(grouping.partition) == 1:
+        notes.append("a single group: every language uses the same private block, so the split changes "
+                     "nothing but capacity layout; consider --groups K to force a split")
+    settings = {"modules": list(modules) if modules else None, "select": select, "top_k": top_k,
+                "groups": n_groups, "distance_threshold": threshold, "ratio_min": ratio_min,
+                "ratio_max": ratio_max, "ratio_step": ratio_step, "resamples": resamples, "seed": seed,
+                "subspace_rank": subspace_rank, "ridge": ridge, "alignment_weight": alignment_weight,
+                "silhouette_min": silhouette_min, "min_split_distance": min_split_distance}
+    stats_info = {"languages": list(stats.languages), "steps": stats.num_steps,
+                  "steps_per_language": {l: max(counts[l].values()) for l in stats.languages},
+                  "skipped_nonfinite": stats.skipped_nonfinite, "model_signature": stats.model_signature,
+                  "sketch_dim": stats.sketch_dim, "subspace_dim": stats.subspace_dim,
+                  "num_buckets": stats.num_buckets, "aux_dim": stats.aux_dim, "seed": stats.seed,
+                  "modules": len(stats.module_names)}
+    sha = file_sha256(stats_path) if stats_path and os.path.isfile(stats_path) else ""
+    return Analysis(stats_path=str(stats_path), stats_sha256=sha, languages=languages, metrics=metrics,
+                    ranking=ranking, split_modules=split_modules, grouping=grouping, ratio=ratio,
+                    ratio_raw=ratio_raw, settings=settings, stats_info=stats_info, notes=notes)
+
+
+# ------------------------------------------------------------------------ markdown
+def _f(x, nd=3):
+    if x is None:
+        return "-"
+    try:
+        x = float(x)
+    except (TypeError, ValueError):
+        return str(x)
+    return "-" if not np.isfinite(x) else f"{x:.{nd}f}"
+
+
+def _matrix_md(mat, labels, nd=3):
+    lines = ["| | " + " | ".join(labels) + " |", "|---" * (len(labels) + 1) + "|"]
+    for i, l in enumerate(labels):
+        lines.append(f"| **{l}** | " + " | ".join(_f(v, nd) for v in mat[i]) + " |")
+    return lines
+
+
+def _groups_str(p):
+    return " / ".join("{" + ", ".join(g) + "}" for g in p)
+
+
+def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
+    langs = a.languages
+    out = ["# GDPS gradient analysis", ""]
+    out += [f"- statistics: `{a.stats_path}` (sha256 `{a.stats_sha256[:16]}`)",
+            f"- languages: {', '.join(langs)}; recorded steps: {a.stats_info['steps']}; steps per language: "
+            + ", ".join(f"{l} {n}" for l, n in a.stats_info["steps_per_language"].items()),
+            f"- sketch_dim {a.stats_info['sketch_dim']}, subspace_dim {a.stats_info['subspace_dim']}, "
+            f"{a.stats_info['num_buckets']} buckets; model signature `{a.stats_info['model_signature']}`", ""]
+    out += ["## Decision", "",
+            f"- split modules: {', '.join(f'`{m}`' for m in a.split_modules)}",
+            f"- groups: {_groups_str(a.grouping.partition)} ({a.grouping.info.get('rule')})",
+            f"- shared ratio: **{a.ratio:g}**", ""]
+    out += ["## Modules ranked by conflict", "",
+            "conflict score = divergence x ((1 - w) + w x (1 - subspace alignment)), "
+            f"w = {a.settings['alignment_weight']}; divergence = mean over pairs of (1 - noise-corrected cosine) / 2.", "",
+            "| rank | module | conflict score | divergence | neg. pairs | step conflict (Gauss.) | corr. cos mean | "
+            "corr. cos min | raw cos mean | self-sim mean | subspace align. | CCA |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r, m in enumerate(a.ranking, 1):
+        s = a.metrics[m].scores()
+        out.append(f"| {r} | `{m}` | {_f(s['conflict_score'])} | {_f(s['divergence'])} | {_f(s['conflict_rate'], 2)} | "
+                   f"{_f(s['step_conflict_rate'])} | {_f(s['corrected_cos_mean'])} | {_f(s['corrected_cos_min'])} | "
+                   f"{_f(s['raw_cos_mean'])} | {_f(s['self_cos_mean'])} | {_f(s['subspace_alignment'])} | "
+                   f"{_f(s['cca_mean'])} |")
+    out.append("")
+    shown = list(dict.fromkeys(a.split_modules + a.ranking[:min(3, len(a.ranking))]))
+    out += ["## Similarity of the top modules", ""]
+    for m in shown:
+        mm = a.metrics[m]
+        out += [f"### `{m}`", "", "Noise-corrected cosine of mean gradients:", ""]
+        out += _matrix_md(mm.corrected_cos, langs) + [""]
+        out += ["Raw cosine of mean gradients:", ""] + _matrix_md(mm.raw_cos, langs) + [""]
+        out += ["Self-similarity (share of gradient energy consistent across steps): "
+                + ", ".join(f"{l} {_f(v)}" for l, v in zip(langs, mm.self_cos)), ""]
+        if np.isfinite(mm.step_conflict_prob).any():
+            out += ["Per-step P(negative inner product), Gaussian estimate in the projected space:", ""]
+            out += _matrix_md(mm.step_conflict_prob, langs) + [""]
+    g = a.grouping
+    out += ["## Language grouping", "",
+            f"Distance = 1 - noise-corrected cosine, averaged over {', '.join(f'`{m}`' for m in g.modules)}; "
+            "average linkage.", ""]
+    out += _matrix_md(g.distance, langs) + [""]
+    out += [f"- rule: {g.info.get('rule')}"]
+    if g.info.get("silhouettes"):
+        out += ["- silhouettes: " + ", ".join(f"{k} groups {_f(v)}" for k, v in g.info["silhouettes"].items())]
+    out += [f"- chosen: {_groups_str(g.partition)}", ""]
+    if g.resamples:
+        out += [f"Stability over {g.resamples} bootstrap resamples of the {a.stats_info['num_buckets']} step "
+                f"buckets: the chosen grouping came out in **{100 * g.chosen_frequency:.1f}%**.", "",
+                "| grouping | frequency |", "|---|---|"]
+        out += [f"| {_groups_str(p)}{' (chosen)' if p == g.partition else ''} | {100 * f:.1f}% |"
+                for p, f in g.frequencies[:10]]
+        if len(g.frequencies) > 10:
+            out.append(f"| ({len(g.frequencies) - 10} more) | {100 * sum(f for _, f in g.frequencies[10:]):.1f}% |")
+        out += ["", "Co-assignment (share of resamples in which two languages share a group):", ""]
+        out += _matrix_md(g.coassignment, langs, nd=2) + [""]
+    st = a.settings
+    out += ["## Shared ratio", "",
+            f"Mean noise-corrected cosine between languages of different groups on the split module(s): "
+            f"{_f(a.ratio_raw)}. Clipped to [{st['ratio_min']:g}, {st['ratio_max']:g}] and quantised to steps of "
+            f"{st['ratio_step']:g}: **{a.ratio:g}** of each split module stays shared, the rest becomes one "
+            "private block per group. Groups that still agree keep more shared capacity.", ""]
+    if a.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in a.notes] + [""]
+    if figures:
+        out += ["## Figures", ""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures] + [""]
+    return "\n".join(out)
+
+
+# ------------------------------------------------------------------------ figures
+def _canvas(w, h):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path):
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, format="png", metadata={"Software": None})
+    os.replace(tmp, path)
+
+
+def plot_similarity(a: Analysis, path: str, max_modules: int = 4) -> None:
+    shown = list(dict.fromkeys(a.split_modules + a.ranking))[:max_modules]
+    L = len(a.languages)
+    fig = _canvas(3.6 * len(shown) + 0.8, 3.6)
+    im = None
+    for k, m in enumerate(shown):
+        ax = fig.add_subplot(1, len(shown), k + 1)
+        mat = a.metrics[m].corrected_cos
+        im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu")
+        ax.set_xticks(range(L), a.languages, rotation=45)
+        ax.set_yticks(range(L), a.languages)
+        for i in range(L):
+            for j in range(L):
+                if np.isfinite(mat[i, j]):
+                    ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
+        ax.set_title(f"{m}\nscore {a.metrics[m].conflict_score:.3f}", fontsize=8)
+    if im is not None:
+        fig.colorbar(im, ax=fig.axes, shrink=0.8, label="noise-corrected cosine")
+    fig.savefig(path + ".tmp.png", format="png", metadata={"Software": None})
+    os.replace(path + ".tmp.png", path)
+
+
+def plot_dendrogram(a: Analysis, path: str) -> None:
+    from scipy.cluster.hierarchy import dendrogram
+
+    fig = _canvas(5, 3.5)
+    ax = fig.add_subplot(1, 1, 1)
+    Z = a.grouping.info.get("linkage")
+    if Z is not None:
+        dendrogram(Z, labels=a.languages, ax=ax, color_threshold=0)
+        if a.settings.get("distance_threshold") is not None:
+            ax.axhline(a.settings["distance_threshold"], ls="--", c="gray")
+    else:
+        ax.text(0.5, 0.5, "a single language", ha="center", transform=ax.transAxes)
+    ax.set_ylabel("1 - noise-corrected cosine (average linkage)")
+    ax.set_title("groups: " + _groups_str(a.grouping.partition), fontsize=8)
+    _save(fig, path)
+
+
+def plot_layer_profile(a: Analysis, path: str) -> None:
+    series: Dict[str, List[tuple]] = {}
+    for order, m in enumerate(a.metrics):
+        parsed = parse_layer(m)
+        key, x = parsed if parsed else ("(no layer index: module order)", order)
+        series.setdefault(key, []).append((x, a.metrics[m].conflict_score, m))
+    fig = _canvas(6.5, 3.8)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, pts in sorted(series.items()):
+        pts.sort()
+        xs = [p[0] for p in pts]
+        ys = [p[1] for p in pts]
+        ax.plot(xs, ys, marker="o", label=key)
+        for x, y, m in pts:
+            if m in a.split_modules:
+                ax.scatter([x], [y], s=120, facecolors="none", edgecolors="red", zorder=3)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("layer index")
+    ax.set_ylabel("conflict score")
+    ax.set_title("per-layer conflict (red circle: split)", fontsize=9)
+    ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def plot_stability(a: Analysis, path: str, max_bars: int = 8) -> None:
+    g = a.grouping
+    fig = _canvas(6.5, 3.2)
+    ax = fig.add_subplot(1, 1, 1)
+    freqs = g.frequencies[:max_bars]
+    if freqs:
+        labels = [_groups_str(p) for p, _ in freqs]
+        colors = ["tab:red" if p == g.partition else "tab:gray" for p, _ in freqs]
+        ax.barh(range(len(freqs)), [f for _, f in freqs], color=colors)
+        ax.set_yticks(range(len(freqs)), labels, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(0, 1)
+    ax.set_xlabel(f"frequency over {g.resamples} bucket-bootstrap resamples (red: chosen)")
+    _save(fig, path)
+
+
+def write_outputs(a: Analysis, out_dir: str) -> Dict[str, str]:
+    """Write plan.json, report.md and the figures into ``out_dir``; returns their paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = {"plan": os.path.join(out_dir, "plan.json"), "report": os.path.join(out_dir, "report.md")}
+    figures = {"similarity": "similarity.png", "dendrogram": "dendrogram.png",
+               "layer_profile": "layer_profile.png", "stability": "stability.png"}
+    plan = a.plan().validate(languages=a.languages)
+    plan.save(paths["plan"])
+    plot_similarity(a, os.path.join(out_dir, figures["similarity"]))
+    plot_dendrogram(a, os.path.join(out_dir, figures["dendrogram"]))
+    plot_layer_profile(a, os.path.join(out_dir, figures["layer_profile"]))
+    plot_stability(a, os.path.join(out_dir, figures["stability"]))
+    md = report_markdown(a, list(figures.values()))
+    tmp = paths["report"] + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(md)
+    os.replace(tmp, paths["report"])
+    paths.update({k: os.path.join(out_dir, v) for k, v in figures.items()})
+    return paths

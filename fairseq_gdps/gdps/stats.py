@@ -1,0 +1,536 @@
+"""Per-language, per-module gradient statistics, kept as sums that merge by addition.
+
+``GradientStatistics`` records, for every (language, module), the sufficient statistics GDPS
+needs from per-language gradients, without ever storing a per-step gradient:
+
+* ``n``        number of recorded steps (one step = one update's single-language sub-batch);
+* ``S``        sum of the gradients, ``sum_t g_t`` (length ``d``, or ``sketch_dim`` when sketched);
+* ``Q``        sum of squared norms ``sum_t ||g_t||^2`` measured *in the same space as S* (so
+               ``||S||^2 - Q`` is exactly the sum of inner products between distinct steps);
+* ``Q_exact``  ``sum_t ||g_t||^2`` of the original, unsketched gradients (for reporting norms);
+* buckets      the same three sums split over ``num_buckets`` additive buckets (a step goes to
+               bucket ``hash(step) % B``), in the "aux" space of at most ``aux_dim`` dimensions;
+               bootstrapping over buckets gives resampling without per-step data;
+* subspace     each step's gradient projected to ``subspace_dim`` dimensions, ``x = P g``, with
+               per (language i, language j) sums over the steps where both were recorded:
+               ``first[i, j] = sum x_i``, ``second[i, j] = sum x_i x_i^T``,
+               ``cross[i, j] = sum x_i x_j^T`` and ``pair_n[i, j]``; the diagonal ``[i, i]`` holds
+               language i's own moments over all its steps. Covariances, ridge CCA, principal
+               angles and Gaussian conflict estimates all follow from these sums.
+
+Everything is a float64 sum whose size depends on the languages, modules and settings only,
+never on the number of steps. Hence data-parallel reduction (``flat_buffers`` +
+``torch.distributed.all_reduce`` + ``load_flat_buffers``), resuming (``merge_`` of a saved file)
+and probing at intervals (one object per interval, merged later) are the same operation.
+
+Random projections
+------------------
+``sketch_dim`` (optional) and the aux space use a CountSketch: coordinate ``c`` of a length-``d``
+vector goes to bucket ``h(c)`` with sign ``s(c)`` (``h``, ``s`` drawn from a generator seeded by
+``seed`` and the module name), computed with ``index_add_`` in O(d) time and memory, no dense
+``d x k`` matrix. For any x, y: ``E[<Cx, Cy>] = <x, y>`` (inner products and squared norms are
+preserved in expectation) and ``Var[<Cx, Cy>] <= (||x||^2 ||y||^2 + <x, y>^2) / k``. Sums commute
+with the (linear) sketch, so sketched sums are sketches of the true sums. The subspace
+projection is ``P = G C_aux`` with ``G`` a seeded ``subspace_dim x k`` Gaussian matrix scaled by
+``1/sqrt(subspace_dim)`` (a Johnson-Lindenstrauss projection of the aux sketch).
+
+Memory per module (float64 elements): ``L*e + B*L*k + L^2*r*(2r+1)`` plus small per-language
+counters, with ``L`` languages, ``e = d`` (or ``sketch_dim``), ``k = min(e, aux_dim)``,
+``B = num_buckets``, ``r = subspace_dim``; and the CountSketch hashes, O(d), rebuilt from the seed
+and never saved. This file imports no fairseq.
+"""
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import zlib
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+FORMAT_VERSION = 1
+KIND = "gdps-gradient-statistics"
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def _derived_seed(seed: int, name: str, purpose: int) -> int:
+    """A seed for one (module, purpose), identical in every process (no Python hash())."""
+    return _splitmix64((int(seed) & _MASK64) ^ (zlib.crc32(name.encode()) << 8) ^ purpose) & ((1 << 63) - 1)
+
+
+class CountSketch:
+    """Seeded CountSketch R^d -> R^k (``h: [d] -> [k]``, ``s: [d] -> {-1, +1}``)."""
+
+    def __init__(self, d: int, k: int, seed: int):
+        gen = torch.Generator().manual_seed(int(seed))
+        self.d, self.k = int(d), int(k)
+        self.index = torch.randint(0, self.k, (self.d,), generator=gen, dtype=torch.int64)
+        self.sign = torch.randint(0, 2, (self.d,), generator=gen, dtype=torch.int64).to(torch.float64) * 2 - 1
+        self._on: Dict[torch.device, tuple] = {}
+
+    def _tensors(self, device):
+        device = torch.device(device)
+        if device.type == "cpu":
+            return self.index, self.sign
+        if device not in self._on:
+            self._on[device] = (self.index.to(device), self.sign.to(device))
+        return self._on[device]
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Sketch the rows of ``x`` (shape ``(..., d)``) -> ``(..., k)``, in x's dtype and device."""
+        index, sign = self._tensors(x.device)
+        out = torch.zeros(*x.shape[:-1], self.k, dtype=x.dtype, device=x.device)
+        return out.index_add_(x.dim() - 1, index, x * sign.to(x.dtype))
+
+
+class GradientStatistics:
+    """Additive per-language, per-module gradient statistics (see the module docstring).
+
+    Args:
+        module_sizes: module name -> number of gradient elements, in a fixed order.
+        languages: languages known up front (others are added on first sight). Workers that
+            reduce with ``flat_buffers`` must share the same language list and order.
+        sketch_dim: CountSketch dimension of the stored sums (None: exact, full size d).
+        subspace_dim: dimension r of the per-step projection (0 disables the subspace moments).
+        seed: seed of every random projection.
+        model_signature: free text identifying the model (checked by ``load``).
+        num_buckets: number of additive step buckets used for bootstrap resampling.
+        aux_dim: maximum dimension of the bucket sums and of the input to the subspace projection.
+    """
+
+    def __init__(self, module_sizes: Mapping[str, int], languages: Optional[Sequence[str]] = None,
+                 sketch_dim: Optional[int] = None, subspace_dim: int = 64, seed: int = 0,
+                 model_signature: str = "", num_buckets: int = 16, aux_dim: int = 4096):
+        if not module_sizes:
+            raise ValueError("GradientStatistics needs at least one module")
+        self.module_names: List[str] = [str(m) for m in module_sizes]
+        self.module_sizes: Dict[str, int] = {str(m): int(s) for m, s in module_sizes.items()}
+        for m, s in self.module_sizes.items():
+            if s <= 0:
+                raise ValueError(f"module {m!r} has size {s}; sizes must be positive")
+        if sketch_dim is not None and int(sketch_dim) <= 0:
+            raise ValueError("sketch_dim must be positive or None")
+        if int(subspace_dim) < 0 or int(num_buckets) <= 0 or int(aux_dim) <= 0:
+            raise ValueError("subspace_dim must be >= 0, num_buckets and aux_dim > 0")
+        self.sketch_dim = None if sketch_dim is None else int(sketch_dim)
+        self.subspace_dim = int(subspace_dim)
+        self.seed = int(seed)
+        self.model_signature = str(model_signature)
+        self.num_buckets = int(num_buckets)
+        self.aux_dim = int(aux_dim)
+        self.languages: List[str] = []
+        self._lang_index: Dict[str, int] = {}
+        self.device = torch.device("cpu")
+        self._proj_cache: Dict[str, tuple] = {}
+        self._buffers: Dict[str, torch.Tensor] = {}
+        self._alloc()
+        if languages:
+            self._ensure_languages(languages)
+
+    # ------------------------------------------------------------------ layout
+    def stored_dim(self, module: str) -> int:
+        """Length e of the stored sums S of ``module`` (d, or sketch_dim when that is smaller)."""
+        d = self.module_sizes[module]
+        return d if self.sketch_dim is None or self.sketch_dim >= d else self.sketch_dim
+
+    def bucket_dim(self, module: str) -> int:
+        """Length k of the bucket sums (aux space) of ``module``."""
+        return min(self.stored_dim(module), self.aux_dim)
+
+    def _specs(self):
+        """(buffer name, shape without language axes, language axes), in a fixed order."""
+        M, B, r = len(self.module_names), self.num_buckets, self.subspace_dim
+        specs = [("steps", (1,), ()), ("skipped", (), (0,)),
+                 ("n", (M,), (0,)), ("Q", (M,), (0,)), ("Q_exact", (M,), (0,)),
+                 ("bucket_n", (B, M), (1,)), ("bucket_Q", (B, M), (1,))]
+        if r:
+            specs.append(("pair_n", (M,), (0, 1)))
+        for m in self.module_names:
+            specs.append((f"S/{m}", (self.stored_dim(m),), (0,)))
+            specs.append((f"bucket_S/{m}", (B, self.bucket_dim(m)), (1,)))
+            if r:
+                specs.append((f"first/{m}", (r,), (0, 1)))
+                specs.append((f"second/{m}", (r, r), (0, 1)))
+                specs.append((f"cross/{m}", (r, r), (0, 1)))
+        return specs
+
+    @staticmethod
+    def _full_shape(rest, lang_axes, L):
+        shape = list(rest)
+        for ax in sorted(lang_axes):
+            shape.insert(ax, L)
+        return tuple(shape)
+
+    def _alloc(self):
+        L = len(self.languages)
+        self._buffers = {name: torch.zeros(self._full_shape(rest, axes, L), dtype=torch.float64, device=self.device)
+                         for name, rest, axes in self._specs()}
+
+    def _remap_languages(self, new_languages: Sequence[str]):
+        """Re-lay the buffers out for ``new_languages`` (a superset, any order); new ones are zero."""
+        new_languages = list(new_languages)
+        if new_languages == self.languages:
+            return
+        missing = set(self.languages) - set(new_languages)
+        if missing:
+            raise ValueError(f"cannot drop recorded languages {sorted(missing)}")
+        L = len(new_languages)
+        src = torch.tensor([self._lang_index.get(l, -1) for l in new_languages], dtype=torch.int64)
+        have = (src >= 0).nonzero().flatten()
+        for name, rest, axes in self._specs():
+            old = self._buffers[name]
+            new = torch.zeros(self._full_shape(rest, axes, L), dtype=torch.float64, device=self.device)
+            if axes == (0, 1):
+                new[have[:, None], have[None, :]] = old[src[have][:, None], src[have][None, :]]
+            elif axes == (0,):
+                new[have] = old[src[have]]
+            elif axes == (1,):
+                new[:, have] = old[:, src[have]]
+            else:
+                new = old.clone()
+            self._buffers[name] = new
+        self.languages = new_languages
+        self._lang_index = {l: i for i, l in enumerate(new_languages)}
+
+    def _ensure_languages(self, langs: Iterable[str]):
+        new = [str(l) for l in langs if str(l) not in self._lang_index]
+        if new:
+            seen = []
+            for l in new:
+                if l not in seen:
+                    seen.append(l)
+            self._remap_languages(self.languages + seen)
+
+    def to(self, device) -> "GradientStatistics":
+        """Move the accumulators to ``device`` (gradients may live anywhere; results are moved)."""
+        self.device = torch.device(device)
+        self._buffers = {k: v.to(self.device) for k, v in self._buffers.items()}
+        return self
+
+    # ------------------------------------------------------------ projections
+    def _projections(self, module: str):
+        if module not in self._proj_cache:
+            d, e, k, r = self.module_sizes[module], self.stored_dim(module), self.bucket_dim(module), self.subspace_dim
+            main = CountSketch(d, e, _derived_seed(self.seed, module, 1)) if e < d else None
+            aux = CountSketch(e, k, _derived_seed(self.seed, module, 2)) if k < e else None
+            gauss = None
+            if r:
+                gen = torch.Generator().manual_seed(_derived_seed(self.seed, module, 3))
+                gauss = torch.randn(r, k, generator=gen, dtype=torch.float64) / math.sqrt(r)
+            self._proj_cache[module] = (main, aux, gauss, {})
+        return self._proj_cache[module]
+
+    def _gauss_on(self, module: str, device):
+        _, _, gauss, on = self._projections(module)
+        device = torch.device(device)
+        if device.type == "cpu":
+            return gauss
+        if device not in on:
+            on[device] = gauss.to(device)
+        return on[device]
+
+    def bucket_of(self, step: int) -> int:
+        """Bucket of a step: a seeded 64-bit mix of the step number, modulo ``num_buckets``."""
+        return _splitmix64((int(step) & _MASK64) ^ _splitmix64(self.seed)) % self.num_buckets
+
+    # -------------------------------------------------------------- recording
+    @torch.no_grad()
+    def add_step(self, step: int, grads: Mapping[str, Mapping[str, torch.Tensor]]) -> List[str]:
+        """Record one update: ``grads[lang][module]`` is the gradient of ``module`` on the
+        single-language sub-batch of ``lang`` (any shape; flattened here).
+
+        A language with any non-finite gradient is skipped for this step (all its modules),
+        counted in ``skipped_nonfinite``; the others are recorded. Returns the skipped languages.
+        """
+        langs = [str(l) for l in grads]
+        for l in langs:
+            unknown = [m for m in grads[l] if m not in self.module_sizes]
+            if unknown:
+                raise ValueError(f"add_step: language {l!r} has untracked modules {unknown}")
+        if not langs:
+            return []
+        self._ensure_languages(langs)
+        L, r = len(self.languages), self.subspace_dim
+        results = []
+        finite = {}
+        for mi, m in enumerate(self.module_names):
+            rows = [l for l in langs if m in grads[l]]
+            if not rows:
+                continue
+            d = self.module_sizes[m]
+            flat = []
+            for l in rows:
+                g = grads[l][m].detach().reshape(-1)
+                if g.numel() != d:
+                    raise ValueError(f"add_step: gradient of {m!r} for {l!r} has {g.numel()} elements, expected {d}")
+                flat.append(g)
+            G = torch.stack(flat).to(torch.float64)
+            main, aux, _, _ = self._projections(m)
+            q_exact = (G * G).sum(1)
+            Y = main(G) if main is not None else G
+            q = (Y * Y).sum(1) if main is not None else q_exact
+            Z = aux(Y) if aux is not None else Y
+            qz = (Z * Z).sum(1) if aux is not None else q
+            X = Z @ self._gauss_on(m, Z.device).T if r else None
+            results.append((mi, m, rows, Y, Z, X, torch.stack([q_exact, q, qz], 1)))
+        # One device sync for the finiteness check of every (language, module).
+        ok_rows = torch.cat([torch.isfinite(res[-1]).all(1) for res in results]).cpu().tolist()
+        pos = 0
+        for mi, m, rows, *_ in results:
+            for l in rows:
+                finite[l] = finite.get(l, True) and bool(ok_rows[pos])
+                pos += 1
+        skipped = [l for l in langs if not finite.get(l, True)]
+        if skipped:
+            for l in skipped:
+                self._buffers["skipped"][self._lang_index[l]] += 1
+        if len(skipped) == len(langs):
+            return skipped
+        b = self.bucket_of(step)
+        buf, dev = self._buffers, self.device
+        for mi, m, rows, Y, Z, X, qs in results:
+            keep = [i for i, l in enumerate(rows) if finite[l]]
+            if not keep:
+                continue
+            idx = torch.tensor([self._lang_index[rows[i]] for i in keep], dtype=torch.int64, device=dev)
+            if len(keep) < len(rows):
+                sel = torch.tensor(keep, dtype=torch.int64, device=Y.device)
+                Y, Z, qs = Y.index_select(0, sel), Z.index_select(0, sel), qs.index_select(0, sel)
+                X = X.index_select(0, sel) if r else None
+            Y, Z, qs = Y.to(dev), Z.to(dev), qs.to(dev)
+            buf["n"][idx, mi] += 1
+            buf["Q_exact"][idx, mi] += qs[:, 0]
+            buf["Q"][idx, mi] += qs[:, 1]
+            buf["bucket_n"][b, idx, mi] += 1
+            buf["bucket_Q"][b, idx, mi] += qs[:, 2]
+            buf[f"S/{m}"].index_add_(0, idx, Y)
+            buf[f"bucket_S/{m}"][b].index_add_(0, idx, Z)
+            if r:
+                X = X.to(dev)
+                Xf = torch.zeros(L, r, dtype=torch.float64, device=dev)
+                Xf[idx] = X
+                p = torch.zeros(L, dtype=torch.float64, device=dev)
+                p[idx] = 1
+                outer_ii = torch.einsum("ia,ib->iab", Xf, Xf)
+                buf["pair_n"][:, :, mi] += p[:, None] * p[None, :]
+                buf[f"first/{m}"] += p[None, :, None] * Xf[:, None, :]
+                buf[f"second/{m}"] += p[None, :, None, None] * outer_ii[:, None]
+                buf[f"cross/{m}"] += torch.einsum("ia,jb->ijab", Xf, Xf)
+        buf["steps"] += 1
+        return skipped
+
+    # ------------------------------------------------------------- accessors
+    @property
+    def num_steps(self) -> int:
+        """Number of ``add_step`` calls that recorded at least one language (summed over merges)."""
+        return int(self._buffers["steps"].item())
+
+    @property
+    def skipped_nonfinite(self) -> Dict[str, int]:
+        return {l: int(v) for l, v in zip(self.languages, self._buffers["skipped"].tolist())}
+
+    def counts(self) -> Dict[str, Dict[str, int]]:
+        """``counts()[lang][module]``: number of recorded steps."""
+        n = self._buffers["n"].cpu()
+        return {l: {m: int(n[i, j]) for j, m in enumerate(self.module_names)} for i, l in enumerate(self.languages)}
+
+    def module_sums(self, module: str) -> Dict[str, torch.Tensor]:
+        """Sums of ``module`` (CPU float64): ``n`` (L,), ``S`` (L, e), ``Q`` (L,) in S's space,
+        ``Q_exact`` (L,) of the original gradients."""
+        mi = self.module_names.index(module)
+        b = self._buffers
+        return {"n": b["n"][:, mi].cpu(), "S": b[f"S/{module}"].cpu(),
+                "Q": b["Q"][:, mi].cpu(), "Q_exact": b["Q_exact"][:, mi].cpu()}
+
+    def bucket_sums(self, module: str) -> Dict[str, torch.Tensor]:
+        """Per-bucket sums of ``module`` in aux space: ``n`` (B, L), ``S`` (B, L, k), ``Q`` (B, L)."""
+        mi = self.module_names.index(module)
+        b = self._buffers
+        return {"n": b["bucket_n"][:, :, mi].cpu(), "S": b[f"bucket_S/{module}"].cpu(),
+                "Q": b["bucket_Q"][:, :, mi].cpu()}
+
+    def subspace_moments(self, module: str) -> Optional[Dict[str, torch.Tensor]]:
+        """Projected-gradient moments of ``module`` (None when subspace_dim == 0): ``pair_n``
+        (L, L), ``first`` (L, L, r), ``second`` (L, L, r, r), ``cross`` (L, L, r, r); see the
+        module docstring."""
+        if not self.subspace_dim:
+            return None
+        mi = self.module_names.index(module)
+        b = self._buffers
+        return {"pair_n": b["pair_n"][:, :, mi].cpu(), "first": b[f"first/{module}"].cpu(),
+                "second": b[f"second/{module}"].cpu(), "cross": b[f"cross/{module}"].cpu()}
+
+    # ----------------------------------------------------- reduce and merge
+    def settings(self) -> dict:
+        return {"module_names": list(self.module_names),
+                "module_sizes": [self.module_sizes[m] for m in self.module_names],
+                "sketch_dim": self.sketch_dim, "subspace_dim": self.subspace_dim, "seed": self.seed,
+                "num_buckets": self.num_buckets, "aux_dim": self.aux_dim}
+
+    def flat_buffers(self) -> List[torch.Tensor]:
+        """Every sum, in a fixed order: sum these element-wise across workers (e.g. with
+        ``torch.distributed.all_reduce``) and give them back with ``load_flat_buffers``.
+        Workers must share settings and the language list (pass ``languages`` up front)."""
+        return [self._buffers[name] for name, _, _ in self._specs()]
+
+    def to_tensors(self) -> Dict[str, torch.Tensor]:
+        """The sums by name (the same tensors as ``flat_buffers``)."""
+        return {name: self._buffers[name] for name, _, _ in self._specs()}
+
+    def load_flat_buffers(self, tensors: Sequence[torch.Tensor]) -> None:
+        specs = self._specs()
+        if len(tensors) != len(specs):
+            raise ValueError(f"load_flat_buffers: expected {len(specs)} tensors, got {len(tensors)}")
+        for (name, _, _), t in zip(specs, tensors):
+            if tuple(t.shape) != tuple(self._buffers[name].shape):
+                raise ValueError(f"load_flat_buffers: {name} has shape {tuple(t.shape)}, "
+                                 f"expected {tuple(self._buffers[name].shape)}")
+        for (name, _, _), t in zip(specs, tensors):
+            self._buffers[name] = t.detach().to(device=self.device, dtype=torch.float64).clone()
+
+    def all_reduce_(self, group=None) -> "GradientStatistics":
+        """Sum the statistics of every worker in place (no-op without torch.distributed).
+
+        Language lists are first unified (in rank order of first appearance). Afterwards every
+        worker holds the global sums: reduce an object once per interval, not repeatedly."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
+            return self
+        gathered = [None] * dist.get_world_size(group)
+        dist.all_gather_object(gathered, list(self.languages), group=group)
+        union = []
+        for langs in gathered:
+            for l in langs:
+                if l not in union:
+                    union.append(l)
+        self._remap_languages(union)
+        backend = dist.get_backend(group)
+        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+        flat = [t.to(dev) for t in self.flat_buffers()]
+        for t in flat:
+            dist.all_reduce(t, group=group)
+        self.load_flat_buffers(flat)
+        return self
+
+    def _check_compatible(self, other: "GradientStatistics"):
+        if self.settings() != other.settings():
+            diff = {k: (v, other.settings()[k]) for k, v in self.settings().items() if other.settings()[k] != v}
+            raise ValueError(f"cannot merge gradient statistics with different settings: {diff}")
+        if self.model_signature != other.model_signature:
+            raise ValueError(f"cannot merge statistics of different models: "
+                             f"{self.model_signature!r} vs {other.model_signature!r}")
+
+    def merge_(self, other: "GradientStatistics") -> "GradientStatistics":
+        """Add ``other``'s sums to these (languages are matched by name). Returns self."""
+        self._check_compatible(other)
+        self._ensure_languages(other.languages)
+        src = torch.tensor([self._lang_index[l] for l in other.languages], dtype=torch.int64, device=self.device)
+        for name, _, axes in self._specs():
+            o = other._buffers[name].to(self.device)
+            t = self._buffers[name]
+            if axes == (0, 1):
+                t[src[:, None], src[None, :]] += o
+            elif axes == (0,):
+                t[src] += o
+            elif axes == (1,):
+                t[:, src] += o
+            else:
+                t += o
+        return self
+
+    # ------------------------------------------------------------ persistence
+    def state_dict(self) -> dict:
+        return {"format_version": FORMAT_VERSION, "kind": KIND, "model_signature": self.model_signature,
+                "languages": list(self.languages), **self.settings(),
+                "buffers": {name: self._buffers[name].detach().cpu().clone() for name, _, _ in self._specs()}}
+
+    @classmethod
+    def from_state_dict(cls, d: dict, source: str = "state dict") -> "GradientStatistics":
+        if not isinstance(d, dict) or d.get("kind") != KIND:
+            kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
+            raise ValueError(f"{source}: not GDPS gradient statistics (kind {kind!r}, expected {KIND!r})")
+        if d.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{source}: gradient statistics format version {d.get('format_version')!r} "
+                             f"is not supported (this code reads version {FORMAT_VERSION})")
+        stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
+                    sketch_dim=d["sketch_dim"], subspace_dim=d["subspace_dim"], seed=d["seed"],
+                    model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"])
+        names = [name for name, _, _ in stats._specs()]
+        missing = [n for n in names if n not in d["buffers"]]
+        if missing:
+            raise ValueError(f"{source}: statistics lack buffers {missing[:5]}")
+        stats.load_flat_buffers([d["buffers"][n] for n in names])
+        return stats
+
+    def save(self, path) -> None:
+        """Write atomically (temporary file in the same folder, then ``os.replace``)."""
+        path = os.fspath(path)
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".gdps-stats-", suffix=".tmp", dir=folder)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(self.state_dict(), f)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+
+    @classmethod
+    def load(cls, path, expect_signature: Optional[str] = None) -> "GradientStatistics":
+        path = os.fspath(path)
+        try:
+            d = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any unreadable file gets one clear message
+            raise ValueError(f"{path}: cannot read gradient statistics ({exc})") from exc
+        stats = cls.from_state_dict(d, source=path)
+        if expect_signature is not None and stats.model_signature != expect_signature:
+            raise ValueError(f"{path}: gradient statistics were recorded for model signature "
+                             f"{stats.model_signature!r}, expected {expect_signature!r}")
+        return stats
+
+    def __repr__(self):
+        return (f"GradientStatistics(modules={len(self.module_names)}, languages={self.languages}, "
+                f"steps={self.num_steps}, sketch_dim={self.sketch_dim}, subspace_dim={self.subspace_dim})")
+
+
+def synthetic_statistics(module_sizes: Mapping[str, int], languages: Sequence[str],
+                         clusters: Optional[Mapping[str, Sequence[int]]] = None, steps: int = 40,
+                         signal: float = 1.0, noise: float = 1.0, shared: float = 0.0, own: float = 0.0,
+                         seed: int = 0, **kwargs) -> GradientStatistics:
+    """Planted statistics for tests and demos (every language present at every step).
+
+    For module m, language l in cluster ``clusters[m][l]`` (all in cluster 0 when m is not in
+    ``clusters``) has expected gradient ``signal * sqrt(d) * unit(sqrt(shared) c + sqrt(1 - shared
+    - own) u_k + sqrt(own) v_l)`` with c, u_k, v_l independent random directions; each step adds
+    N(0, noise^2) per coordinate. Corrected cosines are then about 1 - own within a cluster and
+    ``shared`` across clusters; self-similarity about signal^2 / (signal^2 + noise^2)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    langs = list(languages)
+    means = {}
+    for m, d in module_sizes.items():
+        lab = list(clusters[m]) if clusters and m in clusters else [0] * len(langs)
+        c = torch.randn(d, generator=gen, dtype=torch.float64)
+        u = {k: torch.randn(d, generator=gen, dtype=torch.float64) for k in sorted(set(lab))}
+        for i, l in enumerate(langs):
+            v = torch.randn(d, generator=gen, dtype=torch.float64)
+            mu = math.sqrt(shared) * c + math.sqrt(max(0.0, 1 - shared - own)) * u[lab[i]] + math.sqrt(own) * v
+            means[l, m] = mu / mu.norm() * signal * math.sqrt(d)
+    stats = GradientStatistics(module_sizes, languages=langs, seed=seed, **kwargs)
+    for t in range(steps):
+        stats.add_step(t, {l: {m: (means[l, m] + noise * torch.randn(d, generator=gen, dtype=torch.float64)).float()
+                               for m, d in module_sizes.items()} for l in langs})
+    return stats
