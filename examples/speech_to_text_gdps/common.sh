@@ -10,12 +10,15 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 
 # s2t_transformer sized for 2 CPU cores: 4 encoder / 2 decoder layers, width 160, FFN 512 (2.0M params).
-MODEL_ARGS=(--arch s2t_transformer_s
-  --encoder-layers 4 --decoder-layers 2
+# SIZE_ARGS are shared by the baseline (--arch s2t_transformer_s) and GDPS (--arch
+# s2t_transformer_gdps_s), so both train exactly the same network apart from the split.
+SIZE_ARGS=(--encoder-layers 4 --decoder-layers 2
   --encoder-embed-dim 160 --decoder-embed-dim 160
   --encoder-ffn-embed-dim 512 --decoder-ffn-embed-dim 512
   --encoder-attention-heads 4 --decoder-attention-heads 4
   --dropout 0.1 --share-decoder-input-output-embed)
+BASELINE_ARCH=s2t_transformer_s
+GDPS_ARCH=s2t_transformer_gdps_s
 OPTIM_ARGS=(--optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt
   --warmup-updates 150 --clip-norm 10.0 --weight-decay 0.0001
   --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --report-accuracy)

@@ -21,7 +21,7 @@ done
 mkdir -p "$OUT"
 fairseq-train "$DATA" --user-dir "$USER_DIR" --task speech_to_text \
   --train-subset train --valid-subset dev --config-yaml config.yaml \
-  "${MODEL_ARGS[@]}" "${OPTIM_ARGS[@]}" "${DATA_ARGS[@]}" \
+  --arch "$BASELINE_ARCH" "${SIZE_ARGS[@]}" "${OPTIM_ARGS[@]}" "${DATA_ARGS[@]}" \
   --max-update "$MAX_UPDATE" --seed "$SEED" \
   --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --keep-last-epochs 1 \
   --log-format simple --log-interval 50 "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"

@@ -1,0 +1,66 @@
+#!/usr/bin/env bash
+# GDPS in two stages, with the same total number of updates as the baseline:
+#   1. probe: a shared model (the baseline's network, --task speech_to_text_gdps) trained for
+#      STAGE1 updates while the per-language gradients of every FFN block are recorded;
+#   2. analyse: gdps-analyze ranks the blocks by conflict, groups the languages, picks the ratio;
+#   3. split: the chosen FFN(s) partitioned into shared + per-group units, initialised from the
+#      stage-1 checkpoint (function-preserving), trained for TOTAL - STAGE1 updates;
+#   4. decode every test utterance and score each language.
+#
+#   run_gdps.sh DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K]
+#               [--seed S] [--analyze-args "..."] [-- extra fairseq-train flags for both stages]
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+[ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K] [--seed S]" >&2; exit 2; }
+DATA=$(cd "$1" && pwd); OUT=$2; shift 2
+TOTAL=1600; STAGE1=; PROBE_INTERVAL=1; SEED=1; ANALYZE_ARGS=; EXTRA=()
+while [ $# -gt 0 ]; do
+  case $1 in
+    --max-update) TOTAL=$2; shift 2 ;;
+    --stage1-updates) STAGE1=$2; shift 2 ;;
+    --probe-interval) PROBE_INTERVAL=$2; shift 2 ;;
+    --seed) SEED=$2; shift 2 ;;
+    --analyze-args) ANALYZE_ARGS=$2; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    *) echo "unknown option $1" >&2; exit 2 ;;
+  esac
+done
+STAGE1=${STAGE1:-$(( TOTAL / 2 ))}
+STAGE2=$(( TOTAL - STAGE1 ))
+[ "$STAGE2" -gt 0 ] || { echo "--stage1-updates ($STAGE1) must be below --max-update ($TOTAL)" >&2; exit 2; }
+mkdir -p "$OUT"
+
+COMMON=(--user-dir "$USER_DIR" --task speech_to_text_gdps --train-subset train --valid-subset dev
+  --config-yaml config.yaml --arch "$GDPS_ARCH" "${SIZE_ARGS[@]}" "${DATA_ARGS[@]}" --seed "$SEED"
+  --log-format simple --log-interval 50 --no-epoch-checkpoints)
+
+echo "[gdps] stage 1: shared model with gradient probe ($STAGE1 updates, every $PROBE_INTERVAL)"
+fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
+  --criterion label_smoothed_cross_entropy_gdps --gdps-probe-interval "$PROBE_INTERVAL" \
+  --gdps-stats "$OUT/stage1/gdps_stats.pt" \
+  --max-update "$STAGE1" --save-dir "$OUT/stage1" "${EXTRA[@]}" > "$OUT/stage1.log" 2>&1 \
+  || { tail -n 30 "$OUT/stage1.log"; exit 1; }
+
+echo "[gdps] analysis"
+# shellcheck disable=SC2086
+gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
+
+# Stage 2 continues the baseline's learning-rate curve: inverse_sqrt's rate at update STAGE1 is
+# LR*sqrt(WARMUP/STAGE1). Adam's moments start afresh (the parameters changed shape), so the
+# rate warms up again from a tenth of that over the first 50 updates.
+read -r LR2 LR2_INIT < <(python - "$STAGE1" <<'PY'
+import math, sys
+stage1 = int(sys.argv[1]); lr, warmup = 2e-3, 150
+rate = lr * min(stage1 / warmup, math.sqrt(warmup / max(stage1, 1)))
+print(f"{rate:.6g} {rate / 10:.6g}")
+PY
+)
+echo "[gdps] stage 2: split model ($STAGE2 updates, peak lr $LR2)"
+fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" --lr "$LR2" --warmup-updates 50 --warmup-init-lr "$LR2_INIT" \
+  --gdps-plan "$OUT/analysis/plan.json" --gdps-init-from "$OUT/stage1/checkpoint_last.pt" \
+  --max-update "$STAGE2" --save-dir "$OUT/stage2" "${EXTRA[@]}" > "$OUT/stage2.log" 2>&1 \
+  || { tail -n 30 "$OUT/stage2.log"; exit 1; }
+cat "$OUT/stage1.log" "$OUT/stage2.log" > "$OUT/train.log"
+
+echo "[gdps] decoding and scoring"
+bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text_gdps --checkpoint "$OUT/stage2/checkpoint_best.pt"
