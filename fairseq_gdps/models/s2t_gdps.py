@@ -1,0 +1,507 @@
+"""Stage-2 GDPS models: fairseq's S2T Transformer / Conformer with chosen FFNs partitioned into
+shared units and one private block per language group (``PartitionedFFN``), routed by the source
+language of every utterance.
+
+Module names (shared with the gradient probe, see ``ffn_module_names``): the path of the FFN block
+in the model,
+
+- ``encoder.transformer_layers.{i}.ffn``: fc1/fc2 of transformer encoder layer i;
+- ``decoder.layers.{i}.ffn``: fc1/fc2 of decoder layer i (transformer and conformer models);
+- ``encoder.conformer_layers.{i}.ffn1`` / ``.ffn2``: the first / second (macaron) feed-forward
+  module (w_1/w_2) of conformer layer i.
+
+After the split the ``PartitionedFFN`` lives at exactly that path (its parameters are
+``<name>.fc1_shared_weight`` etc.; a conformer split keeps its LayerNorm at
+``<name>.layer_norm.*``).
+
+Routing: ``net_input["src_lang_id"]`` (LongTensor (B,), the index of the utterance's source
+language in the task's language list, ``task.languages``) is mapped to a group by a
+non-persistent buffer built at model-building time from the plan's groups. The encoder returns the
+group ids in ``encoder_out["gdps_group_ids"]`` (reordered with the beam), and the decoder routes its
+split FFNs with them. Inside fairseq's layers, whose ``forward`` knows nothing of groups, the ids
+reach the ``PartitionedFFN`` through ``route`` (set for the duration of the encoder / decoder pass).
+
+In a transformer layer the split replaces the inline ``fc1 -> activation -> activation dropout ->
+fc2`` by ``fc1 = <the whole PartitionedFFN>`` (a parameter-free call-through, the parameters stay
+at ``<layer>.ffn``), ``activation_fn = identity``, ``activation_dropout_module = Identity`` (moved
+into the PartitionedFFN) and ``fc2 = Identity``; the layer's ``forward`` is fairseq's own. In a
+conformer layer ``ffn1``/``ffn2`` are replaced by a PartitionedFFN that keeps the module's
+LayerNorm, activation and both dropouts.
+
+The split travels in the checkpoint: ``build_model`` resolves ``--gdps-plan`` into the explicit
+fields ``gdps_split_modules``, ``gdps_groups``, ``gdps_shared_ratio`` and ``gdps_route_languages``
+of the model args (and keeps the plan's JSON in ``gdps_plan_json``), then clears ``gdps_plan`` and
+``gdps_init_from``, so ``fairseq-generate`` rebuilds the split model from the checkpoint alone.
+"""
+from __future__ import annotations
+
+import logging
+from argparse import Namespace
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from fairseq import checkpoint_utils
+from fairseq.models import register_model, register_model_architecture
+from fairseq.models.speech_to_text.s2t_conformer import (
+    S2TConformerEncoder,
+    S2TConformerModel,
+    conformer_base_architecture,
+)
+from fairseq.models.speech_to_text.s2t_transformer import (
+    S2TTransformerEncoder,
+    S2TTransformerModel,
+    TransformerDecoderScriptable,
+    base_architecture,
+    s2t_transformer_m,
+    s2t_transformer_s,
+)
+from fairseq.modules.conformer_layer import FeedForwardModule
+from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
+
+from fairseq_gdps.gdps.plan import Plan
+from fairseq_gdps.gdps.split import INIT_METHODS, split_ffn_weights
+from fairseq_gdps.modules.partitioned_ffn import PartitionedFFN, route
+
+logger = logging.getLogger(__name__)
+
+LANG_ID_KEY = "src_lang_id"  # the net_input key holding the source-language id of every utterance
+GROUP_IDS_KEY = "gdps_group_ids"  # the encoder_out key holding the group id of every utterance
+
+
+# ---------------------------------------------------------------------------------------------
+# options and the plan
+# ---------------------------------------------------------------------------------------------
+def add_gdps_args(parser):
+    parser.add_argument("--gdps-plan", type=str, metavar="JSON",
+                        help="plan.json from gdps-analyze: FFN modules to split, language groups, "
+                             "shared ratio (excludes --gdps-split-modules/--gdps-groups/--gdps-shared-ratio)")
+    parser.add_argument("--gdps-split-modules", type=str, metavar="NAMES",
+                        help="comma-separated FFN modules to split, e.g. "
+                             "'encoder.transformer_layers.3.ffn,decoder.layers.1.ffn' or "
+                             "'encoder.conformer_layers.11.ffn2'")
+    parser.add_argument("--gdps-groups", type=str, metavar="GROUPS",
+                        help="language groups, ';' between groups and ',' within, e.g. 'aeb,est,gle;bem'")
+    parser.add_argument("--gdps-shared-ratio", type=float, metavar="R",
+                        help="fraction of every split FFN's hidden units kept shared (default 0.5)")
+    parser.add_argument("--gdps-init", type=str, choices=INIT_METHODS,
+                        help="which units stay shared: energy (default), svd or random")
+    parser.add_argument("--gdps-init-seed", type=int, metavar="N", help="seed of --gdps-init random")
+    parser.add_argument("--gdps-init-from", type=str, metavar="CHECKPOINT",
+                        help="stage-1 checkpoint whose model weights are loaded before the split")
+
+
+def gdps_defaults(args):
+    for key, value in (("gdps_plan", None), ("gdps_split_modules", None), ("gdps_groups", None),
+                       ("gdps_shared_ratio", None), ("gdps_init", "energy"), ("gdps_init_seed", 1),
+                       ("gdps_init_from", None), ("gdps_route_languages", None), ("gdps_plan_json", None)):
+        if getattr(args, key, None) is None:
+            _set_arg(args, key, value)
+
+
+def _set_arg(args, key, value):
+    try:
+        from omegaconf import OmegaConf, open_dict
+
+        if OmegaConf.is_config(args):
+            with open_dict(args):
+                args[key] = value
+            return
+    except ImportError:  # pragma: no cover
+        pass
+    setattr(args, key, value)
+
+
+def parse_groups(text: str) -> List[List[str]]:
+    groups = [[lang.strip() for lang in g.split(",") if lang.strip()] for g in text.split(";")]
+    groups = [g for g in groups if g]
+    langs = [lang for g in groups for lang in g]
+    if len(set(langs)) != len(langs):
+        raise ValueError(f"a language appears in two groups: {text!r}")
+    return groups
+
+
+def format_groups(groups: List[List[str]]) -> str:
+    return ";".join(",".join(g) for g in groups)
+
+
+def read_plan(path: str, languages: Optional[List[str]] = None) -> Plan:
+    """Load and validate a plan.json (``languages``: the task's, which the groups must cover)."""
+    return Plan.load(path, languages=languages or None)
+
+
+class SplitSpec(Namespace):
+    """modules: [name]; groups: [[lang]]; shared_ratio: float; languages: [lang] (id order)."""
+
+
+def resolve_split_spec(args, task=None) -> SplitSpec:
+    """Read the split from --gdps-plan or the explicit fields and write it back into ``args`` as
+    the explicit fields (so it is saved with the checkpoint)."""
+    if getattr(args, "gdps_plan", None):
+        explicit = [k for k in ("gdps_split_modules", "gdps_groups", "gdps_shared_ratio") if getattr(args, k, None) is not None]
+        if explicit:
+            raise ValueError(f"--gdps-plan excludes {', '.join('--' + k.replace('_', '-') for k in explicit)}")
+        plan = read_plan(args.gdps_plan, list(getattr(task, "languages", None) or []))
+        _set_arg(args, "gdps_split_modules", ",".join(plan.modules))
+        _set_arg(args, "gdps_groups", format_groups(plan.groups))
+        _set_arg(args, "gdps_shared_ratio", float(plan.shared_ratio))
+        _set_arg(args, "gdps_plan_json", plan.dumps())
+        logger.info(f"GDPS plan {args.gdps_plan}: split {plan.modules}, groups {plan.groups}, "
+                    f"shared ratio {plan.shared_ratio}")
+        _set_arg(args, "gdps_plan", None)  # from here on the explicit fields define the split
+    modules = [m.strip() for m in (getattr(args, "gdps_split_modules", None) or "").split(",") if m.strip()]
+    groups = parse_groups(getattr(args, "gdps_groups", None) or "")
+    ratio = getattr(args, "gdps_shared_ratio", None)
+    ratio = 0.5 if ratio is None else float(ratio)
+    if modules and not groups:
+        raise ValueError("--gdps-split-modules needs --gdps-groups (or a --gdps-plan)")
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"--gdps-shared-ratio must lie in [0, 1], got {ratio}")
+    _set_arg(args, "gdps_shared_ratio", ratio)
+
+    stored = [x for x in (getattr(args, "gdps_route_languages", None) or "").split(",") if x]
+    task_langs = list(getattr(task, "languages", None) or [])
+    if task_langs:
+        if stored and stored != task_langs:
+            logger.warning(f"the task's language ids {task_langs} differ from those the model was trained "
+                           f"with {stored}; routing follows the task's")
+        languages = task_langs
+    elif stored:
+        languages = stored
+    else:
+        languages = sorted(lang for g in groups for lang in g)
+    if groups:
+        unknown = sorted(set(languages) - {lang for g in groups for lang in g})
+        if unknown:
+            logger.warning(f"languages {unknown} are in no GDPS group: utterances in them cannot be routed")
+    _set_arg(args, "gdps_route_languages", ",".join(languages))
+    return SplitSpec(modules=modules, groups=groups, shared_ratio=ratio, languages=languages)
+
+
+# ---------------------------------------------------------------------------------------------
+# FFN discovery and the split
+# ---------------------------------------------------------------------------------------------
+def ffn_module_names(model: nn.Module) -> Dict[str, Tuple[nn.Linear, nn.Linear]]:
+    """{name: (fc1, fc2)} for every unsplit FFN of the model, in model order (see module doc)."""
+    out: Dict[str, Tuple[nn.Linear, nn.Linear]] = {}
+    for name, mod in model.named_modules():
+        if isinstance(mod, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
+            if isinstance(mod.fc1, nn.Linear) and isinstance(mod.fc2, nn.Linear):
+                out[f"{name}.ffn" if name else "ffn"] = (mod.fc1, mod.fc2)
+        elif isinstance(mod, FeedForwardModule):
+            out[name] = (mod.w_1, mod.w_2)
+    return out
+
+
+def partitioned_ffns(model: nn.Module) -> Dict[str, PartitionedFFN]:
+    """{name: PartitionedFFN} for every split FFN of the model."""
+    return {name: mod for name, mod in model.named_modules() if isinstance(mod, PartitionedFFN)}
+
+
+class _CallFFN(nn.Module):
+    """Stands in for a transformer layer's fc1 and runs the layer's whole PartitionedFFN. The
+    target is kept out of ``_modules`` so its parameters are saved once, at ``<layer>.ffn``."""
+
+    def __init__(self, target: PartitionedFFN):
+        super().__init__()
+        object.__setattr__(self, "_target", target)
+
+    def forward(self, x):
+        return self._target(x)
+
+    def extra_repr(self):
+        return "runs <layer>.ffn (fc1 -> activation -> dropout -> fc2)"
+
+
+def _identity(x):
+    return x
+
+
+def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    path, _, leaf = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), leaf
+
+
+def split_ffns(
+    model: nn.Module,
+    modules: List[str],
+    n_groups: int,
+    shared_ratio: float,
+    method: str = "energy",
+    act_energy: Optional[Dict[str, list]] = None,
+    seed: int = 1,
+) -> Dict[str, PartitionedFFN]:
+    """Replace the named FFNs of ``model`` by function-preserving PartitionedFFNs, in place."""
+    available = ffn_module_names(model)
+    for name in modules:
+        if name not in available:
+            done = " (already split)" if name in partitioned_ffns(model) else ""
+            raise ValueError(f"no unsplit FFN named {name!r}{done}; the model has: {', '.join(available)}")
+    out = {}
+    for name in modules:
+        fc1, fc2 = available[name]
+        energy = (act_energy or {}).get(name)
+        w = split_ffn_weights(fc1.weight, fc1.bias, fc2.weight, fc2.bias, n_groups, shared_ratio,
+                              method=method, act_energy=energy, seed=seed)
+        owner, leaf = _parent(model, name)
+        if isinstance(owner, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
+            if getattr(owner, "ffn_layernorm", None) is not None or getattr(owner, "w_resid", None) is not None:
+                raise NotImplementedError(f"{name}: scale_fc / scale_resids layers cannot be split")
+            ffn = PartitionedFFN.from_split(w, activation_fn=owner.activation_fn,
+                                            activation_dropout=owner.activation_dropout_module)
+            owner.ffn = ffn
+            owner.fc1 = _CallFFN(ffn)
+            owner.fc2 = nn.Identity()
+            owner.activation_fn = _identity
+            owner.activation_dropout_module = nn.Identity()
+        else:  # conformer FeedForwardModule
+            old: FeedForwardModule = getattr(owner, leaf)
+            ffn = PartitionedFFN.from_split(w, activation_fn=old.activation, activation_dropout=old.dropout1,
+                                            dropout=old.dropout2, layer_norm=old.layer_norm)
+            setattr(owner, leaf, ffn)
+        ffn.train(fc1.training)
+        out[name] = ffn
+        logger.info(f"GDPS split {name}: {w.n_shared} shared + {n_groups} x {w.n_private} private units (init {method})")
+    return out
+
+
+def dense_state_dict(model: nn.Module, group: int) -> Dict[str, Tensor]:
+    """The model's state dict with every PartitionedFFN folded, for ``group``, into the unsplit
+    FFN it came from: loadable (strict) by the stock fairseq architecture."""
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    for name, ffn in partitioned_ffns(model).items():
+        for k in [k for k in state if k.startswith(name + ".")]:
+            if not k.startswith(name + ".layer_norm."):
+                del state[k]
+        w1, b1, w2, b2 = ffn.to_dense(group)
+        owner, _ = _parent(model, name)
+        if isinstance(owner, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
+            prefix = name[: -len(".ffn")]
+            keys = (f"{prefix}.fc1", f"{prefix}.fc2")
+        else:
+            keys = (f"{name}.w_1", f"{name}.w_2")
+        state[f"{keys[0]}.weight"], state[f"{keys[0]}.bias"] = w1, b1
+        state[f"{keys[1]}.weight"], state[f"{keys[1]}.bias"] = w2, b2
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# encoder / decoder / models
+# ---------------------------------------------------------------------------------------------
+class _GDPSEncoderMixin:
+    """Maps ``src_lang_id`` to groups, routes the encoder's split FFNs, hands the ids on."""
+
+    def set_language_groups(self, lang_to_group: Optional[List[int]]):
+        table = None if lang_to_group is None else torch.tensor(lang_to_group, dtype=torch.long)
+        if hasattr(self, "gdps_lang_to_group"):
+            del self.gdps_lang_to_group
+        self.register_buffer("gdps_lang_to_group", table, persistent=False)
+
+    def group_ids(self, src_lang_id: Optional[Tensor]) -> Optional[Tensor]:
+        table = getattr(self, "gdps_lang_to_group", None)
+        if src_lang_id is None or table is None:
+            return None
+        lang = src_lang_id.to(device=table.device, dtype=torch.long).view(-1)
+        if lang.numel() and (int(lang.min()) < 0 or int(lang.max()) >= table.numel()):
+            raise ValueError(f"{LANG_ID_KEY} outside [0, {table.numel()}): {lang.tolist()}")
+        groups = table.index_select(0, lang)
+        if bool((groups < 0).any()):
+            bad = sorted(set(lang[groups < 0].tolist()))
+            raise ValueError(f"language ids {bad} belong to no GDPS group")
+        return groups
+
+    def forward(self, src_tokens, src_lengths, src_lang_id: Optional[Tensor] = None, return_all_hiddens: bool = False):
+        groups = self.group_ids(src_lang_id)
+        ffns = [m for m in self.modules() if isinstance(m, PartitionedFFN)]
+        with route(ffns, groups):
+            out = super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
+        out[GROUP_IDS_KEY] = [groups] if groups is not None else []
+        return out
+
+    def reorder_encoder_out(self, encoder_out, new_order):
+        new = super().reorder_encoder_out(encoder_out, new_order)
+        new[GROUP_IDS_KEY] = [g.index_select(0, new_order) for g in encoder_out.get(GROUP_IDS_KEY, [])]
+        return new
+
+
+class S2TTransformerGDPSEncoder(_GDPSEncoderMixin, S2TTransformerEncoder):
+    pass
+
+
+class S2TConformerGDPSEncoder(_GDPSEncoderMixin, S2TConformerEncoder):
+    pass
+
+
+class GDPSTransformerDecoder(TransformerDecoderScriptable):
+    """Routes the decoder's split FFNs with ``encoder_out["gdps_group_ids"]``."""
+
+    def extract_features(
+        self,
+        prev_output_tokens,
+        encoder_out: Optional[Dict[str, List[Tensor]]] = None,
+        incremental_state: Optional[Dict[str, Dict[str, Optional[Tensor]]]] = None,
+        full_context_alignment: bool = False,
+        alignment_layer: Optional[int] = None,
+        alignment_heads: Optional[int] = None,
+    ):
+        ffns = [m for m in self.modules() if isinstance(m, PartitionedFFN)]
+        groups = None
+        if encoder_out is not None and len(encoder_out.get(GROUP_IDS_KEY, [])) > 0:
+            groups = encoder_out[GROUP_IDS_KEY][0]
+        with route(ffns, groups):
+            return super().extract_features(prev_output_tokens, encoder_out, incremental_state,
+                                            full_context_alignment, alignment_layer, alignment_heads)
+
+
+def _load_pretrained_encoder(encoder, args):
+    path = getattr(args, "load_pretrained_encoder_from", None)
+    if path is None:
+        return encoder
+    if not Path(path).exists():
+        logger.warning(f"skipped pretraining because {path} does not exist")
+        return encoder
+    encoder = checkpoint_utils.load_pretrained_component_from_model(component=encoder, checkpoint=path)
+    logger.info(f"loaded pretrained encoder from: {path}")
+    return encoder
+
+
+class _GDPSModelMixin:
+    encoder_class = None
+
+    @classmethod
+    def build_encoder(cls, args):
+        return _load_pretrained_encoder(cls.encoder_class(args), args)
+
+    @classmethod
+    def build_decoder(cls, args, task, embed_tokens):
+        return GDPSTransformerDecoder(args, task.target_dictionary, embed_tokens)
+
+    @classmethod
+    def build_model(cls, args, task):
+        gdps_defaults(args)
+        spec = resolve_split_spec(args, task)
+        model = super().build_model(args, task)
+        group_of = {lang: k for k, g in enumerate(spec.groups) for lang in g}
+        model.encoder.set_language_groups(
+            [group_of.get(lang, -1) for lang in spec.languages] if spec.groups else None
+        )
+        init_from = getattr(args, "gdps_init_from", None)
+        if init_from:
+            state = checkpoint_utils.load_checkpoint_to_cpu(init_from)
+            try:
+                model.load_state_dict(state["model"], strict=True)
+            except RuntimeError as e:
+                raise RuntimeError(f"--gdps-init-from {init_from}: its weights do not fit the unsplit "
+                                   f"{args.arch} (same sizes needed): {e}") from e
+            logger.info(f"GDPS stage 2 initialised from {init_from}")
+            _set_arg(args, "gdps_init_from", None)  # the checkpoint then holds the weights itself
+        if spec.modules:
+            split_ffns(model, spec.modules, len(spec.groups), spec.shared_ratio, method=args.gdps_init,
+                       seed=args.gdps_init_seed)
+        return model
+
+    def forward(self, src_tokens, src_lengths, prev_output_tokens, src_lang_id: Optional[Tensor] = None):
+        encoder_out = self.encoder(src_tokens=src_tokens, src_lengths=src_lengths, src_lang_id=src_lang_id)
+        return self.decoder(prev_output_tokens=prev_output_tokens, encoder_out=encoder_out)
+
+
+@register_model("s2t_transformer_gdps")
+class S2TTransformerGDPSModel(_GDPSModelMixin, S2TTransformerModel):
+    encoder_class = S2TTransformerGDPSEncoder
+
+    @staticmethod
+    def add_args(parser):
+        S2TTransformerModel.add_args(parser)
+        add_gdps_args(parser)
+
+
+@register_model("s2t_conformer_gdps")
+class S2TConformerGDPSModel(_GDPSModelMixin, S2TConformerModel):
+    encoder_class = S2TConformerGDPSEncoder
+
+    @staticmethod
+    def add_args(parser):
+        S2TConformerModel.add_args(parser)
+        add_gdps_args(parser)
+
+
+# ---------------------------------------------------------------------------------------------
+# architectures
+# ---------------------------------------------------------------------------------------------
+@register_model_architecture("s2t_transformer_gdps", "s2t_transformer_gdps")
+def s2t_transformer_gdps(args):
+    gdps_defaults(args)
+    base_architecture(args)
+
+
+@register_model_architecture("s2t_transformer_gdps", "s2t_transformer_gdps_xs")
+def s2t_transformer_gdps_xs(args):
+    """Tiny, for 2 CPU cores: 4 encoder / 2 decoder layers, 160-dim, FFN 512, 4 heads."""
+    args.encoder_layers = getattr(args, "encoder_layers", 4)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 160)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 512)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    args.conv_channels = getattr(args, "conv_channels", 256)
+    args.dropout = getattr(args, "dropout", 0.1)
+    s2t_transformer_gdps(args)
+
+
+@register_model_architecture("s2t_transformer_gdps", "s2t_transformer_gdps_s")
+def s2t_transformer_gdps_s(args):
+    gdps_defaults(args)
+    s2t_transformer_s(args)
+
+
+@register_model_architecture("s2t_transformer_gdps", "s2t_transformer_gdps_m")
+def s2t_transformer_gdps_m(args):
+    gdps_defaults(args)
+    s2t_transformer_m(args)
+
+
+@register_model_architecture("s2t_conformer_gdps", "s2t_conformer_gdps")
+def s2t_conformer_gdps(args):
+    gdps_defaults(args)
+    conformer_base_architecture(args)
+
+
+@register_model_architecture("s2t_conformer_gdps", "s2t_conformer_gdps_xs")
+def s2t_conformer_gdps_xs(args):
+    """Tiny, for 2 CPU cores: 4 conformer / 2 decoder layers, 160-dim, FFN 512, 4 heads, kernel 15."""
+    args.encoder_layers = getattr(args, "encoder_layers", 4)
+    args.decoder_layers = getattr(args, "decoder_layers", 2)
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 160)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 512)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    args.depthwise_conv_kernel_size = getattr(args, "depthwise_conv_kernel_size", 15)
+    args.conv_channels = getattr(args, "conv_channels", 256)
+    args.dropout = getattr(args, "dropout", 0.1)
+    s2t_conformer_gdps(args)
+
+
+@register_model_architecture("s2t_conformer_gdps", "s2t_conformer_gdps_s")
+def s2t_conformer_gdps_s(args):
+    """12 conformer layers (a layer 11 as in the paper), 256-dim, FFN 1024, 4 heads; 6 decoder layers."""
+    args.encoder_layers = getattr(args, "encoder_layers", 12)
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 256)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 1024)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 4)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 4)
+    s2t_conformer_gdps(args)
+
+
+@register_model_architecture("s2t_conformer_gdps", "s2t_conformer_gdps_m")
+def s2t_conformer_gdps_m(args):
+    """12 conformer layers, 512-dim, FFN 2048, 8 heads; 6 decoder layers."""
+    args.encoder_layers = getattr(args, "encoder_layers", 12)
+    args.encoder_embed_dim = getattr(args, "encoder_embed_dim", 512)
+    args.encoder_ffn_embed_dim = getattr(args, "encoder_ffn_embed_dim", 2048)
+    args.encoder_attention_heads = getattr(args, "encoder_attention_heads", 8)
+    args.decoder_attention_heads = getattr(args, "decoder_attention_heads", 8)
+    args.dropout = getattr(args, "dropout", 0.15)
+    s2t_conformer_gdps(args)
