@@ -8,4 +8,4 @@ import os
 # weights-only default, which breaks resume and fairseq-generate.
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
-from fairseq_gdps import tasks  # noqa: E402,F401  (registration; criterions and models join when their modules land)
+from fairseq_gdps import criterions, models, tasks  # noqa: E402,F401  (registration)

@@ -5,12 +5,10 @@ The loss is the stock one. The per-language gradients come from the ``speech_to_
 task, which asks :meth:`probe_due` whether to split the batch by language and hands the
 gradients of the tracked modules to :meth:`record_step`.
 """
-from __future__ import annotations
-
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional
 
 import torch
 from fairseq.criterions import register_criterion
@@ -21,7 +19,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 from omegaconf import II
 
 from fairseq_gdps.gdps.stats import GradientStatistics
-from fairseq_gdps.models.ffn_blocks import ffn_blocks
+from fairseq_gdps.models.s2t_gdps import ffn_module_names
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +65,9 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         if cfg.gdps_probe_interval > 0 and not cfg.gdps_stats:
             raise ValueError("--gdps-probe-interval > 0 needs --gdps-stats FILE to write the statistics to")
         self.cfg = cfg
-        self.languages: list[str] = []
+        self.languages: List[str] = []
         self.statistics: Optional[GradientStatistics] = None
-        self._tracked: Optional[dict[str, list[torch.nn.Parameter]]] = None
+        self._tracked: Optional[Dict[str, List[torch.nn.Parameter]]] = None
         self._pending_state: Optional[dict] = None
 
     @classmethod
@@ -87,7 +85,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         """Parameters of the tracked FFN blocks, by block name (resolved once per model)."""
         if self._tracked is None:
             patterns = [p.strip() for p in self.cfg.gdps_track.split(",") if p.strip()]
-            blocks = ffn_blocks(model)
+            blocks = {name: [*fc1.parameters(), *fc2.parameters()] for name, (fc1, fc2) in ffn_module_names(model).items()}
             chosen = {name: params for name, params in blocks.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
             if not chosen:
                 raise ValueError(

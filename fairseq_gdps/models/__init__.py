@@ -1,0 +1,1 @@
+from fairseq_gdps.models import s2t_gdps  # noqa: F401  (registers s2t_transformer_gdps, s2t_conformer_gdps)

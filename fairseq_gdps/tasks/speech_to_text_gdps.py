@@ -6,8 +6,6 @@ The probe splits a training batch into single-language sub-batches and runs one 
 language. Losses are sums over tokens, so the gradients of the sub-batches add up to the
 gradient of the whole batch: the optimizer update is the same as the stock task's.
 """
-from __future__ import annotations
-
 import csv
 import inspect
 import logging
