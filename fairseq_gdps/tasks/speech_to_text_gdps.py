@@ -82,17 +82,17 @@ def select_rows(sample: dict, rows: torch.Tensor) -> dict:
     net_input = sample["net_input"]
     src_lengths = net_input["src_lengths"].index_select(0, rows)
     sub_input = dict(net_input)
-    sub_input["src_tokens"] = net_input["src_tokens"].index_select(0, rows)[:, : int(src_lengths.max())]
+    sub_input["src_tokens"] = net_input["src_tokens"].index_select(0, rows)[:, : int(src_lengths.max())].contiguous()
     sub_input["src_lengths"] = src_lengths
     sub_input[LANG_ID_KEY] = net_input[LANG_ID_KEY].index_select(0, rows)
     sub = dict(sample)
     sub["id"] = sample["id"].index_select(0, rows)
     target_lengths = sample["target_lengths"].index_select(0, rows)
     max_tgt = int(target_lengths.max())
-    sub["target"] = sample["target"].index_select(0, rows)[:, :max_tgt]
+    sub["target"] = sample["target"].index_select(0, rows)[:, :max_tgt].contiguous()
     sub["target_lengths"] = target_lengths
     if net_input.get("prev_output_tokens") is not None:
-        sub_input["prev_output_tokens"] = net_input["prev_output_tokens"].index_select(0, rows)[:, :max_tgt]
+        sub_input["prev_output_tokens"] = net_input["prev_output_tokens"].index_select(0, rows)[:, :max_tgt].contiguous()
     if sample.get("speaker") is not None:
         sub["speaker"] = sample["speaker"].index_select(0, rows)
     sub["net_input"] = sub_input
