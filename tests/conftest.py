@@ -23,6 +23,8 @@ def run(cmd, cwd=None, timeout=600):
 
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
+    if os.environ.get("GDPS_TEST_CORPUS"):  # development shortcut: reuse a corpus folder
+        return Path(os.environ["GDPS_TEST_CORPUS"])
     out = tmp_path_factory.mktemp("tiny") / "corpus"
     run([BIN / "gdps-make-corpus", "--profile", "quick", "--utterances-per-language", "30",
          "--seed", "3", "--out", out])

@@ -8,7 +8,7 @@ gradients of the tracked modules to :meth:`record_step`.
 import fnmatch
 import logging
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.criterions import register_criterion
@@ -67,7 +67,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self.cfg = cfg
         self.languages: List[str] = []
         self.statistics: Optional[GradientStatistics] = None
-        self._tracked: Optional[Dict[str, List[torch.nn.Parameter]]] = None
+        self._tracked: Optional[Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]] = None
         self._pending_state: Optional[dict] = None
 
     @classmethod
@@ -81,12 +81,12 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         interval = self.cfg.gdps_probe_interval
         return interval > 0 and update_num >= self.cfg.gdps_probe_start and (update_num - self.cfg.gdps_probe_start) % interval == 0
 
-    def tracked_parameters(self, model) -> dict[str, list[torch.nn.Parameter]]:
-        """Parameters of the tracked FFN blocks, by block name (resolved once per model)."""
+    def tracked_modules(self, model) -> Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]:
+        """The tracked FFN blocks' (fc1, fc2) layers, by block name (resolved once per model)."""
         if self._tracked is None:
             patterns = [p.strip() for p in self.cfg.gdps_track.split(",") if p.strip()]
-            blocks = {name: [*fc1.parameters(), *fc2.parameters()] for name, (fc1, fc2) in ffn_module_names(model).items()}
-            chosen = {name: params for name, params in blocks.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
+            blocks = ffn_module_names(model)
+            chosen = {name: layers for name, layers in blocks.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
             if not chosen:
                 raise ValueError(
                     f"--gdps-track {self.cfg.gdps_track!r} matches none of the model's FFN blocks: "
@@ -99,7 +99,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
     def _statistics_for(self, tracked) -> GradientStatistics:
         if self.statistics is None:
             self.statistics = GradientStatistics(
-                {name: sum(p.numel() for p in params) for name, params in tracked.items()},
+                {name: sum(p.numel() for layer in layers for p in layer.parameters()) for name, layers in tracked.items()},
                 languages=self.languages,
                 sketch_dim=self.cfg.gdps_sketch_dim,
                 subspace_dim=self.cfg.gdps_subspace_dim,

@@ -134,7 +134,9 @@ class CorpusConfig:
         return dict(self.conflict).get(lang, lang)
 
     def to_json(self) -> dict:
+        """Settings that shape the output (not --jobs, which does not)."""
         d = dataclasses.asdict(self)
+        del d["jobs"]
         d["conflict"] = [f"{n}:{b}" for n, b in self.conflict]
         for k, v in d.items():
             if isinstance(v, tuple):
@@ -665,7 +667,7 @@ class Utterance:
         return f"wav/{self.lang}/{self.id}.wav"
 
 
-def build_text(cfg: CorpusConfig, log=None) -> Tuple[List[Utterance], dict]:
+def build_text(cfg: CorpusConfig) -> Tuple[List[Utterance], dict]:
     """Sample sentences, render source/target text, assign splits (no audio)."""
     utts: List[Utterance] = []
     cmaps = {name: conflict_maps(cfg, name) for name, _ in cfg.conflict}

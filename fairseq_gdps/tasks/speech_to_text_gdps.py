@@ -2,9 +2,10 @@
 utterance in ``net_input["src_lang_id"]``, temperature-based language sampling, and the
 per-language backward of the GDPS gradient probe.
 
-The probe splits a training batch into single-language sub-batches and runs one backward per
-language. Losses are sums over tokens, so the gradients of the sub-batches add up to the
-gradient of the whole batch: the optimizer update is the same as the stock task's.
+On probed updates the train step is the stock one (same forward, same backward, same update),
+with hooks on the tracked FFN layers that split each weight gradient into the shares of the
+batch's languages (see ``modules/per_language_gradients.py``); the shares go to the criterion's
+statistics recorder.
 """
 import csv
 import inspect
@@ -20,6 +21,8 @@ from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import II
+
+from fairseq_gdps.modules.per_language_gradients import PerLanguageGradients
 
 logger = logging.getLogger(__name__)
 
@@ -75,39 +78,6 @@ def read_manifest_languages(path: Path) -> list[str]:
         if "src_lang" not in (reader.fieldnames or []):
             raise ValueError(f"{path}: no src_lang column; speech_to_text_gdps needs the source language of every utterance")
         return [row["src_lang"] for row in reader]
-
-
-def select_rows(sample: dict, rows: torch.Tensor) -> dict:
-    """The sub-batch of ``sample`` made of ``rows``, with padding trimmed to the longest row."""
-    net_input = sample["net_input"]
-    src_lengths = net_input["src_lengths"].index_select(0, rows)
-    sub_input = dict(net_input)
-    sub_input["src_tokens"] = net_input["src_tokens"].index_select(0, rows)[:, : int(src_lengths.max())].contiguous()
-    sub_input["src_lengths"] = src_lengths
-    sub_input[LANG_ID_KEY] = net_input[LANG_ID_KEY].index_select(0, rows)
-    sub = dict(sample)
-    sub["id"] = sample["id"].index_select(0, rows)
-    target_lengths = sample["target_lengths"].index_select(0, rows)
-    max_tgt = int(target_lengths.max())
-    sub["target"] = sample["target"].index_select(0, rows)[:, :max_tgt].contiguous()
-    sub["target_lengths"] = target_lengths
-    if net_input.get("prev_output_tokens") is not None:
-        sub_input["prev_output_tokens"] = net_input["prev_output_tokens"].index_select(0, rows)[:, :max_tgt].contiguous()
-    if sample.get("speaker") is not None:
-        sub["speaker"] = sample["speaker"].index_select(0, rows)
-    sub["net_input"] = sub_input
-    sub["ntokens"] = int(target_lengths.sum())
-    sub["nsentences"] = int(rows.numel())
-    return sub
-
-
-def sum_logging_outputs(outputs: list[dict]) -> dict:
-    """Logging outputs of label-smoothed cross entropy are all sums, so sub-batches add up."""
-    total: dict = {}
-    for out in outputs:
-        for key, value in out.items():
-            total[key] = total.get(key, 0) + value
-    return total
 
 
 @register_task("speech_to_text_gdps", dataclass=SpeechToTextGDPSConfig)
@@ -190,32 +160,17 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         probe = self.gdps_criterion is not None and not ignore_grad and criterion.probe_due(update_num)
         if not probe:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        model.train()
-        model.set_num_updates(update_num)
-        tracked = criterion.tracked_parameters(model)
         lang_ids = sample["net_input"][LANG_ID_KEY]
-        losses, sample_sizes, logging_outputs = [], [], []
-        per_language_grads = {}
-        for lang_id in torch.unique(lang_ids).tolist():
-            before = {name: [p.grad.detach().clone() if p.grad is not None else None for p in params] for name, params in tracked.items()}
-            sub = select_rows(sample, torch.nonzero(lang_ids == lang_id).squeeze(1))
-            with torch.autograd.profiler.record_function("forward"):
-                loss, sample_size, logging_output = criterion(model, sub)
-            with torch.autograd.profiler.record_function("backward"):
-                optimizer.backward(loss)
-            per_language_grads[self.languages[lang_id]] = {
-                name: torch.cat([
-                    (p.grad.detach() - b if b is not None else p.grad.detach()).reshape(-1)
-                    if p.grad is not None else torch.zeros(p.numel(), dtype=p.dtype, device=p.device)
-                    for p, b in zip(params, before[name])
-                ])
-                for name, params in tracked.items()
-            }
-            losses.append(loss.detach())
-            sample_sizes.append(sample_size)
-            logging_outputs.append(logging_output)
-        criterion.record_step(update_num, per_language_grads)
-        return torch.stack(losses).sum(), sum(sample_sizes), sum_logging_outputs(logging_outputs)
+        with PerLanguageGradients(criterion.tracked_modules(model), lang_ids) as capture:
+            result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        # Per-token gradients, so that steps of different sizes weigh the same in the statistics.
+        tokens = torch.zeros(len(self.languages), dtype=torch.float64).index_add_(
+            0, lang_ids.cpu(), sample["target_lengths"].cpu().double())
+        criterion.record_step(update_num, {
+            self.languages[lang]: {name: g / tokens[lang].item() for name, g in blocks.items()}
+            for lang, blocks in capture.gradients().items()
+        })
+        return result
 
     def begin_valid_epoch(self, epoch, model):
         # Validation precedes every checkpoint save: write the statistics file at the same points.

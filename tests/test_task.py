@@ -1,0 +1,111 @@
+"""speech_to_text_gdps: language ids in the batch, and the probe's per-language backward gives the
+same gradient as the stock task while recording each language's share of it."""
+import copy
+
+import pytest
+import torch
+from fairseq import options, tasks
+from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+
+import fairseq_gdps  # noqa: F401  (registers the task, criterion and models)
+from fairseq_gdps.tasks.speech_to_text_gdps import LANG_ID_KEY
+
+SIZES = ["--encoder-layers", "2", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
+         "--decoder-attention-heads", "2", "--dropout", "0", "--attention-dropout", "0", "--activation-dropout", "0"]
+
+
+class PlainBackward:
+    """The one optimizer method train_step uses."""
+
+    def backward(self, loss):
+        loss.backward()
+
+
+def build(data, task, arch, criterion, extra=()):
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, [str(data), "--task", task, "--arch", arch, "--criterion", criterion,
+                                                "--label-smoothing", "0.1", "--seed", "1", *SIZES, *extra])
+    cfg = convert_namespace_to_omegaconf(args)
+    task_obj = tasks.setup_task(cfg.task)
+    model = task_obj.build_model(cfg.model)
+    return task_obj, model, task_obj.build_criterion(cfg.criterion)
+
+
+def first_multilingual_batch(task, split="train"):
+    task.load_dataset(split)
+    itr = task.get_batch_iterator(task.dataset(split), max_tokens=6000, required_batch_size_multiple=1, seed=1)
+    for batch in itr.next_epoch_itr(shuffle=False):
+        if len(torch.unique(batch["net_input"][LANG_ID_KEY])) >= 3:
+            return batch
+    pytest.fail("no batch with three languages")
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_batches_carry_language_ids(tiny_data):
+    task, _, _ = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy")
+    assert task.languages == ["ar", "et", "ga", "sw"]
+    task.load_dataset("test")
+    dataset = task.dataset("test")
+    batch = dataset.collater([dataset[i] for i in range(len(dataset))])
+    manifest_langs = dataset.s2t_dataset.src_langs
+    expected = [task.languages.index(manifest_langs[i]) for i in batch["id"].tolist()]
+    assert batch["net_input"][LANG_ID_KEY].tolist() == expected
+
+
+def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tmp_path):
+    stock_task, stock_model, stock_criterion = build(tiny_data, "speech_to_text", "s2t_transformer_s", "label_smoothed_cross_entropy")
+    stats_path = tmp_path / "stats.pt"
+    gdps_task, gdps_model, gdps_criterion = build(
+        tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
+        ["--gdps-probe-interval", "1", "--gdps-stats", str(stats_path), "--gdps-track", "encoder.*"])
+    gdps_model.load_state_dict(stock_model.state_dict())
+    batch = first_multilingual_batch(gdps_task)
+    stock_batch = copy.deepcopy(batch)
+    del stock_batch["net_input"][LANG_ID_KEY]
+
+    stock_loss, stock_size, stock_log = stock_task.train_step(stock_batch, stock_model, stock_criterion, PlainBackward(), 0)
+    gdps_loss, gdps_size, gdps_log = gdps_task.train_step(batch, gdps_model, gdps_criterion, PlainBackward(), 0)
+
+    assert gdps_size == stock_size
+    assert gdps_log["ntokens"] == stock_log["ntokens"] and gdps_log["nsentences"] == stock_log["nsentences"]
+    assert gdps_loss.item() == stock_loss.item()
+    stock_grads, gdps_grads = grads(stock_model), grads(gdps_model)
+    assert stock_grads.keys() == gdps_grads.keys()
+    for name in stock_grads:   # the same computation: bit-identical
+        assert torch.equal(gdps_grads[name], stock_grads[name]), name
+
+    # the recorded per-language gradients (per target token) are each language's share of the total
+    stats = gdps_criterion.statistics
+    assert stats.module_names == ["encoder.transformer_layers.0.ffn", "encoder.transformer_layers.1.ffn"]
+    present = sorted({gdps_task.languages[i] for i in batch["net_input"][LANG_ID_KEY].tolist()})
+    layer = gdps_model.encoder.transformer_layers[1]
+    total = torch.cat([p.grad.reshape(-1) for p in (*layer.fc1.parameters(), *layer.fc2.parameters())]).double()
+    sums = stats.module_sums("encoder.transformer_layers.1.ffn")
+    lang_ids = batch["net_input"][LANG_ID_KEY]
+    tokens = {lang: batch["target_lengths"][lang_ids == gdps_task.languages.index(lang)].sum().item() for lang in present}
+    per_lang = {lang: sums["S"][stats.languages.index(lang)] * tokens[lang] for lang in present}
+    assert all(sums["n"][stats.languages.index(lang)] == 1 for lang in present)
+    torch.testing.assert_close(sum(per_lang.values()), total, rtol=1e-4, atol=1e-6)  # float32 sums, other order
+    # and they differ between languages (each is a real sub-batch gradient, not a copy of the total)
+    first, second = present[:2]
+    assert not torch.allclose(per_lang[first], per_lang[second])
+
+    gdps_task.begin_valid_epoch(1, gdps_model)   # writes the statistics file, as before a checkpoint
+    assert stats_path.is_file()
+    assert "gdps_statistics" in gdps_task.state_dict()
+
+
+def test_no_probe_between_intervals_and_stock_model_rejected(tiny_data, tmp_path):
+    task, model, criterion = build(
+        tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
+        ["--gdps-probe-interval", "10", "--gdps-stats", str(tmp_path / "s.pt")])
+    assert [u for u in range(25) if criterion.probe_due(u)] == [0, 10, 20]
+    with pytest.raises(ValueError, match="does not take"):
+        build(tiny_data, "speech_to_text_gdps", "s2t_transformer_s", "label_smoothed_cross_entropy")
+    with pytest.raises(ValueError, match="needs --gdps-stats"):
+        build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
+              ["--gdps-probe-interval", "1"])
