@@ -52,7 +52,7 @@ SPLITS = ("train", "dev", "test")
 TSV_COLUMNS = ("id", "audio", "duration", "speaker", "src_lang", "src_text", "tgt_text")
 CHUNK_SIZE = 48  # utterances per fresh synthesis process (fixed: part of determinism)
 PAD_SECONDS = 0.1  # silence kept before and after the speech
-ESPEAK_VOLUME = 50  # below espeak's default 100, which clips for some variants
+ESPEAK_VOLUME = 25  # espeak default 100 (and even 50) clips for some variants
 
 QUICK_UNITS = ("kilogram", "gram", "meter", "kilometer", "liter", "centimeter")
 QUICK_REL_UNITS = ("day", "week", "month", "year")
