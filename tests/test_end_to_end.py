@@ -40,19 +40,21 @@ def test_baseline_trains_decodes_and_scores_every_test_utterance(tiny_data, tmp_
 
 def test_stock_generate_drops_partial_batch_without_multiple_1(tiny_data, tmp_path):
     """Why every decode passes --required-batch-size-multiple 1: fairseq-fixed drops the last
-    partial batch otherwise. Uses a manifest whose size is not a multiple of 8."""
-    rows = manifest_rows(tiny_data / "test.tsv")[:13]
-    with open(tiny_data / "test_first13.tsv", "w", newline="") as f:
+    partial batch otherwise. Uses a manifest whose size is not a multiple of 8 (default multiple)."""
+    rows = manifest_rows(tiny_data / "test.tsv")
+    rows = rows[: len(rows) - 1] if len(rows) % 8 == 0 else rows
+    assert len(rows) > 8
+    with open(tiny_data / "test_not_multiple_of_8.tsv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n")
         writer.writeheader(), writer.writerows(rows)
     try:
         train_tiny_baseline(tiny_data, tmp_path / "ckpt", updates=1)
         common = [BIN / "fairseq-generate", tiny_data, "--user-dir", REPO / "fairseq_gdps", "--task", "speech_to_text",
-                  "--config-yaml", "config.yaml", "--gen-subset", "test_first13", "--path", tmp_path / "ckpt" / "checkpoint_last.pt",
+                  "--config-yaml", "config.yaml", "--gen-subset", "test_not_multiple_of_8", "--path", tmp_path / "ckpt" / "checkpoint_last.pt",
                   "--beam", "1", "--max-len-b", "5", "--max-tokens", "100000", "--num-workers", "0"]
         hyps_default = run(common).stdout.count("\nD-")
         hyps_fixed = run(common + ["--required-batch-size-multiple", "1"]).stdout.count("\nD-")
     finally:
-        (tiny_data / "test_first13.tsv").unlink()
-    assert hyps_fixed == 13
-    assert hyps_default < 13
+        (tiny_data / "test_not_multiple_of_8.tsv").unlink()
+    assert hyps_fixed == len(rows)
+    assert hyps_default == len(rows) - len(rows) % 8
