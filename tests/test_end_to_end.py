@@ -58,3 +58,25 @@ def test_stock_generate_drops_partial_batch_without_multiple_1(tiny_data, tmp_pa
         (tiny_data / "test_not_multiple_of_8.tsv").unlink()
     assert hyps_fixed == len(rows)
     assert hyps_default == len(rows) - len(rows) % 8
+
+
+def test_gdps_two_stage_recipe_end_to_end(tiny_data, tmp_path):
+    """run_gdps.sh: probe, analysis, split, decode, score on the tiny corpus."""
+    out = tmp_path / "gdps"
+    run(["bash", REPO / "examples/speech_to_text_gdps/run_gdps.sh", tiny_data, out, "--max-update", "8",
+         "--stage1-updates", "4", "--analyze-args", "--groups 2 --resamples 20", "--",
+         "--encoder-layers", "2", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--max-tokens", "4000"])
+    plan = json.loads((out / "analysis" / "plan.json").read_text())
+    assert len(plan["groups"]) == 2
+    assert sorted(lang for group in plan["groups"] for lang in group) == ["ar", "et", "ga", "sw"]
+    assert plan["modules"] and all(m in plan["scores"] for m in plan["modules"])
+    for png in ("similarity.png", "dendrogram.png", "layer_profile.png"):
+        assert (out / "analysis" / png).stat().st_size > 1000
+    # stage 2 is the split model, built from its own checkpoint by fairseq-generate
+    import torch
+    state = torch.load(out / "stage2" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    split_keys = [k for k in state["model"] if "private" in k]
+    assert split_keys, "stage-2 checkpoint holds no private (per-group) parameters"
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["pooled"]["n"] == len(manifest_rows(tiny_data / "test.tsv"))

@@ -60,3 +60,16 @@ def test_missing_manifest_is_named(tmp_path, capsys):
     (tmp_path / "test_xx.txt").write_text(generate_log({0: "a"}))
     assert score_cli.main(["--data", str(tmp_path), "--decode-dir", str(tmp_path), "--out", str(tmp_path / "s")]) == 1
     assert "test_xx.tsv" in capsys.readouterr().err
+
+
+def test_side_by_side_comparison(tmp_path, capsys):
+    def scores(bleu):
+        s = {"bleu": bleu, "chrf": 50.0, "exact_match": 10.0}
+        return {"languages": {"et": s, "sw": s}, "average": s}
+    (tmp_path / "a.json").write_text(json.dumps(scores(20.0)))
+    (tmp_path / "b.json").write_text(json.dumps(scores(25.5)))
+    assert score_cli.main(["--compare", f"baseline={tmp_path / 'a.json'}", f"gdps={tmp_path / 'b.json'}",
+                           "--out", str(tmp_path / "cmp")]) == 0
+    table = (tmp_path / "cmp.md").read_text()
+    assert "| et | 20.0 | 50.0 | 10.0 | 25.5 | 50.0 | 10.0 |" in table
+    assert "| average | 20.0 |" in table

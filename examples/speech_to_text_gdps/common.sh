@@ -23,5 +23,5 @@ OPTIM_ARGS=(--optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler 
   --warmup-updates 150 --clip-norm 10.0 --weight-decay 0.0001
   --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --report-accuracy)
 # --required-batch-size-multiple 1: fairseq-fixed silently drops a final partial batch otherwise.
-DATA_ARGS=(--num-workers 0 --max-tokens 12000 --required-batch-size-multiple 1
+DATA_ARGS=(--num-workers 0 --max-tokens 8000 --required-batch-size-multiple 1
   --skip-invalid-size-inputs-valid-test)

@@ -1,6 +1,7 @@
 """gdps-score: per-language BLEU / chrF / chrF++ / TER / exact match of fairseq-generate output.
 
     gdps-score --data DATA_DIR --decode-dir DIR --out PREFIX
+    gdps-score --compare baseline=A/scores.json gdps=B/scores.json [--out PREFIX]
 
 For every ``DIR/<split>.txt`` (a fairseq-generate log of ``DATA_DIR/<split>.tsv``), pairs each
 hypothesis with its manifest row (failing if any test utterance has no hypothesis) and writes
@@ -55,6 +56,21 @@ def to_markdown(scores: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def side_by_side(systems: dict) -> str:
+    """Per-language BLEU / chrF / exact match of several systems' scores, one column group each."""
+    names = list(systems)
+    languages = sorted({lang for scores in systems.values() for lang in scores["languages"]})
+    head = "| language | " + " | ".join(f"{n} BLEU | {n} chrF | {n} exact %" for n in names) + " |"
+    lines = [head, "|---|" + "---:|" * (3 * len(names))]
+    for lang in languages + ["average"]:
+        cells = []
+        for n in names:
+            s = systems[n]["average"] if lang == "average" else systems[n]["languages"].get(lang)
+            cells += [f"{s['bleu']:.1f}", f"{s['chrf']:.1f}", f"{s['exact_match']:.1f}"] if s else ["-"] * 3
+        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text, encoding="utf-8")
@@ -63,10 +79,26 @@ def write_atomic(path: Path, text: str) -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gdps-score", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, type=Path, help="data folder with the manifests that were decoded")
-    parser.add_argument("--decode-dir", required=True, type=Path, help="folder of fairseq-generate outputs <split>.txt")
-    parser.add_argument("--out", required=True, type=Path, help="output prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("--data", type=Path, help="data folder with the manifests that were decoded")
+    parser.add_argument("--decode-dir", type=Path, help="folder of fairseq-generate outputs <split>.txt")
+    parser.add_argument("--out", type=Path, help="output prefix: writes PREFIX.json and PREFIX.md")
+    parser.add_argument("--compare", nargs="+", metavar="NAME=SCORES.json",
+                        help="instead of scoring: print the per-language scores of several systems side by side")
     args = parser.parse_args(argv)
+    if args.compare:
+        try:
+            systems = {item.split("=", 1)[0]: json.loads(Path(item.split("=", 1)[1]).read_text()) for item in args.compare}
+        except (OSError, ValueError, IndexError) as e:
+            print(f"gdps-score: error: --compare {args.compare}: {e}", file=sys.stderr)
+            return 1
+        table = side_by_side(systems)
+        if args.out:
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(args.out.with_suffix(".md"), table)
+        print(table, end="")
+        return 0
+    if not (args.data and args.decode_dir and args.out):
+        parser.error("--data, --decode-dir and --out are required (or --compare)")
     try:
         scores = score_languages(collect_pairs(args.data, args.decode_dir))
     except (OSError, ValueError) as e:

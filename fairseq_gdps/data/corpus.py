@@ -55,7 +55,8 @@ PAD_SECONDS = 0.1  # silence kept before and after the speech
 ESPEAK_VOLUME = 25  # espeak default 100 (and even 50) clips for some variants
 
 QUICK_UNITS = ("kilogram", "gram", "meter", "kilometer", "liter", "centimeter")
-QUICK_REL_UNITS = ("day", "week", "month", "year")
+QUICK_REL_UNITS = ("day",)
+FULL_REL_UNITS = ("day", "week", "month", "year")
 
 #: espeak-ng voice variants used for speakers (robotic, whispering, echoing and
 #: joke variants left out, and near-duplicates: edward2 = edward, adam ~ caleb ~
@@ -83,7 +84,7 @@ PROFILES: Dict[str, dict] = {
     "full": dict(
         utterances_per_language=6000, max_number=30, min_phrases=1, max_phrases=2,
         min_target_words=4, families=("unit", "rel"), units=QUICK_UNITS,
-        rel_units=QUICK_REL_UNITS, speakers_per_language=6,
+        rel_units=FULL_REL_UNITS, speakers_per_language=6,
     ),
     # Wide domain for benchmarks: many units, 1-100, money, names.
     "hard": dict(
