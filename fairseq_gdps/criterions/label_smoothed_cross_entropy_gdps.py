@@ -68,7 +68,6 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self.languages: List[str] = []
         self.statistics: Optional[GradientStatistics] = None
         self._tracked: Optional[Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]] = None
-        self._pending_state: Optional[dict] = None
 
     @classmethod
     def build_criterion(cls, cfg, task):
@@ -98,16 +97,16 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
 
     def _statistics_for(self, tracked) -> GradientStatistics:
         if self.statistics is None:
+            sizes = {name: sum(p.numel() for layer in layers for p in layer.parameters()) for name, layers in tracked.items()}
             self.statistics = GradientStatistics(
-                {name: sum(p.numel() for layer in layers for p in layer.parameters()) for name, layers in tracked.items()},
+                sizes,
                 languages=self.languages,
                 sketch_dim=self.cfg.gdps_sketch_dim,
                 subspace_dim=self.cfg.gdps_subspace_dim,
                 seed=self.cfg.seed,
+                # which blocks of which sizes: statistics of another model are refused on load
+                model_signature=";".join(f"{name}:{size}" for name, size in sizes.items()),
             )
-            if self._pending_state is not None:
-                self.statistics.merge_(GradientStatistics.from_state_dict(self._pending_state))
-                self._pending_state = None
         return self.statistics
 
     def record_step(self, update_num: int, grads: dict[str, dict[str, torch.Tensor]]) -> None:
@@ -115,10 +114,6 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         skipped = statistics.add_step(update_num, grads)
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
-
-    def restore_statistics(self, state: dict) -> None:
-        """Statistics saved in a checkpoint; merged in once the tracked modules are known."""
-        self._pending_state = state
 
     def save_statistics(self) -> None:
         if self.statistics is not None and self.cfg.gdps_stats:
