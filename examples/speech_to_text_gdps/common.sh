@@ -19,8 +19,10 @@ SIZE_ARGS=(--encoder-layers 4 --decoder-layers 2
   --dropout 0.1 --share-decoder-input-output-embed)
 BASELINE_ARCH=s2t_transformer_s
 GDPS_ARCH=s2t_transformer_gdps_s
-OPTIM_ARGS=(--optimizer adam --adam-betas '(0.9,0.98)' --lr 2e-3 --lr-scheduler inverse_sqrt
-  --warmup-updates 150 --clip-norm 10.0 --weight-decay 0.0001
+LR=3e-3
+WARMUP=150
+OPTIM_ARGS=(--optimizer adam --adam-betas '(0.9,0.98)' --lr "$LR" --lr-scheduler inverse_sqrt
+  --warmup-updates "$WARMUP" --clip-norm 10.0 --weight-decay 0.0001
   --criterion label_smoothed_cross_entropy --label-smoothing 0.1 --report-accuracy)
 # --required-batch-size-multiple 1: fairseq-fixed silently drops a final partial batch otherwise.
 DATA_ARGS=(--num-workers 0 --max-tokens 8000 --required-batch-size-multiple 1

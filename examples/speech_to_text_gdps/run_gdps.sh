@@ -48,9 +48,9 @@ gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
 # Stage 2 continues the baseline's learning-rate curve: inverse_sqrt's rate at update STAGE1 is
 # LR*sqrt(WARMUP/STAGE1). Adam's moments start afresh (the parameters changed shape), so the
 # rate warms up again from a tenth of that over the first 50 updates.
-read -r LR2 LR2_INIT < <(python - "$STAGE1" <<'PY'
+read -r LR2 LR2_INIT < <(python - "$STAGE1" "$LR" "$WARMUP" <<'PY'
 import math, sys
-stage1 = int(sys.argv[1]); lr, warmup = 2e-3, 150
+stage1, lr, warmup = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
 rate = lr * min(stage1 / warmup, math.sqrt(warmup / max(stage1, 1)))
 print(f"{rate:.6g} {rate / 10:.6g}")
 PY

@@ -76,7 +76,7 @@ VOICE_VARIANTS = (
 PROFILES: Dict[str, dict] = {
     # Narrow domain a ~2M-parameter model learns in minutes on CPU.
     "quick": dict(
-        utterances_per_language=2000, max_number=30, min_phrases=1, max_phrases=2,
+        utterances_per_language=2000, max_number=20, min_phrases=1, max_phrases=2,
         min_target_words=4, families=("unit", "rel"), units=QUICK_UNITS,
         rel_units=QUICK_REL_UNITS, speakers_per_language=4,
     ),
