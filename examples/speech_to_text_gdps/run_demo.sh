@@ -54,3 +54,34 @@ grep -E "^(split|groups|shared ratio)" "$WORK/gdps.log" || true
 echo
 echo "Per-language test scores (shared baseline vs GDPS):"
 gdps-score --compare baseline="$WORK/baseline/scores.json" gdps="$WORK/gdps/scores.json" --out "$WORK/comparison"
+
+# results.md: everything above in one file, with the machine and the time it took
+{
+  echo "# Demo results ($PROFILE profile, seed $SEED, $MAX_UPDATE updates per system)"
+  echo
+  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+  echo "torch $(python -c 'import torch; print(torch.__version__)'), total wall time $(( $(date +%s) - t0 )) s"
+  echo "(baseline and GDPS trained in parallel, one thread each)."
+  echo
+  echo "## Test scores per language"
+  echo
+  cat "$WORK/comparison.md"
+  echo
+  echo "## Shared baseline, every metric"
+  echo
+  sed '/^sacrebleu signatures/,$d' "$WORK/baseline/scores.md"
+  echo "## GDPS, every metric"
+  echo
+  cat "$WORK/gdps/scores.md"
+  echo
+  echo "## GDPS analysis (stage 1, $(( MAX_UPDATE / 2 )) updates)"
+  echo
+  grep -E "^(split|groups|shared ratio)" "$WORK/gdps.log" | sed 's/^/- /'
+  echo
+  echo "## Learning curve (dev set)"
+  echo
+  echo "| system | updates | wall s | dev loss | dev accuracy % |"
+  echo "|---|---:|---:|---:|---:|"
+  tail -n +2 "$WORK/learning_curve.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $6}'
+} > "$WORK/results.md"
+stamp "results: $WORK/results.md, learning curve: $WORK/learning_curve.png"

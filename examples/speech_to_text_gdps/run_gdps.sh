@@ -45,18 +45,20 @@ echo "[gdps] analysis"
 # shellcheck disable=SC2086
 gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
 
-# Stage 2 continues the baseline's learning-rate curve: inverse_sqrt's rate at update STAGE1 is
-# LR*sqrt(WARMUP/STAGE1). Adam's moments start afresh (the parameters changed shape), so the
-# rate warms up again from a tenth of that over the first 50 updates.
-read -r LR2 LR2_INIT < <(python - "$STAGE1" "$LR" "$WARMUP" <<'PY'
+# Stage 2 follows the baseline's learning-rate curve from update STAGE1 to TOTAL (inverse_sqrt:
+# LR*sqrt(WARMUP/u)), approximated by a linear decay between its two ends. Adam's moments start
+# afresh (the parameters changed shape), so the rate warms up again over the first 50 updates.
+read -r LR_START LR_END < <(python - "$STAGE1" "$TOTAL" "$LR" "$WARMUP" <<'PY'
 import math, sys
-stage1, lr, warmup = int(sys.argv[1]), float(sys.argv[2]), int(sys.argv[3])
-rate = lr * min(stage1 / warmup, math.sqrt(warmup / max(stage1, 1)))
-print(f"{rate:.6g} {rate / 10:.6g}")
+stage1, total, lr, warmup = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+rate = lambda u: lr * min(u / warmup, math.sqrt(warmup / max(u, 1)))
+print(f"{rate(stage1):.6g} {rate(total):.6g}")
 PY
 )
-echo "[gdps] stage 2: split model ($STAGE2 updates, peak lr $LR2)"
-fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" --lr "$LR2" --warmup-updates 50 --warmup-init-lr "$LR2_INIT" \
+echo "[gdps] stage 2: split model ($STAGE2 updates, lr $LR_START -> $LR_END)"
+fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" --lr "$LR_START" \
+  --lr-scheduler polynomial_decay --warmup-updates 50 --end-learning-rate "$LR_END" --power 1 \
+  --total-num-update "$STAGE2" \
   --gdps-plan "$OUT/analysis/plan.json" --gdps-init-from "$OUT/stage1/checkpoint_last.pt" \
   --max-update "$STAGE2" --save-dir "$OUT/stage2" "${EXTRA[@]}" > "$OUT/stage2.log" 2>&1 \
   || { tail -n 30 "$OUT/stage2.log"; exit 1; }

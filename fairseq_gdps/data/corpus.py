@@ -77,7 +77,7 @@ PROFILES: Dict[str, dict] = {
     # Narrow domain a ~2M-parameter model learns in minutes on CPU.
     "quick": dict(
         utterances_per_language=2000, max_number=20, min_phrases=1, max_phrases=2,
-        min_target_words=4, families=("unit", "rel"), units=QUICK_UNITS,
+        min_target_words=3, families=("unit", "rel"), units=QUICK_UNITS,
         rel_units=QUICK_REL_UNITS, speakers_per_language=4,
     ),
     # Same domain, more data and speakers.
