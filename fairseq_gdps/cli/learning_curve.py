@@ -7,11 +7,11 @@ Writes PREFIX.tsv (one row per validation and log) and PREFIX.png.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 from fairseq_gdps.data.train_log import read_validations
+from fairseq_gdps.atomic import atomic_write
 
 
 def main(argv=None) -> int:
@@ -27,9 +27,8 @@ def main(argv=None) -> int:
         for r in records:
             rows.append(f"{label}\t{int(r.get('num_updates', 0))}\t{r['wall'] or 0:.0f}\t{r.get('loss', float('nan')):.3f}\t{r.get('nll_loss', float('nan')):.3f}\t{r.get('accuracy', float('nan')):.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tsv.tmp")
-    tmp.write_text("\n".join(rows) + "\n")
-    os.replace(tmp, args.out.with_name(args.out.name + ".tsv"))
+    with atomic_write(args.out.with_name(args.out.name + ".tsv")) as f:
+        f.write("\n".join(rows) + "\n")
 
     import matplotlib
 

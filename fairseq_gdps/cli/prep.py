@@ -21,7 +21,7 @@ import multiprocessing
 import os
 import sys
 import time
-from collections import Counter, defaultdict
+from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fairseq_gdps.data import features as F

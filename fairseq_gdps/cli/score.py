@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 from fairseq_gdps.data.generate_output import pair_with_manifest, read_hypotheses, read_manifest
 from fairseq_gdps.gdps.translation_scores import score_corpus
+from fairseq_gdps.atomic import atomic_write
 
 METRICS = ("bleu", "chrf", "chrf++", "ter", "exact_match")
 
@@ -72,9 +72,8 @@ def side_by_side(systems: dict) -> str:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        f.write(text)
 
 
 def main(argv=None) -> int:

@@ -45,6 +45,7 @@ import numpy as np
 
 from fairseq_gdps.data import cldr_text as ct
 from fairseq_gdps.data.cldr_text import LANGUAGES, Phrase
+from fairseq_gdps.atomic import atomic_write
 
 VERSION = 1
 SAMPLE_RATE = 16000
@@ -78,7 +79,7 @@ PROFILES: Dict[str, dict] = {
     "quick": dict(
         utterances_per_language=2000, max_number=20, min_phrases=1, max_phrases=2,
         min_target_words=3, families=("unit", "rel"), units=QUICK_UNITS,
-        rel_units=QUICK_REL_UNITS, speakers_per_language=4,
+        rel_units=QUICK_REL_UNITS, speakers_per_language=2,
     ),
     # Same domain, more data and speakers.
     "full": dict(
@@ -734,10 +735,8 @@ def _check_out_dir(out: str, force: bool) -> None:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
+    with atomic_write(path) as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def _tsv(utts: Iterable[Utterance]) -> str:

@@ -9,9 +9,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional
+from fairseq_gdps.atomic import atomic_write
 
 PLAN_VERSION = 1
 PLAN_KIND = "gdps-plan"
@@ -126,18 +126,8 @@ class Plan:
 
     def save(self, path) -> None:
         """Write atomically: temporary file in the same folder, then ``os.replace``."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".plan-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(self.dumps())
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path) as f:
+            f.write(self.dumps())
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "Plan":

@@ -22,6 +22,7 @@ import numpy as np
 from fairseq_gdps.gdps import grouping as G
 from fairseq_gdps.gdps import metrics as M
 from fairseq_gdps.gdps.plan import Plan
+from fairseq_gdps.atomic import atomic_write
 
 LAYER_RE = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
 
@@ -245,9 +246,8 @@ def _canvas(w, h):
 
 def _save(fig, path):
     fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, format="png", metadata={"Software": None})
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", metadata={"Software": None})
 
 
 def plot_similarity(a: Analysis, path: str, max_modules: int = 4) -> None:
@@ -268,8 +268,8 @@ def plot_similarity(a: Analysis, path: str, max_modules: int = 4) -> None:
         ax.set_title(f"{m}\nscore {a.metrics[m].conflict_score:.3f}", fontsize=8)
     if im is not None:
         fig.colorbar(im, ax=fig.axes, shrink=0.8, label="noise-corrected cosine")
-    fig.savefig(path + ".tmp.png", format="png", metadata={"Software": None})
-    os.replace(path + ".tmp.png", path)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", metadata={"Software": None})
 
 
 def plot_dendrogram(a: Analysis, path: str) -> None:
@@ -344,9 +344,7 @@ def write_outputs(a: Analysis, out_dir: str) -> Dict[str, str]:
     plot_layer_profile(a, os.path.join(out_dir, figures["layer_profile"]))
     plot_stability(a, os.path.join(out_dir, figures["stability"]))
     md = report_markdown(a, list(figures.values()))
-    tmp = paths["report"] + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
+    with atomic_write(paths["report"]) as f:
         f.write(md)
-    os.replace(tmp, paths["report"])
     paths.update({k: os.path.join(out_dir, v) for k, v in figures.items()})
     return paths

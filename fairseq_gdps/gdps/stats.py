@@ -43,11 +43,11 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import zlib
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
+from fairseq_gdps.atomic import atomic_write
 
 FORMAT_VERSION = 1
 KIND = "gdps-gradient-statistics"
@@ -474,18 +474,8 @@ class GradientStatistics:
 
     def save(self, path) -> None:
         """Write atomically (temporary file in the same folder, then ``os.replace``)."""
-        path = os.fspath(path)
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".gdps-stats-", suffix=".tmp", dir=folder)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(self.state_dict(), f)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_write(path, "wb") as f:
+            torch.save(self.state_dict(), f)
 
     @classmethod
     def load(cls, path, expect_signature: Optional[str] = None) -> "GradientStatistics":

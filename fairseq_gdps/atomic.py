@@ -1,0 +1,22 @@
+"""Atomic file writes: a reader sees the old file or the whole new one, never half of one."""
+import os
+import tempfile
+from contextlib import contextmanager
+
+
+@contextmanager
+def atomic_write(path, mode: str = "w"):
+    """Open a temporary file beside ``path`` (same folder, so the rename cannot cross file
+    systems); on success it replaces ``path``, on error it is removed and ``path`` is untouched."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": "\n"})) as f:
+            yield f
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
