@@ -80,3 +80,31 @@ def test_gdps_two_stage_recipe_end_to_end(tiny_data, tmp_path):
     assert split_keys, "stage-2 checkpoint holds no private (per-group) parameters"
     scores = json.loads((out / "scores.json").read_text())
     assert scores["pooled"]["n"] == len(manifest_rows(tiny_data / "test.tsv"))
+
+
+def test_probe_statistics_survive_an_interrupted_run(tiny_data, tmp_path):
+    """Stopping stage 1 and resuming it (fairseq's checkpoint_last.pt) gives the statistics of an
+    uninterrupted run over the same updates."""
+    import torch
+
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    def stage1(save_dir, max_update):
+        run([BIN / "fairseq-train", tiny_data, "--user-dir", REPO / "fairseq_gdps", "--task", "speech_to_text_gdps",
+             "--config-yaml", "config.yaml", "--train-subset", "train", "--valid-subset", "dev",
+             "--arch", "s2t_transformer_gdps_s", *TINY_MODEL[2:], "--optimizer", "adam", "--lr", "1e-3",
+             "--criterion", "label_smoothed_cross_entropy_gdps", "--gdps-probe-interval", "1",
+             "--gdps-stats", save_dir / "stats.pt", "--label-smoothing", "0.1", "--max-tokens", "3000",
+             "--required-batch-size-multiple", "1", "--max-update", str(max_update), "--num-workers", "0",
+             "--save-dir", save_dir, "--no-epoch-checkpoints", "--seed", "1", "--log-format", "simple"])
+
+    stage1(tmp_path / "whole", 6)
+    stage1(tmp_path / "parts", 3)
+    stage1(tmp_path / "parts", 6)   # resumes from parts/checkpoint_last.pt
+    whole = GradientStatistics.load(tmp_path / "whole" / "stats.pt")
+    parts = GradientStatistics.load(tmp_path / "parts" / "stats.pt")
+    assert whole.num_steps == parts.num_steps == 6
+    assert whole.counts() == parts.counts()
+    for module in whole.module_names:
+        for key, value in whole.module_sums(module).items():
+            torch.testing.assert_close(parts.module_sums(module)[key], value, rtol=1e-5, atol=1e-9, msg=f"{module} {key}")

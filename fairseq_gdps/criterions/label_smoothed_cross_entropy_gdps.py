@@ -7,6 +7,7 @@ gradients of the tracked modules to :meth:`record_step`.
 """
 import fnmatch
 import logging
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -48,6 +49,9 @@ class LabelSmoothedCrossEntropyGDPSConfig(LabelSmoothedCrossEntropyCriterionConf
         default=64, metadata={"help": "dimension of the per-step projection kept for SVD/CCA analysis"}
     )
     seed: int = II("common.seed")
+    # where fairseq-train resumes from: the statistics saved in that checkpoint are resumed too
+    restore_file: str = II("checkpoint.restore_file")
+    save_dir: str = II("checkpoint.save_dir")
 
 
 @register_criterion("label_smoothed_cross_entropy_gdps", dataclass=LabelSmoothedCrossEntropyGDPSConfig)
@@ -95,7 +99,23 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
             logger.info(f"GDPS probe tracks {len(chosen)} FFN blocks: {', '.join(chosen)}")
         return self._tracked
 
-    def _statistics_for(self, tracked) -> GradientStatistics:
+    def _resumed_statistics(self, update_num: int) -> Optional[GradientStatistics]:
+        """The statistics in the checkpoint fairseq-train resumed from (fairseq's trainer does not
+        hand task state back on resume, so the checkpoint is read here, once)."""
+        if update_num == 0:
+            return None
+        path = (Path(self.cfg.save_dir) / "checkpoint_last.pt" if self.cfg.restore_file == "checkpoint_last.pt"
+                else Path(self.cfg.restore_file))
+        if not path.is_file():
+            return None
+        saved = torch.load(path, map_location="cpu", weights_only=False).get("task_state", {}).get("gdps_statistics")
+        if saved is None:
+            logger.warning(f"{path} holds no GDPS statistics: the probe starts afresh at update {update_num}")
+            return None
+        logger.info(f"GDPS statistics resumed from {path}")
+        return GradientStatistics.from_state_dict(saved, source=str(path))
+
+    def _statistics_for(self, tracked, update_num: int) -> GradientStatistics:
         if self.statistics is None:
             sizes = {name: sum(p.numel() for layer in layers for p in layer.parameters()) for name, layers in tracked.items()}
             self.statistics = GradientStatistics(
@@ -107,10 +127,13 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
                 # which blocks of which sizes: statistics of another model are refused on load
                 model_signature=";".join(f"{name}:{size}" for name, size in sizes.items()),
             )
+            resumed = self._resumed_statistics(update_num)
+            if resumed is not None:
+                self.statistics.merge_(resumed)  # refuses statistics of other blocks or settings
         return self.statistics
 
     def record_step(self, update_num: int, grads: dict[str, dict[str, torch.Tensor]]) -> None:
-        statistics = self._statistics_for(self._tracked)
+        statistics = self._statistics_for(self._tracked, update_num)
         skipped = statistics.add_step(update_num, grads)
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
