@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
 done
 WORK=${WORK:-$REPO_ROOT/work/demo_$PROFILE}
 case $PROFILE in
-  quick) MAX_UPDATE=${MAX_UPDATE:-1400} ;;
+  quick) MAX_UPDATE=${MAX_UPDATE:-1500} ;;
   full) MAX_UPDATE=${MAX_UPDATE:-6000} ;;
 esac
 mkdir -p "$WORK"
@@ -42,7 +42,7 @@ OMP_NUM_THREADS=1 bash "$RECIPE_DIR/run_baseline.sh" "$WORK/data" "$WORK/baselin
   > "$WORK/baseline.log" 2>&1 &
 baseline_pid=$!
 OMP_NUM_THREADS=1 bash "$RECIPE_DIR/run_gdps.sh" "$WORK/data" "$WORK/gdps" --max-update "$MAX_UPDATE" --seed "$SEED" \
-  --probe-interval 4 > "$WORK/gdps.log" 2>&1 &
+  --probe-interval 8 > "$WORK/gdps.log" 2>&1 &
 gdps_pid=$!
 wait $baseline_pid || { tail -n 30 "$WORK/baseline.log"; echo "[demo] baseline failed: $WORK/baseline.log" >&2; exit 1; }
 wait $gdps_pid || { tail -n 30 "$WORK/gdps.log"; echo "[demo] GDPS failed: $WORK/gdps.log" >&2; exit 1; }
