@@ -47,41 +47,12 @@ gdps_pid=$!
 wait $baseline_pid || { tail -n 30 "$WORK/baseline.log"; echo "[demo] baseline failed: $WORK/baseline.log" >&2; exit 1; }
 wait $gdps_pid || { tail -n 30 "$WORK/gdps.log"; echo "[demo] GDPS failed: $WORK/gdps.log" >&2; exit 1; }
 
-python -m fairseq_gdps.cli.learning_curve "$WORK/baseline/train.log" "$WORK/gdps/stage1.log" \
-  --labels baseline,gdps-stage1 --out "$WORK/learning_curve" > /dev/null
 stamp "done. GDPS analysis: $WORK/gdps/analysis/report.md"
 grep -E "^(split|groups|shared ratio)" "$WORK/gdps.log" || true
 echo
 echo "Per-language test scores (shared baseline vs GDPS):"
 gdps-score --compare baseline="$WORK/baseline/scores.json" gdps="$WORK/gdps/scores.json" --out "$WORK/comparison"
 
-# results.md: everything above in one file, with the machine and the time it took
-{
-  echo "# Demo results ($PROFILE profile, seed $SEED, $MAX_UPDATE updates per system)"
-  echo
-  echo "Measured $(date -u +%Y-%m-%d) on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
-  echo "torch $(python -c 'import torch; print(torch.__version__)'), total wall time $(( $(date +%s) - t0 )) s"
-  echo "(baseline and GDPS trained in parallel, one thread each)."
-  echo
-  echo "## Test scores per language"
-  echo
-  cat "$WORK/comparison.md"
-  echo
-  echo "## Shared baseline, every metric"
-  echo
-  sed '/^sacrebleu signatures/,$d' "$WORK/baseline/scores.md"
-  echo "## GDPS, every metric"
-  echo
-  cat "$WORK/gdps/scores.md"
-  echo
-  echo "## GDPS analysis (stage 1, $(( MAX_UPDATE / 2 )) updates)"
-  echo
-  grep -E "^(split|groups|shared ratio)" "$WORK/gdps.log" | sed 's/^/- /'
-  echo
-  echo "## Learning curve (dev set)"
-  echo
-  echo "| system | updates | wall s | dev loss | dev accuracy % |"
-  echo "|---|---:|---:|---:|---:|"
-  tail -n +2 "$WORK/learning_curve.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $6}'
-} > "$WORK/results.md"
+printf 'PROFILE=%s\nSEED=%s\nMAX_UPDATE=%s\nWALL_S=%s\n' "$PROFILE" "$SEED" "$MAX_UPDATE" "$(( $(date +%s) - t0 ))" > "$WORK/run.env"
+bash "$RECIPE_DIR/write_demo_results.sh" "$WORK"
 stamp "results: $WORK/results.md, learning curve: $WORK/learning_curve.png"

@@ -19,9 +19,19 @@ def main(argv=None) -> int:
     parser.add_argument("logs", nargs="+", type=Path)
     parser.add_argument("--out", required=True, type=Path)
     parser.add_argument("--labels", help="comma-separated label per log (default: parent folder names)")
+    parser.add_argument("--update-offsets", help="comma-separated number added to each log's update counts "
+                        "(a run that continues another one, e.g. GDPS stage 2, counts from 0)")
     args = parser.parse_args(argv)
     labels = args.labels.split(",") if args.labels else [log.parent.name for log in args.logs]
-    curves = {label: read_validations(log) for label, log in zip(labels, args.logs)}
+    offsets = [int(x) for x in args.update_offsets.split(",")] if args.update_offsets else [0] * len(args.logs)
+    if not len(labels) == len(offsets) == len(args.logs):
+        parser.error("--labels and --update-offsets need one entry per log")
+    curves = {}
+    for label, log, offset in zip(labels, args.logs, offsets):
+        records = read_validations(log)
+        for r in records:
+            r["num_updates"] = r.get("num_updates", 0) + offset
+        curves[label] = records
     rows = ["system\tnum_updates\twall_s\tdev_loss\tdev_nll_loss\tdev_accuracy"]
     for label, records in curves.items():
         for r in records:
@@ -30,8 +40,12 @@ def main(argv=None) -> int:
     with atomic_write(args.out.with_name(args.out.name + ".tsv")) as f:
         f.write("\n".join(rows) + "\n")
 
+    import logging
+
     import matplotlib
 
+    # importing fairseq (this package registers with it) leaves the root logger at DEBUG
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Write WORK/results.md from a finished run_demo.sh run: machine, time, scores of both systems,
+# the GDPS analysis decision and the learning curves.   write_demo_results.sh WORK
+set -euo pipefail
+source "$(dirname "$0")/common.sh"
+WORK=$1
+# shellcheck disable=SC1091
+source "$WORK/run.env"   # PROFILE SEED MAX_UPDATE WALL_S, written by run_demo.sh
+python -m fairseq_gdps.cli.learning_curve "$WORK/baseline/train.log" "$WORK/gdps/stage1.log" "$WORK/gdps/stage2.log" \
+  --labels baseline,gdps-stage1,gdps-stage2 --update-offsets 0,0,$(( MAX_UPDATE / 2 )) --out "$WORK/learning_curve" > /dev/null
+{
+  echo "# Demo results ($PROFILE profile, seed $SEED, $MAX_UPDATE updates per system)"
+  echo
+  echo "Measured on $(nproc) CPU cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)),"
+  echo "torch $(python -c 'import torch; print(torch.__version__)'), total wall time of run_demo.sh $WALL_S s"
+  echo "(corpus, features, baseline and GDPS trained in parallel with one thread each, decoding, scoring)."
+  echo
+  echo "## Test scores per language"
+  echo
+  cat "$WORK/comparison.md"
+  echo
+  echo "## Shared baseline, every metric"
+  echo
+  sed '/^sacrebleu signatures/,$d' "$WORK/baseline/scores.md"
+  echo "## GDPS, every metric"
+  echo
+  cat "$WORK/gdps/scores.md"
+  echo
+  echo "## GDPS analysis (stage 1, $(( MAX_UPDATE / 2 )) updates)"
+  echo
+  grep -E "^(split|groups|shared ratio)" "$WORK/gdps.log" | sed 's/^/- /'
+  echo
+  echo "## Learning curve (dev set; wall s counts from the start of each log)"
+  echo
+  echo "| system | updates | wall s | dev loss | dev accuracy % |"
+  echo "|---|---:|---:|---:|---:|"
+  tail -n +2 "$WORK/learning_curve.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $6}'
+} > "$WORK/results.md"
