@@ -42,10 +42,10 @@ def main(argv=None) -> int:
 
     import logging
 
-    import matplotlib
-
     # importing fairseq (this package registers with it) leaves the root logger at DEBUG
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
+    import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
