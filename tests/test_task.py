@@ -2,6 +2,8 @@
 same gradient as the stock task while recording each language's share of it."""
 import copy
 
+import numpy as np
+
 import pytest
 import torch
 from fairseq import options, tasks
@@ -109,3 +111,33 @@ def test_no_probe_between_intervals_and_stock_model_rejected(tiny_data, tmp_path
     with pytest.raises(ValueError, match="needs --gdps-stats"):
         build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
               ["--gdps-probe-interval", "1"])
+
+
+def test_language_sampling_temperature():
+    from fairseq_gdps.tasks.speech_to_text_gdps import language_sampling_weights
+
+    lang_ids = np.array([0] * 80 + [1] * 20)
+    def language_probability(temperature):
+        w = language_sampling_weights(lang_ids, ["a", "b"], temperature)
+        return w[lang_ids == 0].sum(), w[lang_ids == 1].sum()
+
+    assert language_probability(1.0) == pytest.approx((0.8, 0.2))
+    assert language_probability(1e6) == pytest.approx((0.5, 0.5), abs=1e-4)
+    p_a, p_b = language_probability(2.0)   # (0.8^0.5, 0.2^0.5) normalised = (2/3, 1/3)
+    assert (p_a, p_b) == pytest.approx((2 / 3, 1 / 3))
+    w = language_sampling_weights(lang_ids, ["a", "b"], 2.0)
+    assert np.allclose(w[:80], w[0]) and np.allclose(w[80:], w[80])   # uniform within a language
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        language_sampling_weights(lang_ids, ["a", "b"], 0.0)
+
+
+def test_temperature_resampled_train_set_keeps_language_ids(tiny_data):
+    task, _, _ = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy",
+                       ["--gdps-lang-temperature", "5"])
+    task.load_dataset("train")
+    dataset = task.dataset("train")
+    assert dataset.dataset is not dataset.s2t_dataset      # a resampling of the manifest
+    items = [dataset[i] for i in range(len(dataset))]
+    batch = dataset.collater(items)
+    langs = dataset.s2t_dataset.src_langs
+    assert batch["net_input"][LANG_ID_KEY].tolist() == [task.languages.index(langs[i]) for i in batch["id"].tolist()]

@@ -1,6 +1,6 @@
 """Task ``speech_to_text_gdps``: fairseq's speech-to-text task plus the source language of every
-utterance in ``net_input["src_lang_id"]``, temperature-based language sampling, and the
-per-language backward of the GDPS gradient probe.
+utterance in ``net_input["src_lang_id"]``, temperature-based language sampling, and the GDPS
+gradient probe.
 
 On probed updates the train step is the stock one (same forward, same backward, same update),
 with hooks on the tracked FFN layers that split each weight gradient into the shares of the
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset, ResamplingDataset
 from fairseq.dataclass import FairseqDataclass
+from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.tasks import register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import II
@@ -72,6 +73,24 @@ class LanguageTaggedDataset(BaseWrapperDataset):
         return batch
 
 
+def language_sampling_weights(lang_ids: np.ndarray, languages: list, temperature: float) -> np.ndarray:
+    """Per-utterance sampling weights that draw language l with probability proportional to
+    (n_l/N)^(1/T), utterances uniformly within a language."""
+    if temperature <= 0:
+        raise ValueError(f"--gdps-lang-temperature must be positive, got {temperature}")
+    counts = np.bincount(lang_ids, minlength=len(languages)).astype(np.float64)
+    present = counts > 0
+    target = np.zeros_like(counts)
+    target[present] = (counts[present] / counts.sum()) ** (1.0 / temperature)
+    target /= target.sum()
+    logger.info(
+        "language sampling probabilities: "
+        + ", ".join(f"{languages[i]} {counts[i] / counts.sum():.3f}->{target[i]:.3f}" for i in np.flatnonzero(present))
+    )
+    weights = target[lang_ids] / counts[lang_ids]
+    return weights / weights.sum()
+
+
 def read_manifest_languages(path: Path) -> list[str]:
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
@@ -89,6 +108,12 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         logger.info(f"source languages (id order): {self.languages}")
         # the GDPS criterion records statistics and owns the probe schedule; see build_criterion
         self.gdps_criterion = None
+
+    @classmethod
+    def add_args(cls, parser):
+        # The dataclass defines this task's command-line flags; SpeechToTextTask's own argparse
+        # add_args, inherited otherwise, would silently leave out the --gdps-* flags.
+        gen_parser_from_dataclass(parser, SpeechToTextGDPSConfig())
 
     @staticmethod
     def source_languages(cfg) -> list[str]:
@@ -118,26 +143,12 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         if split.startswith("train") and self.args.gdps_lang_temperature != 1.0:
             dataset = ResamplingDataset(
                 s2t_dataset,
-                weights=self.language_sampling_weights(lang_ids),
+                weights=language_sampling_weights(lang_ids, self.languages, self.args.gdps_lang_temperature),
                 replace=True,
                 seed=self.args.seed,
                 epoch=epoch,
             )
         self.datasets[split] = LanguageTaggedDataset(dataset, s2t_dataset, lang_ids)
-
-    def language_sampling_weights(self, lang_ids: np.ndarray) -> np.ndarray:
-        """Per-utterance weights giving language l the probability (n_l/N)^(1/T), normalised."""
-        counts = np.bincount(lang_ids, minlength=len(self.languages)).astype(np.float64)
-        present = counts > 0
-        target = np.zeros_like(counts)
-        target[present] = (counts[present] / counts.sum()) ** (1.0 / self.args.gdps_lang_temperature)
-        target /= target.sum()
-        logger.info(
-            "language sampling probabilities: "
-            + ", ".join(f"{self.languages[i]} {counts[i] / counts.sum():.3f}->{target[i]:.3f}" for i in np.flatnonzero(present))
-        )
-        weights = target[lang_ids] / counts[lang_ids]
-        return weights / weights.sum()
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
