@@ -14,6 +14,7 @@ setup(
             "gdps-prep=fairseq_gdps.cli.prep:main",
             "gdps-analyze=fairseq_gdps.cli.analyze:main",
             "gdps-score=fairseq_gdps.cli.score:main",
+            "gdps-split-checkpoint=fairseq_gdps.cli.split_checkpoint:main",
         ]
     },
 )

@@ -78,6 +78,34 @@ def test_gdps_two_stage_recipe_end_to_end(tiny_data, tmp_path):
     state = torch.load(out / "stage2" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
     split_keys = [k for k in state["model"] if "private" in k]
     assert split_keys, "stage-2 checkpoint holds no private (per-group) parameters"
+    # stage 2 continued stage 1's update count (the learning-rate schedule and data position with it)
+    assert state["optimizer_history"][-1]["num_updates"] == 8
+
+    # Adam's moments went through the split like the weights: shared units keep theirs, every
+    # group's private copy of a unit starts with that unit's moments
+    stage1 = torch.load(out / "stage1" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    init = torch.load(out / "stage2_init.pt", map_location="cpu", weights_only=False)
+    assert init["optimizer_history"][-1]["num_updates"] == 4
+    block = plan["modules"][0]
+    layer = block[: -len(".ffn")]
+    from fairseq import checkpoint_utils
+
+    from fairseq_gdps.cli.split_checkpoint import trainable_names
+
+    def names(path):   # parameter order of the optimizer state = the trainer's parameter order
+        models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)])
+        return trainable_names(models[0])
+
+    def moments(ckpt, names, name):
+        return ckpt["last_optimizer_state"]["state"][names.index(name)]["exp_avg"]
+    stage1_names, init_names = names(out / "stage1" / "checkpoint_last.pt"), names(out / "stage2_init.pt")
+    unit_order = init["model"][f"{block}.unit_order"]
+    n_shared = init["model"][f"{block}.fc1_shared_weight"].shape[0]
+    fc1_moments = moments(stage1, stage1_names, f"{layer}.fc1.weight")
+    assert torch.equal(moments(init, init_names, f"{block}.fc1_shared_weight"), fc1_moments[unit_order[:n_shared]])
+    private = moments(init, init_names, f"{block}.fc1_private_weight")
+    for group in range(len(plan["groups"])):
+        assert torch.equal(private[group], fc1_moments[unit_order[n_shared:]])
     scores = json.loads((out / "scores.json").read_text())
     assert scores["pooled"]["n"] == len(manifest_rows(tiny_data / "test.tsv"))
 

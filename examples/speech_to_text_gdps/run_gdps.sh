@@ -4,7 +4,8 @@
 #      STAGE1 updates while the per-language gradients of every FFN block are recorded;
 #   2. analyse: gdps-analyze ranks the blocks by conflict, groups the languages, picks the ratio;
 #   3. split: the chosen FFN(s) partitioned into shared + per-group units, initialised from the
-#      stage-1 checkpoint (function-preserving), trained for TOTAL - STAGE1 updates;
+#      stage-1 checkpoint (function-preserving, optimizer state split alike), trained on from update
+#      STAGE1 to TOTAL;
 #   4. decode every test utterance and score each language.
 #
 #   run_gdps.sh DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K]
@@ -45,23 +46,16 @@ echo "[gdps] analysis"
 # shellcheck disable=SC2086
 gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
 
-# Stage 2 follows the baseline's learning-rate curve from update STAGE1 to TOTAL (inverse_sqrt:
-# LR*sqrt(WARMUP/u)), approximated by a linear decay between its two ends. Adam's moments start
-# afresh (the parameters changed shape), so the rate warms up again over the first 50 updates.
-read -r LR_START LR_END < <(python - "$STAGE1" "$TOTAL" "$LR" "$WARMUP" <<'PY'
-import math, sys
-stage1, total, lr, warmup = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-rate = lambda u: lr * min(u / warmup, math.sqrt(warmup / max(u, 1)))
-print(f"{rate(stage1):.6g} {rate(total):.6g}")
-PY
-)
-echo "[gdps] stage 2: split model ($STAGE2 updates, lr $LR_START -> $LR_END)"
-fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" --lr "$LR_START" \
-  --lr-scheduler polynomial_decay --warmup-updates 50 --end-learning-rate "$LR_END" --power 1 \
-  --total-num-update "$STAGE2" \
-  --gdps-plan "$OUT/analysis/plan.json" --gdps-init-from "$OUT/stage1/checkpoint_last.pt" \
-  --max-update "$STAGE2" --save-dir "$OUT/stage2" "${EXTRA[@]}" > "$OUT/stage2.log" 2>&1 \
-  || { tail -n 30 "$OUT/stage2.log"; exit 1; }
+# Stage 2 continues stage 1: gdps-split-checkpoint splits the model (function-preserving) and
+# Adam's moments the same way, keeping the update count, learning-rate schedule and data position,
+# so stage 2 sees the baseline's data stream at the baseline's learning rates up to update TOTAL.
+echo "[gdps] stage 2: split model (updates $STAGE1 -> $TOTAL)"
+python -m fairseq_gdps.cli.split_checkpoint "$OUT/stage1/checkpoint_last.pt" --plan "$OUT/analysis/plan.json" \
+  --out "$OUT/stage2_init.pt"
+fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
+  --criterion label_smoothed_cross_entropy_gdps --gdps-plan "$OUT/analysis/plan.json" \
+  --restore-file "$OUT/stage2_init.pt" --max-update "$TOTAL" --save-dir "$OUT/stage2" "${EXTRA[@]}" \
+  > "$OUT/stage2.log" 2>&1 || { tail -n 30 "$OUT/stage2.log"; exit 1; }
 cat "$OUT/stage1.log" "$OUT/stage2.log" > "$OUT/train.log"
 
 echo "[gdps] decoding and scoring"

@@ -7,7 +7,7 @@ WORK=$1
 # shellcheck disable=SC1091
 source "$WORK/run.env"   # PROFILE SEED MAX_UPDATE WALL_S, written by run_demo.sh
 python -m fairseq_gdps.cli.learning_curve "$WORK/baseline/train.log" "$WORK/gdps/stage1.log" "$WORK/gdps/stage2.log" \
-  --labels baseline,gdps-stage1,gdps-stage2 --update-offsets 0,0,$(( MAX_UPDATE / 2 )) --out "$WORK/learning_curve" > /dev/null
+  --labels baseline,gdps-stage1,gdps-stage2 --update-offsets 0,0,0 --out "$WORK/learning_curve" > /dev/null
 {
   echo "# Demo results ($PROFILE profile, seed $SEED, $MAX_UPDATE updates per system)"
   echo
