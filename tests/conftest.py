@@ -21,6 +21,20 @@ def run(cmd, cwd=None, timeout=600):
     return proc
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch and BLAS on one thread for a module of tiny-tensor tests (restored after): on shared
+    cores, several threads on tiny tensors can stall badly."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(1):
+        yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory):
     if os.environ.get("GDPS_TEST_CORPUS"):  # development shortcut: reuse a corpus folder

@@ -2,8 +2,6 @@
 import json
 
 import pytest
-import torch
-from threadpoolctl import threadpool_limits
 
 from fairseq_gdps.cli.analyze import main
 from fairseq_gdps.gdps.plan import Plan, PlanError
@@ -11,14 +9,8 @@ from fairseq_gdps.gdps.report import parse_layer
 from fairseq_gdps.gdps.stats import synthetic_statistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on shared cores (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+# Tiny tensors: one thread avoids oversubscription stalls on shared cores (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LANGS = ["aeb", "bem", "est", "gle", "l4", "l5"]

@@ -2,20 +2,13 @@
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from fairseq_gdps.gdps import metrics as M
 from fairseq_gdps.gdps.stats import GradientStatistics, synthetic_statistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on shared cores (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+# Tiny tensors: one thread avoids oversubscription stalls on shared cores (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 LANGS = ["l0", "l1", "l2", "l3", "l4", "l5"]

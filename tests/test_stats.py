@@ -4,20 +4,13 @@ import math
 import numpy as np
 import pytest
 import torch
-from threadpoolctl import threadpool_limits
 
 from fairseq_gdps.gdps import metrics as M
 from fairseq_gdps.gdps.stats import CountSketch, GradientStatistics
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on shared cores (restored after)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(1):
-        yield
-    torch.set_num_threads(n)
+# Tiny tensors: one thread avoids oversubscription stalls on shared cores (see conftest).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SIZES = {"enc.0.fc1": 40, "enc.0.fc2": 24}
