@@ -8,6 +8,8 @@ setup(
     python_requires=">=3.10",
     # Dependencies are installed by scripts/setup.sh with pins (torch must come first, CPU build).
     install_requires=[],
+    # COMET scoring is optional: `pip install -e .[comet]` (needs a local model path at run time).
+    extras_require={"comet": ["unbabel-comet"]},
     entry_points={
         "console_scripts": [
             "gdps-make-corpus=fairseq_gdps.cli.make_corpus:main",
@@ -15,6 +17,8 @@ setup(
             "gdps-analyze=fairseq_gdps.cli.analyze:main",
             "gdps-score=fairseq_gdps.cli.score:main",
             "gdps-split-checkpoint=fairseq_gdps.cli.split_checkpoint:main",
+            "gdps-prep-corpus=fairseq_gdps.cli.prep_corpus:main",
+            "gdps-export=fairseq_gdps.cli.export:main",
         ]
     },
 )
