@@ -73,3 +73,128 @@ def test_side_by_side_comparison(tmp_path, capsys):
     table = (tmp_path / "cmp.md").read_text()
     assert "| et | 20.0 | 50.0 | 10.0 | 25.5 | 50.0 | 10.0 |" in table
     assert "| average | 20.0 |" in table
+
+
+MANY = "id\taudio\tn_frames\ttgt_text\tspeaker\tsrc_text\tsrc_lang\ttgt_lang\n" + "".join(
+    f"u{i}\tfbank80.zip:1:2\t100\t{ref}\ts1\tsource {i}\t{lang}\ten\n"
+    for i, (ref, lang) in enumerate(
+        [(f"in {n} days and {m} liters", "et") for n, m in zip("two three four five six seven eight nine".split(), "one two three four five six seven eight".split())] * 3
+        + [(f"{n} hours ago and one meter", "sw") for n in "two three four five six seven eight nine".split()] * 3))
+
+
+def write_decodes(tmp_path, name, hypothesis_of):
+    rows = read_manifest_text(MANY)
+    decode = tmp_path / name
+    decode.mkdir()
+    (decode / "test_all.txt").write_text(generate_log({i: hypothesis_of(i, ref) for i, ref in enumerate(rows)}))
+    return decode
+
+
+def read_manifest_text(text):
+    return [line.split("\t")[3] for line in text.splitlines()[1:]]
+
+
+def test_paired_bootstrap_against_baseline(tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test_all.tsv").write_text(MANY)
+    # baseline gets every other et sentence wrong; the system is perfect on et and equal on sw
+    baseline = write_decodes(tmp_path, "baseline", lambda i, ref: ref.replace("liters", "meters") if i % 2 else ref)
+    system = write_decodes(tmp_path, "system", lambda i, ref: ref)
+    same = write_decodes(tmp_path, "same", lambda i, ref: ref.replace("liters", "meters") if i % 2 else ref)
+    out = tmp_path / "scores"
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(system), "--baseline-decode-dir", str(baseline),
+                           "--bootstrap-samples", "200", "--out", str(out)]) == 0
+    sig = json.loads(out.with_suffix(".json").read_text())["significance"]
+    assert set(sig) == {"et", "sw", "pooled"}
+    assert sig["et"]["bleu"]["delta"] > 5 and sig["et"]["bleu"]["p_value"] < 0.05
+    assert sig["et"]["ter"]["delta"] < 0
+    assert sig["sw"]["bleu"]["delta"] == 0 and sig["sw"]["bleu"]["p_value"] > 0.5
+    assert "bs:200" in sig["pooled"]["bleu"]["signature"]
+    assert "| et | bleu |" in out.with_suffix(".md").read_text()
+    # a system identical to the baseline is never significant
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(same), "--baseline-decode-dir", str(baseline),
+                           "--bootstrap-samples", "200", "--out", str(tmp_path / "same_scores")]) == 0
+    same_sig = json.loads((tmp_path / "same_scores.json").read_text())["significance"]
+    assert all(r["delta"] == 0 and r["p_value"] == 1.0 for m in same_sig.values() for r in m.values())
+
+
+def test_baseline_decode_of_other_utterances_is_refused(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test_all.tsv").write_text(MANY)
+    system = write_decodes(tmp_path, "system", lambda i, ref: ref)
+    other_data = tmp_path / "other"
+    other_data.mkdir()
+    (other_data / "test_all.tsv").write_text(MANIFEST)
+    (tmp_path / "short").mkdir()
+    (tmp_path / "short" / "test_all.txt").write_text(generate_log({0: "a", 1: "b", 2: "c"}))
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(system), "--baseline-decode-dir",
+                           str(tmp_path / "short"), "--out", str(tmp_path / "s")]) == 1
+    assert "test_all.txt" in capsys.readouterr().err
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_comet_is_skipped_without_a_model_and_never_invented(tmp_path, capsys):
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test_all.tsv").write_text(MANY)
+    system = write_decodes(tmp_path, "system", lambda i, ref: ref)
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(system), "--out", str(tmp_path / "s")]) == 0
+    assert "COMET skipped" in capsys.readouterr().err
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert "comet" not in scores["pooled"] and "comet_skipped" in scores
+    assert "COMET: skipped" in (tmp_path / "s.md").read_text()
+    # a path that holds no model is an error naming the flag, and nothing is written
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(system), "--comet-model", str(tmp_path / "nope"),
+                           "--out", str(tmp_path / "c")]) == 1
+    assert "--comet-model" in capsys.readouterr().err
+    assert not (tmp_path / "c.json").exists()
+
+
+def test_comet_scores_through_the_unbabel_comet_interface(tmp_path, monkeypatch):
+    """The calls gdps-score makes into unbabel-comet (load_from_checkpoint, predict), with a
+    stand-in model that scores a segment 1 when the hypothesis equals the reference."""
+    import sys
+    import types
+
+    class Prediction:
+        def __init__(self, scores):
+            self.scores, self.system_score = scores, sum(scores) / len(scores)
+
+    class StandInModel:
+        def predict(self, data, batch_size, gpus, progress_bar):
+            assert all(set(d) == {"src", "mt", "ref"} and d["src"].startswith("source") for d in data)
+            return Prediction([float(d["mt"] == d["ref"]) for d in data])
+
+    loaded = []
+    fake = types.ModuleType("comet")
+    fake.load_from_checkpoint = lambda path: loaded.append(path) or StandInModel()
+    monkeypatch.setitem(sys.modules, "comet", fake)
+    ckpt = tmp_path / "wmt22" / "checkpoints" / "model.ckpt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_bytes(b"weights")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test_all.tsv").write_text(MANY)
+    system = write_decodes(tmp_path, "system", lambda i, ref: ref if i < 24 else "wrong")
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(system), "--comet-model", str(tmp_path / "wmt22"),
+                           "--out", str(tmp_path / "s")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert loaded == [str(ckpt)]
+    assert scores["languages"]["et"]["comet"] == 100.0 and scores["languages"]["sw"]["comet"] == 0.0
+    assert scores["average"]["comet"] == 50.0 and scores["pooled"]["comet"] == 50.0
+
+
+def test_comet_without_the_package_says_how_to_install(tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "comet", None)  # import comet -> ImportError
+    ckpt = tmp_path / "model.ckpt"
+    ckpt.write_bytes(b"weights")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "test_all.tsv").write_text(MANY)
+    system = write_decodes(tmp_path, "system", lambda i, ref: ref)
+    assert score_cli.main(["--data", str(data), "--decode-dir", str(system), "--comet-model", str(ckpt),
+                           "--out", str(tmp_path / "s")]) == 1
+    assert "pip install -e '.[comet]'" in capsys.readouterr().err

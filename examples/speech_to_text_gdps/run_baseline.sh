@@ -2,18 +2,21 @@
 # Shared multilingual baseline with stock fairseq: task speech_to_text, arch s2t_transformer.
 # Trains on all languages at once, decodes every test utterance and scores each language.
 #
-#   run_baseline.sh DATA_DIR OUT_DIR [--max-update N] [--seed S] [-- extra fairseq-train flags]
+#   run_baseline.sh DATA_DIR OUT_DIR [--max-update N] [--seed S] [--decode-args "..."]
+#                   [-- extra fairseq-train flags]
+# (a bilingual model: -- --train-subset train_et --valid-subset dev_et, --decode-args "--splits test_et")
 #
 # DATA_DIR is what gdps-prep wrote (config.yaml, train/dev/test.tsv, test_<lang>.tsv).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update N] [--seed S] [-- fairseq flags]" >&2; exit 2; }
 DATA=$(cd "$1" && pwd); OUT=$2; shift 2
-MAX_UPDATE=1500; SEED=1; EXTRA=()
+MAX_UPDATE=1500; SEED=1; EXTRA=(); DECODE_ARGS=
 while [ $# -gt 0 ]; do
   case $1 in
     --max-update) MAX_UPDATE=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
+    --decode-args) DECODE_ARGS=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -26,4 +29,5 @@ fairseq-train "$DATA" --user-dir "$USER_DIR" --task speech_to_text \
   --save-dir "$OUT/checkpoints" --no-epoch-checkpoints --keep-last-epochs 1 \
   --log-format simple --log-interval 50 "${EXTRA[@]}" 2>&1 | tee "$OUT/train.log"
 
-bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text
+# shellcheck disable=SC2086
+bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text $DECODE_ARGS

@@ -9,12 +9,18 @@
 #   4. decode every test utterance and score each language.
 #
 #   run_gdps.sh DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K]
-#               [--seed S] [--analyze-args "..."] [-- extra fairseq-train flags for both stages]
+#               [--seed S] [--analyze-args "..."] [--stage1-from DIR]
+#               [--split-modules M --groups G --shared-ratio R] [--init energy|svd|random]
+#               [--decode-args "..."] [-- extra fairseq-train flags for both stages]
+# --stage1-from DIR reuses another run's stage 1 and analysis (DIR/stage1, DIR/analysis) instead of
+# training them again; --split-modules/--groups/--shared-ratio replace the plan's split (e.g. a
+# ratio of 0 for a full split); --decode-args go to decode_and_score.sh.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K] [--seed S]" >&2; exit 2; }
 DATA=$(cd "$1" && pwd); OUT=$2; shift 2
-TOTAL=1600; STAGE1=; PROBE_INTERVAL=1; SEED=1; ANALYZE_ARGS=; EXTRA=()
+TOTAL=1600; STAGE1=; PROBE_INTERVAL=1; SEED=1; ANALYZE_ARGS=; EXTRA=(); STAGE1_FROM=
+SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=
 while [ $# -gt 0 ]; do
   case $1 in
     --max-update) TOTAL=$2; shift 2 ;;
@@ -22,6 +28,12 @@ while [ $# -gt 0 ]; do
     --probe-interval) PROBE_INTERVAL=$2; shift 2 ;;
     --seed) SEED=$2; shift 2 ;;
     --analyze-args) ANALYZE_ARGS=$2; shift 2 ;;
+    --stage1-from) STAGE1_FROM=$(cd "$2" && pwd); shift 2 ;;
+    --split-modules) SPLIT_MODULES=$2; shift 2 ;;
+    --groups) LANG_GROUPS=$2; shift 2 ;;
+    --shared-ratio) SHARED_RATIO=$2; shift 2 ;;
+    --init) INIT=$2; shift 2 ;;
+    --decode-args) DECODE_ARGS=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -35,28 +47,49 @@ COMMON=(--user-dir "$USER_DIR" --task speech_to_text_gdps --train-subset train -
   --config-yaml config.yaml --arch "$GDPS_ARCH" "${SIZE_ARGS[@]}" "${DATA_ARGS[@]}" --seed "$SEED"
   --log-format simple --log-interval 50 --no-epoch-checkpoints)
 
-echo "[gdps] stage 1: shared model with gradient probe ($STAGE1 updates, every $PROBE_INTERVAL)"
-fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
-  --criterion label_smoothed_cross_entropy_gdps --gdps-probe-interval "$PROBE_INTERVAL" \
-  --gdps-stats "$OUT/stage1/gdps_stats.pt" \
-  --max-update "$STAGE1" --save-dir "$OUT/stage1" "${EXTRA[@]}" > "$OUT/stage1.log" 2>&1 \
-  || { tail -n 30 "$OUT/stage1.log"; exit 1; }
+if [ -n "$STAGE1_FROM" ]; then
+  [ -f "$STAGE1_FROM/stage1/checkpoint_last.pt" ] && [ -f "$STAGE1_FROM/analysis/plan.json" ] \
+    || { echo "--stage1-from $STAGE1_FROM: no stage1/checkpoint_last.pt and analysis/plan.json there" >&2; exit 1; }
+  echo "[gdps] stage 1 and analysis reused from $STAGE1_FROM"
+  mkdir -p "$OUT/stage1" "$OUT/analysis"
+  cp "$STAGE1_FROM/stage1/checkpoint_last.pt" "$OUT/stage1/checkpoint_last.pt"
+  cp "$STAGE1_FROM/stage1.log" "$OUT/stage1.log"
+  cp "$STAGE1_FROM/analysis/plan.json" "$OUT/analysis/plan.json"
+else
+  echo "[gdps] stage 1: shared model with gradient probe ($STAGE1 updates, every $PROBE_INTERVAL)"
+  fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
+    --criterion label_smoothed_cross_entropy_gdps --gdps-probe-interval "$PROBE_INTERVAL" \
+    --gdps-stats "$OUT/stage1/gdps_stats.pt" \
+    --max-update "$STAGE1" --save-dir "$OUT/stage1" "${EXTRA[@]}" > "$OUT/stage1.log" 2>&1 \
+    || { tail -n 30 "$OUT/stage1.log"; exit 1; }
 
-echo "[gdps] analysis"
-# shellcheck disable=SC2086
-gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
+  echo "[gdps] analysis"
+  # shellcheck disable=SC2086
+  gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
+fi
 
 # Stage 2 continues stage 1: gdps-split-checkpoint splits the model (function-preserving) and
 # Adam's moments the same way, keeping the update count, learning-rate schedule and data position,
 # so stage 2 sees the baseline's data stream at the baseline's learning rates up to update TOTAL.
 echo "[gdps] stage 2: split model (updates $STAGE1 -> $TOTAL)"
-python -m fairseq_gdps.cli.split_checkpoint "$OUT/stage1/checkpoint_last.pt" --plan "$OUT/analysis/plan.json" \
+if [ -n "$SPLIT_MODULES$LANG_GROUPS$SHARED_RATIO" ]; then
+  [ -n "$SPLIT_MODULES" ] && [ -n "$LANG_GROUPS" ] && [ -n "$SHARED_RATIO" ] \
+    || { echo "--split-modules, --groups and --shared-ratio go together" >&2; exit 2; }
+  echo "[gdps] split given on the command line: $SPLIT_MODULES | $LANG_GROUPS | ratio $SHARED_RATIO"
+  SPLIT_ARGS=(--split-modules "$SPLIT_MODULES" --groups "$LANG_GROUPS" --shared-ratio "$SHARED_RATIO")
+  MODEL_SPLIT_ARGS=(--gdps-split-modules "$SPLIT_MODULES" --gdps-groups "$LANG_GROUPS" --gdps-shared-ratio "$SHARED_RATIO")
+else
+  SPLIT_ARGS=(--plan "$OUT/analysis/plan.json")
+  MODEL_SPLIT_ARGS=(--gdps-plan "$OUT/analysis/plan.json")
+fi
+python -m fairseq_gdps.cli.split_checkpoint "$OUT/stage1/checkpoint_last.pt" "${SPLIT_ARGS[@]}" --init "$INIT" \
   --out "$OUT/stage2_init.pt"
 fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
-  --criterion label_smoothed_cross_entropy_gdps --gdps-plan "$OUT/analysis/plan.json" \
+  --criterion label_smoothed_cross_entropy_gdps "${MODEL_SPLIT_ARGS[@]}" --gdps-init "$INIT" \
   --restore-file "$OUT/stage2_init.pt" --max-update "$TOTAL" --save-dir "$OUT/stage2" "${EXTRA[@]}" \
   > "$OUT/stage2.log" 2>&1 || { tail -n 30 "$OUT/stage2.log"; exit 1; }
 cat "$OUT/stage1.log" "$OUT/stage2.log" > "$OUT/train.log"
 
 echo "[gdps] decoding and scoring"
-bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text_gdps --checkpoint "$OUT/stage2/checkpoint_best.pt"
+# shellcheck disable=SC2086
+bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text_gdps --checkpoint "$OUT/stage2/checkpoint_best.pt" $DECODE_ARGS

@@ -2,6 +2,11 @@
 ``fairseq-train --restore-file`` continues from.
 
     gdps-split-checkpoint STAGE1.pt --plan plan.json --out SPLIT.pt [--init energy|svd|random]
+    gdps-split-checkpoint STAGE1.pt --split-modules M1,M2 --groups 'a,b;c' --shared-ratio R --out SPLIT.pt
+
+The second form takes the split from the same fields as the model's --gdps-split-modules /
+--gdps-groups / --gdps-shared-ratio (e.g. a ratio of 0 for a full split, which a plan cannot hold);
+stage 2 must then be trained with those same flags instead of --gdps-plan.
 
 The model is split as ``--gdps-plan``/``--gdps-init-from`` split it (function-preserving). Adam's
 moments go through the same split: a shared unit keeps its moments, every group's private copy of
@@ -71,7 +76,8 @@ def split_optimizer_state(stage1, stage2, optimizer_state: dict) -> dict:
     return {"state": state, "param_groups": [group]}
 
 
-def split_checkpoint(stage1_path: str, plan_path: str, out_path: str, init: str = "energy") -> None:
+def split_checkpoint(stage1_path: str, plan_path: str | None, out_path: str, init: str = "energy",
+                     split_modules: str | None = None, groups: str | None = None, shared_ratio: float | None = None) -> None:
     state = checkpoint_utils.load_checkpoint_to_cpu(stage1_path)
     if state.get("last_optimizer_state") is None:
         raise ValueError(f"{stage1_path}: no optimizer state (saved with --no-save-optimizer-state?)")
@@ -81,7 +87,7 @@ def split_checkpoint(stage1_path: str, plan_path: str, out_path: str, init: str 
     stage1.load_state_dict(state["model"], strict=True)
     stage2_args = copy.deepcopy(cfg.model)
     stage2_args.gdps_plan, stage2_args.gdps_init_from, stage2_args.gdps_init = plan_path, stage1_path, init
-    stage2_args.gdps_split_modules = stage2_args.gdps_groups = stage2_args.gdps_shared_ratio = None
+    stage2_args.gdps_split_modules, stage2_args.gdps_groups, stage2_args.gdps_shared_ratio = split_modules, groups, shared_ratio
     stage2 = task.build_model(stage2_args)  # resolves the plan into explicit fields of stage2_args
     out = dict(state)
     out["model"] = stage2.state_dict()
@@ -97,12 +103,20 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="gdps-split-checkpoint", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("stage1", help="stage-1 checkpoint (with optimizer state)")
-    parser.add_argument("--plan", required=True, help="plan.json from gdps-analyze")
+    parser.add_argument("--plan", help="plan.json from gdps-analyze")
+    parser.add_argument("--split-modules", help="instead of --plan: comma-separated FFN blocks to split")
+    parser.add_argument("--groups", help="instead of --plan: language groups, ';' between groups, ',' within")
+    parser.add_argument("--shared-ratio", type=float, help="instead of --plan: share of units kept shared, in [0, 1)")
     parser.add_argument("--out", required=True, help="stage-2 checkpoint to write")
     parser.add_argument("--init", default="energy", choices=("energy", "svd", "random"))
     args = parser.parse_args(argv)
+    explicit = [args.split_modules, args.groups, args.shared_ratio]
+    if bool(args.plan) == any(x is not None for x in explicit):
+        parser.error("give either --plan or all of --split-modules, --groups and --shared-ratio")
+    if not args.plan and any(x is None for x in explicit):
+        parser.error("--split-modules, --groups and --shared-ratio go together")
     try:
-        split_checkpoint(args.stage1, args.plan, args.out, args.init)
+        split_checkpoint(args.stage1, args.plan, args.out, args.init, args.split_modules, args.groups, args.shared_ratio)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"gdps-split-checkpoint: error: {e}", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ class ManifestRow:
     id: str
     src_lang: str
     tgt_text: str
+    src_text: str = ""  # the transcript, when the manifest has one (COMET uses it as the source)
 
 
 def read_manifest(path: str | Path) -> list[ManifestRow]:
@@ -21,7 +22,7 @@ def read_manifest(path: str | Path) -> list[ManifestRow]:
         missing = {"id", "tgt_text"} - set(reader.fieldnames or [])
         if missing:
             raise ValueError(f"{path}: manifest header lacks column(s) {sorted(missing)}")
-        return [ManifestRow(r["id"], r.get("src_lang") or "", r["tgt_text"]) for r in reader]
+        return [ManifestRow(r["id"], r.get("src_lang") or "", r["tgt_text"], r.get("src_text") or "") for r in reader]
 
 
 def read_hypotheses(path: str | Path) -> dict[int, str]:
