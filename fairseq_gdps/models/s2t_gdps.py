@@ -9,6 +9,8 @@ in the model,
 - ``decoder.layers.{i}.ffn``: fc1/fc2 of decoder layer i (transformer and conformer models);
 - ``encoder.conformer_layers.{i}.ffn1`` / ``.ffn2``: the first / second (macaron) feed-forward
   module (w_1/w_2) of conformer layer i.
+- ``encoder.w2v_encoder.w2v_model.encoder.layers.{i}.ffn``: fc1/fc2 of wav2vec 2.0 / XLS-R
+  encoder layer i (``xm_transformer_gdps``, see ``xm_transformer_gdps.py``).
 
 After the split the ``PartitionedFFN`` lives at exactly that path (its parameters are
 ``<name>.fc1_shared_weight`` etc.; a conformer split keeps its LayerNorm at
@@ -59,17 +61,27 @@ from fairseq.models.speech_to_text.s2t_transformer import (
     s2t_transformer_m,
     s2t_transformer_s,
 )
+from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
 from fairseq.modules.conformer_layer import FeedForwardModule
 from fairseq.modules.transformer_layer import TransformerDecoderLayerBase, TransformerEncoderLayerBase
 
 from fairseq_gdps.gdps.plan import Plan
 from fairseq_gdps.gdps.split import INIT_METHODS, split_ffn_weights
+from fairseq_gdps.modules.freezing import apply_freezing, parse_globs
 from fairseq_gdps.modules.partitioned_ffn import PartitionedFFN, route
 
 logger = logging.getLogger(__name__)
 
 LANG_ID_KEY = "src_lang_id"  # the net_input key holding the source-language id of every utterance
 GROUP_IDS_KEY = "gdps_group_ids"  # the encoder_out key holding the group id of every utterance
+
+# Layers with an inline fc1 -> activation -> activation dropout -> fc2 FFN, and the attribute
+# holding that activation dropout (wav2vec 2.0 / XLS-R encoder layers call it dropout2).
+_TRANSFORMER_LAYERS = (TransformerEncoderLayerBase, TransformerDecoderLayerBase, TransformerSentenceEncoderLayer)
+
+
+def _activation_dropout_attr(layer: nn.Module) -> str:
+    return "dropout2" if isinstance(layer, TransformerSentenceEncoderLayer) else "activation_dropout_module"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,12 +104,18 @@ def add_gdps_args(parser):
     parser.add_argument("--gdps-init-seed", type=int, metavar="N", help="seed of --gdps-init random")
     parser.add_argument("--gdps-init-from", type=str, metavar="CHECKPOINT",
                         help="stage-1 checkpoint whose model weights are loaded before the split")
+    parser.add_argument("--gdps-train-only", type=str, metavar="GLOBS",
+                        help="train only the parameters matching these comma-separated globs over "
+                             "parameter (or FFN block) names, e.g. 'decoder.*,*.ffn*'; the rest is frozen")
+    parser.add_argument("--gdps-freeze", type=str, metavar="GLOBS",
+                        help="freeze the parameters matching these comma-separated globs, e.g. 'encoder.*'")
 
 
 def gdps_defaults(args):
     for key, value in (("gdps_plan", None), ("gdps_split_modules", None), ("gdps_groups", None),
                        ("gdps_shared_ratio", None), ("gdps_init", "energy"), ("gdps_init_seed", 1),
-                       ("gdps_init_from", None), ("gdps_route_languages", None), ("gdps_plan_json", None)):
+                       ("gdps_init_from", None), ("gdps_route_languages", None), ("gdps_plan_json", None),
+                       ("gdps_train_only", None), ("gdps_freeze", None)):
         if getattr(args, key, None) is None:
             _set_arg(args, key, value)
 
@@ -153,7 +171,12 @@ def resolve_split_spec(args, task=None) -> SplitSpec:
                     f"shared ratio {plan.shared_ratio}")
         _set_arg(args, "gdps_plan", None)  # from here on the explicit fields define the split
     modules = [m.strip() for m in (getattr(args, "gdps_split_modules", None) or "").split(",") if m.strip()]
-    groups = parse_groups(getattr(args, "gdps_groups", None) or "")
+    if len(set(modules)) != len(modules):
+        raise ValueError(f"--gdps-split-modules names a module twice: {args.gdps_split_modules!r}")
+    try:
+        groups = parse_groups(getattr(args, "gdps_groups", None) or "")
+    except ValueError as exc:
+        raise ValueError(f"--gdps-groups: {exc}") from None
     ratio = getattr(args, "gdps_shared_ratio", None)
     ratio = 0.5 if ratio is None else float(ratio)
     if modules and not groups:
@@ -176,7 +199,12 @@ def resolve_split_spec(args, task=None) -> SplitSpec:
     if groups:
         unknown = sorted(set(languages) - {lang for g in groups for lang in g})
         if unknown:
-            logger.warning(f"languages {unknown} are in no GDPS group: utterances in them cannot be routed")
+            msg = (f"languages {unknown} are in no group of --gdps-groups {format_groups(groups)!r}: their "
+                   f"utterances cannot be routed (put every language in a group, or name the languages "
+                   f"with --gdps-languages)")
+            if modules:
+                raise ValueError(msg)
+            logger.warning(msg)
     _set_arg(args, "gdps_route_languages", ",".join(languages))
     return SplitSpec(modules=modules, groups=groups, shared_ratio=ratio, languages=languages)
 
@@ -188,7 +216,7 @@ def ffn_module_names(model: nn.Module) -> Dict[str, Tuple[nn.Linear, nn.Linear]]
     """{name: (fc1, fc2)} for every unsplit FFN of the model, in model order (see module doc)."""
     out: Dict[str, Tuple[nn.Linear, nn.Linear]] = {}
     for name, mod in model.named_modules():
-        if isinstance(mod, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
+        if isinstance(mod, _TRANSFORMER_LAYERS):
             if isinstance(mod.fc1, nn.Linear) and isinstance(mod.fc2, nn.Linear):
                 out[f"{name}.ffn" if name else "ffn"] = (mod.fc1, mod.fc2)
         elif isinstance(mod, FeedForwardModule):
@@ -247,16 +275,17 @@ def split_ffns(
         w = split_ffn_weights(fc1.weight, fc1.bias, fc2.weight, fc2.bias, n_groups, shared_ratio,
                               method=method, act_energy=energy, seed=seed)
         owner, leaf = _parent(model, name)
-        if isinstance(owner, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
+        if isinstance(owner, _TRANSFORMER_LAYERS):
             if getattr(owner, "ffn_layernorm", None) is not None or getattr(owner, "w_resid", None) is not None:
                 raise NotImplementedError(f"{name}: scale_fc / scale_resids layers cannot be split")
+            dropout_attr = _activation_dropout_attr(owner)
             ffn = PartitionedFFN.from_split(w, activation_fn=owner.activation_fn,
-                                            activation_dropout=owner.activation_dropout_module)
+                                            activation_dropout=getattr(owner, dropout_attr))
             owner.ffn = ffn
             owner.fc1 = _CallFFN(ffn)
             owner.fc2 = nn.Identity()
             owner.activation_fn = _identity
-            owner.activation_dropout_module = nn.Identity()
+            setattr(owner, dropout_attr, nn.Identity())
         else:  # conformer FeedForwardModule
             old: FeedForwardModule = getattr(owner, leaf)
             ffn = PartitionedFFN.from_split(w, activation_fn=old.activation, activation_dropout=old.dropout1,
@@ -278,7 +307,7 @@ def dense_state_dict(model: nn.Module, group: int) -> Dict[str, Tensor]:
                 del state[k]
         w1, b1, w2, b2 = ffn.to_dense(group)
         owner, _ = _parent(model, name)
-        if isinstance(owner, (TransformerEncoderLayerBase, TransformerDecoderLayerBase)):
+        if isinstance(owner, _TRANSFORMER_LAYERS):
             prefix = name[: -len(".ffn")]
             keys = (f"{prefix}.fc1", f"{prefix}.fc2")
         else:
@@ -286,6 +315,18 @@ def dense_state_dict(model: nn.Module, group: int) -> Dict[str, Tensor]:
         state[f"{keys[0]}.weight"], state[f"{keys[0]}.bias"] = w1, b1
         state[f"{keys[1]}.weight"], state[f"{keys[1]}.bias"] = w2, b2
     return state
+
+
+def freeze_parameters(model: nn.Module, args) -> List[str]:
+    """Apply --gdps-train-only / --gdps-freeze (after the split, so globs can name its parts)."""
+    frozen = apply_freezing(model, parse_globs(getattr(args, "gdps_train_only", None)),
+                            parse_globs(getattr(args, "gdps_freeze", None)), blocks=ffn_module_names(model))
+    if frozen:
+        total = sum(p.numel() for p in model.parameters())
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        logger.info(f"GDPS freezing: {len(frozen)} parameter tensors frozen; training {trained:,} of "
+                    f"{total:,} parameters")
+    return frozen
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +442,7 @@ class _GDPSModelMixin:
         if spec.modules:
             split_ffns(model, spec.modules, len(spec.groups), spec.shared_ratio, method=args.gdps_init,
                        seed=args.gdps_init_seed)
+        freeze_parameters(model, args)
         return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, src_lang_id: Optional[Tensor] = None):
