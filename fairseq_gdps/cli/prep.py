@@ -2,11 +2,14 @@
 
     gdps-prep --corpus DIR --out DATA_DIR [--vocab-size 256] [--jobs 2] [--tgt-lang en]
               [--splits train,dev,test] [--specaugment {none,lb,ld,sm,ss}]
-              [--audio-root PATH] [--skip-bad] [--quiet]
+              [--audio-root PATH] [--languages ar,et,...] [--skip-bad] [--quiet]
 
 Input: ``DIR/{train,dev,test}.tsv`` with a header and tab-separated columns
 id, audio, src_lang, tgt_text (required) and speaker, src_text, duration,
 tgt_lang (optional); audio paths are relative to DIR.
+
+Bad input fails fast with an error naming the file and line (or the flag); nothing in DATA_DIR
+changes. With --skip-bad every bad line is left out and listed, with its reason, in skipped.tsv.
 
 Output in DATA_DIR (fairseq's S2T layout): fbank80.zip, {split}.tsv and
 {split}_{lang}.tsv manifests, spm_unigram{N}.{model,vocab,txt}, config.yaml,
@@ -26,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from fairseq_gdps.data import features as F
 from fairseq_gdps.data.manifest import (
+    LANG_CODE_HELP,
     SPECAUGMENT_POLICIES,
     ZIP_NAME,
     BadLine,
@@ -35,6 +39,7 @@ from fairseq_gdps.data.manifest import (
     Staging,
     config_yaml_text,
     find_duplicate_ids,
+    is_language_code,
     manifest_text,
     read_corpus_tsv,
     skipped_text,
@@ -82,10 +87,39 @@ def _fail(bad: List[BadLine], hint: bool = True) -> PrepError:
     bad = sorted(bad, key=lambda b: (b.file, b.line))
     msg = str(bad[0])
     if len(bad) > 1:
-        msg += f" (and {len(bad) - 1} more problem{'s' if len(bad) > 2 else ''})"
+        more = bad[1:]
+        where = ", ".join(f"{os.path.basename(b.file)}:{b.line}" for b in more[:5]) + (", ..." if len(more) > 5 else "")
+        msg += f" (and {len(more)} more problem{'s' if len(more) > 1 else ''}: {where})"
     if hint:
         msg += "; use --skip-bad to skip bad lines"
     return PrepError(msg)
+
+
+def _drop_unknown_languages(rows: List[Row], bad: List[BadLine], languages: Sequence[str]) -> List[Row]:
+    """Move rows whose src_lang is not one of ``languages`` (--languages) to ``bad``."""
+    kept = []
+    for r in rows:
+        if r.src_lang in languages:
+            kept.append(r)
+        else:
+            bad.append(BadLine(r.file, r.line, f"unknown src_lang {r.src_lang!r} (--languages {','.join(languages)})"))
+    return kept
+
+
+def _unseen_language_warnings(rows: List[Row], train_tsv: str) -> List[str]:
+    """One warning per (split, language) without training utterances: zero-shot evaluation is
+    possible with the stock task, but speech_to_text_gdps takes its language ids from the train
+    manifest and refuses such a split unless --gdps-languages names the language."""
+    train_langs = {r.src_lang for r in rows if r.split == "train"}
+    first: Dict[Tuple[str, str], Row] = {}
+    count: Dict[Tuple[str, str], int] = defaultdict(int)
+    for r in rows:
+        if r.src_lang not in train_langs:
+            first.setdefault((r.split, r.src_lang), r)
+            count[r.split, r.src_lang] += 1
+    return [f"{r.where}: src_lang {lang!r} ({count[split, lang]} line(s) of {split}) has no utterance in "
+            f"{train_tsv}; speech_to_text_gdps refuses it unless --gdps-languages names it"
+            for (split, lang), r in sorted(first.items())]
 
 
 def prepare(
@@ -99,18 +133,34 @@ def prepare(
     specaugment: Optional[str] = None,
     audio_root: Optional[str] = None,
     quiet: bool = False,
+    languages: Optional[Sequence[str]] = None,
 ) -> Dict:
-    """Run the whole preparation; returns the prep.json content.  Raises PrepError."""
+    """Run the whole preparation; returns the prep.json content.  Raises PrepError.
+    ``languages``: the source languages expected (--languages); a line in another is bad."""
     t0 = time.time()
     if not os.path.isdir(corpus):
-        raise PrepError(f"{corpus}: corpus folder not found")
+        raise PrepError(f"--corpus {corpus}: folder not found")
     if vocab_size < 8:
         raise PrepError(f"--vocab-size must be at least 8, got {vocab_size}")
     if jobs < 1:
         raise PrepError(f"--jobs must be at least 1, got {jobs}")
     if "train" not in splits:
         raise PrepError("--splits must include train (the SentencePiece model is trained on it)")
-    os.makedirs(out, exist_ok=True)
+    for split in splits:
+        if not is_language_code(split):  # the same shape: it names files, <split>_<lang>.tsv among them
+            raise PrepError(f"--splits: invalid split name {split!r} (letters, digits, '_' or '-')")
+    if len(set(splits)) != len(splits):
+        raise PrepError(f"--splits names a split twice: {','.join(splits)}")
+    if not is_language_code(tgt_lang):
+        raise PrepError(f"--tgt-lang: invalid language code {tgt_lang!r} ({LANG_CODE_HELP})")
+    if languages is not None:
+        languages = list(languages)
+        bad_codes = [l for l in languages if not is_language_code(l)]
+        if bad_codes or not languages:
+            raise PrepError(f"--languages: invalid language code(s) {bad_codes} ({LANG_CODE_HELP})" if bad_codes
+                            else "--languages: no language given")
+        if len(set(languages)) != len(languages):
+            raise PrepError(f"--languages names a language twice: {','.join(languages)}")
     if os.path.realpath(out) == os.path.realpath(corpus):
         raise PrepError(f"{out}: output folder must differ from the corpus folder (manifests would overwrite its TSVs)")
     out_abs = os.path.abspath(out)
@@ -141,9 +191,16 @@ def prepare(
         bad.append(b)
     dup_rows = {id(r) for r, _ in find_duplicate_ids(rows)}
     rows = [r for r in rows if id(r) not in dup_rows]
+    if languages is not None:
+        rows = _drop_unknown_languages(rows, bad, languages)
     if bad and not skip_bad:
         raise _fail(bad)
 
+    created_out = not os.path.isdir(out)
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as e:
+        raise PrepError(f"--out {out}: cannot create the output folder ({e.strerror or e})") from None
     staging = Staging(out)
     try:
         # ---- 2. features -> fbank80.zip (sorted by id, streamed)
@@ -162,7 +219,7 @@ def prepare(
                 row = rows[idx]
                 bar.update(1)
                 if err is not None:
-                    b = BadLine(row.file, row.line, err)
+                    b = BadLine(row.file, row.line, f"{err} (utterance {row.id})")
                     if not skip_bad:
                         raise _fail([b])
                     bad.append(b)
@@ -172,6 +229,9 @@ def prepare(
                 ok[idx] = True
         t_feat = time.time() - t1
         rows = [r for i, r in enumerate(rows) if ok[i]]
+        train_tsv = os.path.join(corpus, "train.tsv")
+        for w in _unseen_language_warnings(rows, train_tsv):
+            warn(w)
         offsets = zip_entry_offsets(zip_tmp)
         for r in rows:
             off, size = offsets[r.id]
@@ -252,6 +312,7 @@ def prepare(
                 "spm_model_type": "unigram",
                 "tgt_lang": tgt_lang,
                 "splits": list(splits),
+                "expected_languages": languages,
                 "specaugment": specaugment or "none",
                 "audio_root": audio_root,
                 "skip_bad": skip_bad,
@@ -269,6 +330,8 @@ def prepare(
         staging.commit(last=[PREP_JSON])
     except BaseException:
         staging.abort()
+        if created_out and not os.listdir(out):  # a failed first run leaves no trace
+            os.rmdir(out)
         raise
     for name in sorted(stale):
         p = os.path.join(out, name)
@@ -313,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audio-root", default=None,
                    help="config.yaml audio_root (default: absolute path of --out; '' leaves it out, "
                         "then fairseq must run from the data folder)")
+    p.add_argument("--languages", default=None, metavar="LANGS",
+                   help="comma-separated source languages the corpus may hold; a line in any other is "
+                        "bad (default: accept every well-formed code)")
     p.add_argument("--skip-bad", action="store_true", help="skip bad lines and list them in skipped.tsv instead of failing")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
     return p
@@ -333,6 +399,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             specaugment=None if args.specaugment == "none" else args.specaugment,
             audio_root=args.audio_root,
             quiet=args.quiet,
+            languages=None if args.languages is None else [l.strip() for l in args.languages.split(",") if l.strip()],
         )
     except PrepError as e:
         print(f"gdps-prep: error: {e}", file=sys.stderr)

@@ -178,7 +178,8 @@ def read_audio(
     except AudioError:
         raise
     except Exception as e:  # soundfile.LibsndfileError, RuntimeError, ...
-        raise AudioError(f"{path}: cannot read audio ({str(e).strip()})") from None
+        reason = str(e).strip().replace(f"Error opening {path!r}: ", "")  # libsndfile repeats the path
+        raise AudioError(f"{path}: cannot read audio ({reason})") from None
     trunc = _wav_truncation(path)
     if trunc is not None:
         raise AudioError(f"{path}: {trunc}")
@@ -214,6 +215,17 @@ def extract_file(
             f"{FRAME_LENGTH_MS:g} ms frame needs {frame_length_samples(sample_rate)}"
         )
     feats = compute_fbank(wav, sample_rate, num_mel_bins)
-    if not np.all(np.isfinite(feats)):
-        raise AudioError(f"{path}: features contain NaN or infinite values")
+    check_finite_features(feats, path)
     return feats
+
+
+def check_finite_features(feats: np.ndarray, name: str) -> None:
+    """Raise AudioError naming ``name`` and the first non-finite value when ``feats``
+    (frames x bins) holds NaN or infinity: one such frame would make the loss NaN."""
+    bad = ~np.isfinite(feats)
+    if bad.any():
+        frame, mel_bin = (int(i) for i in np.argwhere(bad)[0])
+        raise AudioError(
+            f"{name}: features contain NaN or infinite values ({int(bad.sum())} of {feats.size}; "
+            f"first at frame {frame}, bin {mel_bin}: {feats[frame, mel_bin]})"
+        )

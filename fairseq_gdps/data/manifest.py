@@ -44,6 +44,12 @@ ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
 
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+@=,-]*$")
 _LANG_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+LANG_CODE_HELP = "a language code is a letter or digit followed by letters, digits, '_' or '-'"
+
+
+def is_language_code(code: str) -> bool:
+    """Language codes as the manifests, --gdps-groups and plans use them (no ',', ';' or spaces)."""
+    return isinstance(code, str) and _LANG_RE.fullmatch(code) is not None
 
 SPECAUGMENT_POLICIES = {  # fairseq S2TDataConfigWriter policies (its "time_wrap_W" key is a typo the transform ignores)
     "lb": dict(time_warp_W=0, freq_mask_N=1, freq_mask_F=27, time_mask_N=1, time_mask_T=100, time_mask_p=1.0),
@@ -145,11 +151,17 @@ def read_corpus_tsv(
         try:
             text = bline.decode("utf-8")
         except UnicodeDecodeError as e:
-            bad.append(BadLine(name, lineno, f"not valid UTF-8 ({e.reason} at byte {e.start})"))
+            field_no = bline[: e.start].count(b"\t")
+            column = f" in {header[field_no]}" if field_no < len(header) else ""
+            bad.append(BadLine(name, lineno, f"not valid UTF-8{column} ({e.reason} at byte {e.start} of the line)"))
             continue
         fields = text.split("\t")
         if len(fields) != len(header):
-            bad.append(BadLine(name, lineno, f"{len(fields)} fields, header has {len(header)}"))
+            if len(fields) < len(header):  # say which columns went missing (truncated line, spaces for tabs)
+                detail = f" (no value for {', '.join(header[len(fields):])}; fields are tab-separated)"
+            else:
+                detail = " (a tab inside a field?)"
+            bad.append(BadLine(name, lineno, f"{len(fields)} fields, header has {len(header)}{detail}"))
             continue
 
         def get(c: str) -> str:
@@ -167,10 +179,11 @@ def read_corpus_tsv(
             bad.append(BadLine(name, lineno, "empty audio path"))
             continue
         if not _LANG_RE.match(src_lang):
-            bad.append(BadLine(name, lineno, f"invalid src_lang {src_lang!r}"))
+            bad.append(BadLine(name, lineno, f"invalid src_lang {src_lang!r} ({LANG_CODE_HELP})" if src_lang
+                               else "empty src_lang"))
             continue
         if not _LANG_RE.match(tgt_lang):
-            bad.append(BadLine(name, lineno, f"invalid tgt_lang {tgt_lang!r}"))
+            bad.append(BadLine(name, lineno, f"invalid tgt_lang {tgt_lang!r} ({LANG_CODE_HELP})"))
             continue
         if not tgt_text:
             bad.append(BadLine(name, lineno, "empty tgt_text"))

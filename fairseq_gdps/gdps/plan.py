@@ -11,7 +11,9 @@ import math
 import os
 from dataclasses import asdict, dataclass, field
 from typing import Dict, Iterable, List, Optional
+
 from fairseq_gdps.atomic import atomic_write
+from fairseq_gdps.data.manifest import LANG_CODE_HELP, is_language_code
 
 PLAN_VERSION = 1
 PLAN_KIND = "gdps-plan"
@@ -90,8 +92,15 @@ class Plan:
         r = self.shared_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r < 1:
             raise PlanError(f"shared_ratio must lie strictly between 0 and 1, got {r!r}")
+        for m in self.modules:  # joined with ',' into --gdps-split-modules when the plan is resolved
+            if not m or m != m.strip() or "," in m or any(c.isspace() for c in m):
+                raise PlanError(f"invalid module name {m!r} (no spaces or commas)")
         if not self.groups or any(len(g) == 0 for g in self.groups):
             raise PlanError(f"groups must be non-empty lists of languages, got {self.groups}")
+        for g in self.groups:  # joined with ',' and ';' into --gdps-groups when the plan is resolved
+            for l in g:
+                if not is_language_code(l):
+                    raise PlanError(f"invalid language {l!r} in groups ({LANG_CODE_HELP})")
         seen: Dict[str, int] = {}
         for gi, g in enumerate(self.groups):
             for l in g:
@@ -131,20 +140,41 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
+        """A plan from its JSON object; the field types are checked here (a string where a list
+        belongs would otherwise be taken apart letter by letter), the content by ``validate``."""
         if not isinstance(d, dict):
             raise PlanError(f"{source}: a plan is a JSON object, got {type(d).__name__}")
         if d.get("kind", PLAN_KIND) != PLAN_KIND:
             raise PlanError(f"{source}: not a GDPS plan (kind {d.get('kind')!r})")
-        if d.get("version") != PLAN_VERSION:
+        if type(d.get("version")) is not int or d.get("version") != PLAN_VERSION:
             raise PlanError(f"{source}: plan version {d.get('version')!r} is not supported (this code reads {PLAN_VERSION})")
         missing = [k for k in ("modules", "groups", "shared_ratio") if k not in d]
         if missing:
             raise PlanError(f"{source}: plan lacks {missing}")
+
+        def is_str_list(x):
+            return isinstance(x, list) and all(isinstance(v, str) for v in x)
+
+        problems = []
+        if not is_str_list(d["modules"]):
+            problems.append(f"modules must be a list of module names, got {d['modules']!r}")
+        if not (isinstance(d["groups"], list) and all(is_str_list(g) for g in d["groups"])):
+            problems.append(f"groups must be a list of lists of languages, got {d['groups']!r}")
+        r = d["shared_ratio"]
+        if isinstance(r, bool) or not isinstance(r, (int, float)):
+            problems.append(f"shared_ratio must be a number, got {r!r}")
+        l2g = d.get("language_to_group", {})
+        if not (isinstance(l2g, dict) and all(type(v) is int for v in l2g.values())):
+            problems.append(f"language_to_group must map languages to group numbers, got {l2g!r}")
+        scores = d.get("scores", {})
+        if not (isinstance(scores, dict) and all(isinstance(v, dict) for v in scores.values())):
+            problems.append("scores must map module names to objects")
+        if not isinstance(d.get("provenance", {}), dict):
+            problems.append("provenance must be an object")
+        if problems:
+            raise PlanError(f"{source}: malformed plan: " + "; ".join(problems))
         known = {"modules", "groups", "shared_ratio", "language_to_group", "scores", "provenance", "version", "kind"}
-        try:
-            return cls(**{k: v for k, v in d.items() if k in known})
-        except (TypeError, ValueError) as exc:
-            raise PlanError(f"{source}: malformed plan ({exc})") from exc
+        return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod
     def load(cls, path, model_module_names: Optional[Iterable[str]] = None,
@@ -156,6 +186,12 @@ class Plan:
                 d = json.load(f)
         except json.JSONDecodeError as exc:
             raise PlanError(f"{path}: not valid JSON ({exc})") from exc
+        except UnicodeDecodeError as exc:
+            raise PlanError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}): not a plan.json") from None
+        except RecursionError:
+            raise PlanError(f"{path}: JSON nested too deeply to be a plan") from None
+        except OSError as exc:
+            raise PlanError(f"{path}: cannot read the plan ({exc.strerror or exc})") from None
         plan = cls.from_dict(d, source=path)
         try:
             plan.validate(model_module_names=model_module_names, languages=languages)

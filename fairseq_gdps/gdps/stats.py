@@ -130,6 +130,7 @@ class GradientStatistics:
         self.languages: List[str] = []
         self._lang_index: Dict[str, int] = {}
         self.device = torch.device("cpu")
+        self.source = ""  # the file these statistics were read from, named in merge errors
         self._proj_cache: Dict[str, tuple] = {}
         self._buffers: Dict[str, torch.Tensor] = {}
         self._alloc()
@@ -423,12 +424,14 @@ class GradientStatistics:
         return self
 
     def _check_compatible(self, other: "GradientStatistics"):
-        if self.settings() != other.settings():
-            diff = {k: (v, other.settings()[k]) for k, v in self.settings().items() if other.settings()[k] != v}
-            raise ValueError(f"cannot merge gradient statistics with different settings: {diff}")
+        where = f"{other.source}: " if other.source else ""
         if self.model_signature != other.model_signature:
-            raise ValueError(f"cannot merge statistics of different models: "
-                             f"{self.model_signature!r} vs {other.model_signature!r}")
+            raise ValueError(f"{where}cannot merge statistics of different models (model signature "
+                             f"{other.model_signature!r}, expected {self.model_signature!r})")
+        if self.settings() != other.settings():
+            diff = {k: (other.settings()[k], v) for k, v in self.settings().items() if other.settings()[k] != v}
+            raise ValueError(f"{where}cannot merge gradient statistics with different settings "
+                             f"(setting: (theirs, ours)): {diff}")
 
     def merge_(self, other: "GradientStatistics") -> "GradientStatistics":
         """Add ``other``'s sums to these (languages are matched by name). Returns self."""
@@ -461,15 +464,25 @@ class GradientStatistics:
             raise ValueError(f"{source}: not GDPS gradient statistics (kind {kind!r}, expected {KIND!r})")
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{source}: gradient statistics format version {d.get('format_version')!r} "
-                             f"is not supported (this code reads version {FORMAT_VERSION})")
-        stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
-                    sketch_dim=d["sketch_dim"], subspace_dim=d["subspace_dim"], seed=d["seed"],
-                    model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"])
-        names = [name for name, _, _ in stats._specs()]
-        missing = [n for n in names if n not in d["buffers"]]
+                             f"is not supported (this code reads version {FORMAT_VERSION}); "
+                             f"record them again with this version's stage 1")
+        fields = ("module_names", "module_sizes", "languages", "sketch_dim", "subspace_dim", "seed",
+                  "model_signature", "num_buckets", "aux_dim", "buffers")
+        missing = [k for k in fields if k not in d]
         if missing:
-            raise ValueError(f"{source}: statistics lack buffers {missing[:5]}")
-        stats.load_flat_buffers([d["buffers"][n] for n in names])
+            raise ValueError(f"{source}: gradient statistics lack {missing}")
+        try:
+            stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
+                        sketch_dim=d["sketch_dim"], subspace_dim=d["subspace_dim"], seed=d["seed"],
+                        model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"])
+            names = [name for name, _, _ in stats._specs()]
+            missing = [n for n in names if n not in d["buffers"]]
+            if missing:
+                raise ValueError(f"lack buffers {missing[:5]}")
+            stats.load_flat_buffers([d["buffers"][n] for n in names])
+        except (TypeError, ValueError, AttributeError) as exc:
+            raise ValueError(f"{source}: malformed gradient statistics ({exc})") from None
+        stats.source = source
         return stats
 
     def save(self, path) -> None:
