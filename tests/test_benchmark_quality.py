@@ -1,0 +1,65 @@
+"""benchmarks/quality.py: the pure helpers, and the tiny setting end to end (every system, resume)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import quality  # noqa: E402
+
+
+def test_random_partition_keeps_sizes_and_differs_from_the_plan():
+    plan = [["ar", "et", "sw"], ["ga"]]
+    for seed in range(5):
+        groups = quality.random_partition(plan, seed)
+        assert sorted(len(g) for g in groups) == [1, 3]
+        assert sorted(l for g in groups for l in g) == ["ar", "et", "ga", "sw"]
+        assert {frozenset(g) for g in groups} != {frozenset(g) for g in plan}
+    assert quality.random_partition(plan, 3) == quality.random_partition(plan, 3)
+    # one group: no other partition exists, so the plan's comes back
+    assert quality.random_partition([["a", "b"]], 1) == [["a", "b"]]
+
+
+def test_updates_to_reach():
+    curve = [{"num_updates": 100, "loss": 5.0}, {"num_updates": 200, "loss": 4.0}, {"num_updates": 300, "loss": 3.5}]
+    assert quality.updates_to_reach(curve, 4.0) == 200
+    assert quality.updates_to_reach(curve, 3.0) is None
+
+
+@pytest.mark.slow
+def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ["--setting", "tiny", "--work", str(work), "--results", str(results), "--data", f"natural={tiny_data}"]
+    assert quality.main(args) == 0
+    report = json.loads((results / "quality.json").read_text())
+    systems = report["results"]["natural"]["systems"]
+    assert set(systems) == set(quality.SYSTEMS)
+    assert report["meta"]["finished"] == report["meta"]["planned"] == len(quality.SYSTEMS)
+    seed1 = report["results"]["natural"]["seeds"]["1"]
+    languages = sorted(seed1["baseline"]["bleu"])
+    # the split systems hold more parameters than the shared model; the full split the most
+    assert seed1["baseline"]["params"] < seed1["gdps"]["params"] <= seed1["full_split"]["params"]
+    assert seed1["full_split"]["split"]["groups"] == [[l] for l in languages]
+    assert seed1["full_split"]["split"]["shared_ratio"] == 0.0
+    assert len(seed1["param_diff"]["split"]["groups"]) == 2
+    assert sorted(len(g) for g in seed1["random_groups"]["split"]["groups"]) == \
+        sorted(len(g) for g in seed1["gdps"]["split"]["groups"])
+    # bilingual: one model per language, together the multilingual update budget
+    assert seed1["bilingual"]["params"] == pytest.approx(len(languages) * seed1["baseline"]["params"], rel=0.01)
+    for system in quality.SYSTEMS[1:]:
+        assert 0 <= seed1[system]["pooled_bleu_p"] <= 1
+    assert (results / "quality_dev_loss.png").stat().st_size > 1000
+    table = (results / "quality.md").read_text()
+    assert "| param_diff | 1 |" in table and "6 of 6 runs finished" in table
+    # a second call finds every run finished and starts none
+    assert quality.main(args) == 0
+    again = json.loads((results / "quality.json").read_text())["meta"]
+    assert set(again["status"].values()) == {"done"} and again["this_call_seconds"] < 60
+    # an unfinished run (no scores.json) is started again from its beginning, the others are kept
+    (work / "natural" / "seed1" / "random_groups" / "scores.json").unlink()
+    kept = (work / "natural" / "seed1" / "baseline" / "scores.json").stat().st_mtime
+    assert quality.main(args) == 0
+    assert (work / "natural" / "seed1" / "random_groups" / "scores.json").is_file()
+    assert (work / "natural" / "seed1" / "baseline" / "scores.json").stat().st_mtime == kept
