@@ -2,23 +2,29 @@
 the options and the recorder of the GDPS gradient probe.
 
 The loss is the stock one. The per-language gradients come from the ``speech_to_text_gdps``
-task, which asks :meth:`probe_due` whether to split the batch by language and hands the
-gradients of the tracked modules to :meth:`record_step`.
+task, which asks :meth:`probe_due` whether to split the batch by language, hands every
+micro-batch's per-language gradient sums to :meth:`add_micro_batch` and, once per update (from
+the task's ``optimizer_step``), calls :meth:`record_update`: the update's sums are reduced across
+data-parallel workers and recorded as one step, the same on every worker.
 """
 import fnmatch
 import logging
+import time
 from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from fairseq.criterions import register_criterion
+from fairseq.distributed import utils as distributed_utils
+from fairseq.models import BaseFairseqModel
 from fairseq.criterions.label_smoothed_cross_entropy import (
     LabelSmoothedCrossEntropyCriterion,
     LabelSmoothedCrossEntropyCriterionConfig,
 )
 from omegaconf import II
 
+from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate
 from fairseq_gdps.gdps.stats import GradientStatistics
 from fairseq_gdps.models.s2t_gdps import ffn_module_names
 
@@ -72,6 +78,8 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self.languages: List[str] = []
         self.statistics: Optional[GradientStatistics] = None
         self._tracked: Optional[Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]] = None
+        self._update: Optional[PerLanguageUpdate] = None   # the probed update in progress
+        self._reduce_seconds, self._reduced_updates = 0.0, 0
 
     @classmethod
     def build_criterion(cls, cfg, task):
@@ -87,6 +95,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
     def tracked_modules(self, model) -> Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]:
         """The tracked FFN blocks' (fc1, fc2) layers, by block name (resolved once per model)."""
         if self._tracked is None:
+            model = unwrapped(model)   # block names without the data-parallel wrappers' "module."
             patterns = [p.strip() for p in self.cfg.gdps_track.split(",") if p.strip()]
             blocks = ffn_module_names(model)
             chosen = {name: layers for name, layers in blocks.items() if any(fnmatch.fnmatchcase(name, p) for p in patterns)}
@@ -132,13 +141,60 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
                 self.statistics.merge_(resumed)  # refuses statistics of other blocks or settings
         return self.statistics
 
-    def record_step(self, update_num: int, grads: dict[str, dict[str, torch.Tensor]]) -> None:
+    def block_sizes(self) -> Dict[str, int]:
+        return {name: sum(p.numel() for layer in layers for p in layer.parameters())
+                for name, layers in self._tracked.items()}
+
+    def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
+                        first_of_update: bool) -> None:
+        """Add a micro-batch's per-language gradient sums (``grads[lang_id][block]``) and its
+        ``(L,)`` target-token counts to the update in progress (a new one when
+        ``first_of_update``: with ``--update-freq`` an update has several micro-batches)."""
+        if first_of_update or self._update is None:
+            device = next(iter(self._tracked.values()))[0].weight.device
+            self._update = PerLanguageUpdate(self.block_sizes(), len(self.languages), device)
+        self._update.add(grads, tokens)
+
+    def record_update(self, update_num: int) -> None:
+        """Record the probed update just completed as one step: its per-language gradient sums
+        and token counts are summed over the data-parallel workers (one all_reduce; a worker with
+        nothing of this update, e.g. a padding batch, adds zeros), then divided per language, so
+        that every worker records the same step a single process would record on all of the
+        update's utterances. Every worker must call this for every probed update."""
+        update, self._update = self._update, None
+        if update is None:   # this worker had no probed micro-batch in the update
+            update = PerLanguageUpdate(self.block_sizes(), len(self.languages),
+                                       next(iter(self._tracked.values()))[0].weight.device)
+        if distributed_utils.get_data_parallel_world_size() > 1:
+            start = time.perf_counter()
+            distributed_utils.all_reduce(update.buffer, distributed_utils.get_data_parallel_group())
+            self._reduce_seconds += time.perf_counter() - start
+            self._reduced_updates += 1
+        grads = update.per_token(self.languages)
+        if not grads:
+            return
         statistics = self._statistics_for(self._tracked, update_num)
         skipped = statistics.add_step(update_num, grads)
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
 
     def save_statistics(self) -> None:
-        if self.statistics is not None and self.cfg.gdps_stats:
+        """Write the statistics file (atomically). Every worker holds the same statistics; the
+        first data-parallel worker writes them."""
+        if self._reduced_updates:
+            logger.info(f"GDPS probe: all_reduce of the per-language gradients took "
+                        f"{1000 * self._reduce_seconds / self._reduced_updates:.1f} ms per probed update "
+                        f"({self._reduced_updates} updates)")
+        first_worker = (distributed_utils.get_data_parallel_world_size() == 1
+                        or distributed_utils.get_data_parallel_rank() == 0)
+        if self.statistics is not None and self.cfg.gdps_stats and first_worker:
             self.statistics.save(self.cfg.gdps_stats)
             logger.info(f"GDPS statistics written to {self.cfg.gdps_stats}")
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The fairseq model inside fairseq's data-parallel wrappers (ModuleProxyWrapper around
+    (Legacy)DistributedDataParallel), whose module names carry no "module." prefix."""
+    while not isinstance(model, BaseFairseqModel) and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
+    return model

@@ -4,8 +4,9 @@ gradient probe.
 
 On probed updates the train step is the stock one (same forward, same backward, same update),
 with hooks on the tracked FFN layers that split each weight gradient into the shares of the
-batch's languages (see ``modules/per_language_gradients.py``); the shares go to the criterion's
-statistics recorder.
+batch's languages (see ``modules/per_language_gradients.py``); the shares go to the criterion,
+which records one step per update (all micro-batches of ``--update-freq`` and all data-parallel
+workers summed, see ``gdps/per_language_update.py``) from ``optimizer_step``.
 """
 import csv
 import inspect
@@ -172,16 +173,26 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         if not probe:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         lang_ids = sample["net_input"][LANG_ID_KEY]
-        with PerLanguageGradients(criterion.tracked_modules(model), lang_ids) as capture:
+        tracked = criterion.tracked_modules(model)
+        # fairseq's trainer sets every gradient to None when an update (or its retry after an
+        # fp16 overflow) begins, and micro-batches of the same update (--update-freq) add to them
+        first_of_update = next(iter(tracked.values()))[0].weight.grad is None
+        with PerLanguageGradients(tracked, lang_ids) as capture:
             result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        # Per-token gradients, so that steps of different sizes weigh the same in the statistics.
+        # Gradient sums and target tokens per language; the criterion divides them once the
+        # update's micro-batches and workers are summed (per-token gradients, so that steps of
+        # different sizes weigh the same in the statistics).
         tokens = torch.zeros(len(self.languages), dtype=torch.float64).index_add_(
             0, lang_ids.cpu(), sample["target_lengths"].cpu().double())
-        criterion.record_step(update_num, {
-            self.languages[lang]: {name: g / tokens[lang].item() for name, g in blocks.items()}
-            for lang, blocks in capture.gradients().items()
-        })
+        criterion.add_micro_batch(capture.gradients(), tokens, first_of_update)
         return result
+
+    def optimizer_step(self, optimizer, model, update_num):
+        super().optimizer_step(optimizer, model, update_num)
+        # Called once per update on every worker, after all its micro-batches: the probed
+        # update's per-language gradients are complete here (and reduced across workers).
+        if self.gdps_criterion is not None and self.gdps_criterion.probe_due(update_num):
+            self.gdps_criterion.record_update(update_num)
 
     def begin_valid_epoch(self, epoch, model):
         # Validation precedes every checkpoint save: write the statistics file at the same points.

@@ -1,0 +1,165 @@
+"""Helpers of the distributed, resume and reproducibility tests: tiny fairseq-train command lines
+for both GDPS stages, several processes at once (data-parallel workers, or independent runs side
+by side), a run killed with SIGKILL after a checkpoint, and comparisons of what they wrote."""
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import BIN, REPO, run
+
+# One FFN per stack, width 32, a 32-channel subsampler; dropout 0 so that different batch
+# groupings (--update-freq vs data-parallel workers) draw no different dropout masks.
+TINY_GDPS_MODEL = ["--arch", "s2t_transformer_gdps_s", "--encoder-layers", "1", "--decoder-layers", "1",
+                   "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+                   "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2", "--decoder-attention-heads", "2",
+                   "--conv-channels", "32", "--dropout", "0"]
+
+
+def train_args(data, save_dir, max_update, *extra):
+    """fairseq-train arguments shared by both stages (add the stage's criterion options). With
+    --max-tokens 2800 the tiny train set makes 11 batches: an epoch of 6 updates of two batches
+    (--update-freq 2 or two workers) ends with a single batch (a padding batch on worker 1)."""
+    return [BIN / "fairseq-train", data, "--user-dir", REPO / "fairseq_gdps", "--task", "speech_to_text_gdps",
+            "--config-yaml", "config.yaml", "--train-subset", "train", "--valid-subset", "dev", *TINY_GDPS_MODEL,
+            "--optimizer", "adam", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt", "--warmup-updates", "4",
+            "--criterion", "label_smoothed_cross_entropy_gdps", "--label-smoothing", "0.1",
+            "--max-tokens", "2800", "--required-batch-size-multiple", "1", "--max-update", str(max_update),
+            "--num-workers", "0", "--save-dir", save_dir, "--no-epoch-checkpoints", "--seed", "1",
+            "--log-format", "simple", "--log-interval", "1", "--cpu", *extra]
+
+
+def stage1_args(data, save_dir, max_update, *extra):
+    return train_args(data, save_dir, max_update, "--gdps-probe-interval", "1",
+                      "--gdps-stats", Path(save_dir) / "stats.pt", *extra)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_parallel(args, world_size=2):
+    """The command lines of a CPU data-parallel run: one fairseq-train process per worker, gloo,
+    fairseq's legacy_ddp (PyTorch's DDP wrapper refuses CPU modules with fairseq's device_ids)."""
+    init = f"tcp://127.0.0.1:{free_port()}"
+    return [[*args, "--distributed-world-size", str(world_size), "--distributed-rank", str(rank),
+             "--distributed-init-method", init, "--distributed-no-spawn", "--distributed-backend", "gloo",
+             "--ddp-backend", "legacy_ddp"] for rank in range(world_size)]
+
+
+def environment():
+    return dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
+                TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+
+
+def run_all(commands, timeout=300):
+    """Run commands side by side (workers of one run, or independent runs); fail with the
+    output of any that fails. Returns their stdout+stderr."""
+    logs = []
+    procs = []
+    for i, cmd in enumerate(commands):
+        log = open(Path(os.environ.get("TMPDIR", "/tmp")) / f"gdps_test_{os.getpid()}_{i}_{time.time_ns()}.log", "w+")
+        logs.append(log)
+        procs.append(subprocess.Popen([str(c) for c in cmd], env=environment(), stdout=log, stderr=subprocess.STDOUT))
+    outputs = []
+    try:
+        deadline = time.monotonic() + timeout
+        for proc in procs:
+            proc.wait(timeout=max(1, deadline - time.monotonic()))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        for log in logs:
+            log.seek(0)
+            outputs.append(log.read())
+            log.close()
+            os.unlink(log.name)
+    for cmd, proc, out in zip(commands, procs, outputs):
+        if proc.returncode != 0:
+            pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{out[-6000:]}")
+    return outputs
+
+
+SAVED = re.compile(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates")
+
+
+def run_killed_after_checkpoint(cmd, update, timeout=300):
+    """Start ``cmd`` and SIGKILL it as soon as it reports a checkpoint at or after ``update``.
+    Returns the update of that checkpoint; fails if the run ended before it could be killed."""
+    proc = subprocess.Popen([str(c) for c in cmd], env=environment(), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    lines = []
+    try:
+        deadline = time.monotonic() + timeout
+        for line in proc.stdout:
+            lines.append(line)
+            saved = SAVED.search(line)
+            if saved and int(saved.group(1)) >= update:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+                return int(saved.group(1))
+            if time.monotonic() > deadline:
+                break
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+    pytest.fail(f"run ended (rc {proc.returncode}) before a checkpoint at update {update}:\n{''.join(lines)[-6000:]}")
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def num_updates(path):
+    return load_checkpoint(path)["optimizer_history"][-1]["num_updates"]
+
+
+def assert_statistics_equal(actual, expected, rtol=0.0, atol=0.0):
+    """Every sum of two GradientStatistics (exactly, by default)."""
+    assert actual.languages == expected.languages and actual.module_names == expected.module_names
+    assert actual.num_steps == expected.num_steps and actual.counts() == expected.counts()
+    for name, value in expected.to_tensors().items():
+        torch.testing.assert_close(actual.to_tensors()[name], value, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_models_equal(actual, expected, rtol=0.0, atol=0.0):
+    assert actual.keys() == expected.keys()
+    for name, value in expected.items():
+        torch.testing.assert_close(actual[name], value, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def plan_json(stats_path, out_dir, **options):
+    """gdps-analyze's plan.json for a statistics file (no figures), named by a fixed stats path so
+    that plans of different runs can be compared byte for byte. Returns its text."""
+    from fairseq_gdps.gdps.report import analyze
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    stats = GradientStatistics.load(stats_path)
+    cwd = os.getcwd()
+    os.chdir(Path(stats_path).parent)   # the plan names the statistics file as given: "stats.pt"
+    try:
+        analysis = analyze(stats, Path(stats_path).name, **{"n_groups": 2, "resamples": 20, **options})
+    finally:
+        os.chdir(cwd)
+    plan = analysis.plan().validate(languages=analysis.languages)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    plan.save(Path(out_dir) / "plan.json")
+    return (Path(out_dir) / "plan.json").read_text()
+
+
+def split_checkpoint(stage1_checkpoint, plan, out):
+    """gdps-split-checkpoint: the stage-2 starting checkpoint (split model and optimizer state)."""
+    run([sys.executable, "-m", "fairseq_gdps.cli.split_checkpoint", stage1_checkpoint, "--plan", plan, "--out", out])

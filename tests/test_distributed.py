@@ -1,0 +1,79 @@
+"""fairseq's own data parallelism (CPU, gloo, two fairseq-train workers): the probe's statistics,
+the plan and both stages' models equal those of one process with --update-freq 2, which is the
+exact single-process equivalent (it takes the same batches into each update: worker r of W gets
+batches r, r+W, ...; --update-freq W groups batches kW..kW+W-1).
+
+Why exactly equal, not only close: with dropout 0 each batch's forward and backward is the same
+computation in both set-ups; fairseq's legacy_ddp halves every gradient before the all-reduce and
+the trainer doubles it after, both exact in floating point; the sum of two numbers does not
+depend on the order; and the probe's float64 per-language sums are all-reduced the same way."""
+import json
+
+import pytest
+import torch
+
+from gdps_training import (assert_models_equal, assert_statistics_equal, data_parallel, load_checkpoint,
+                           num_updates, plan_json, run_all, split_checkpoint, stage1_args, train_args)
+
+pytestmark = pytest.mark.slow
+
+STAGE1_UPDATES = 6   # one epoch: the last update has a single batch (a padding batch on worker 1)
+STAGE2_UPDATES = 8
+
+
+@pytest.fixture(scope="module")
+def stage1(tiny_data, tmp_path_factory):
+    """Stage 1 (probe every update) twice, side by side: one process with --update-freq 2, and
+    two data-parallel workers."""
+    out = tmp_path_factory.mktemp("distributed")
+    single, workers = out / "single", out / "workers"
+    logs = run_all([stage1_args(tiny_data, single, STAGE1_UPDATES, "--update-freq", "2"),
+                    *data_parallel(stage1_args(tiny_data, workers, STAGE1_UPDATES))])
+    return {"out": out, "single": single, "workers": workers, "worker0_log": logs[1]}
+
+
+def test_two_workers_record_what_one_process_records_with_update_freq_2(stage1):
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    single = GradientStatistics.load(stage1["single"] / "stats.pt")
+    workers = GradientStatistics.load(stage1["workers"] / "stats.pt")
+    # one step per update (each of 2 micro-batches / workers), not one per micro-batch
+    assert single.num_steps == workers.num_steps == STAGE1_UPDATES
+    # block names of the model, not of fairseq's data-parallel wrapper ("module.module....")
+    assert workers.module_names == ["encoder.transformer_layers.0.ffn", "decoder.layers.0.ffn"]
+    # every language's gradients summed over both workers: each worker alone sees only its half
+    # of an update's utterances
+    assert_statistics_equal(workers, single)
+    # the models are the same too (training itself is unchanged by the probe)
+    assert_models_equal(load_checkpoint(stage1["workers"] / "checkpoint_last.pt")["model"],
+                        load_checkpoint(stage1["single"] / "checkpoint_last.pt")["model"])
+    assert "all_reduce of the per-language gradients took" in stage1["worker0_log"]
+    # and gdps-analyze makes the same plan of them, byte for byte
+    single_plan = plan_json(stage1["single"] / "stats.pt", stage1["single"] / "analysis")
+    assert plan_json(stage1["workers"] / "stats.pt", stage1["workers"] / "analysis") == single_plan
+    assert json.loads(single_plan)["modules"]
+
+
+def test_stage2_split_model_trains_under_data_parallelism(stage1, tiny_data):
+    """run_gdps.sh's stage 2 (gdps-split-checkpoint, then fairseq-train --restore-file) with two
+    workers: the split model's updates equal one process's with --update-freq 2."""
+    out = stage1["out"]
+    plan = stage1["single"] / "analysis" / "plan.json"
+    if not plan.is_file():
+        plan_json(stage1["single"] / "stats.pt", stage1["single"] / "analysis")
+    for run_name in ("single", "workers"):
+        split_checkpoint(stage1[run_name] / "checkpoint_last.pt", plan, out / f"{run_name}_split.pt")
+
+    def stage2(run_name):
+        return train_args(tiny_data, out / f"{run_name}_stage2", STAGE2_UPDATES, "--gdps-plan", plan,
+                          "--restore-file", out / f"{run_name}_split.pt")
+    run_all([[*stage2("single"), "--update-freq", "2"], *data_parallel(stage2("workers"))])
+
+    single = load_checkpoint(out / "single_stage2" / "checkpoint_last.pt")["model"]
+    workers = load_checkpoint(out / "workers_stage2" / "checkpoint_last.pt")["model"]
+    assert num_updates(out / "workers_stage2" / "checkpoint_last.pt") == STAGE2_UPDATES
+    assert_models_equal(workers, single)
+    # the split block's private (per-group) units were trained, by both workers together
+    start = load_checkpoint(out / "workers_split.pt")["model"]
+    private = [k for k in workers if "private" in k]
+    assert private and any(not torch.equal(workers[k], start[k]) for k in private)
