@@ -305,6 +305,28 @@ def test_four_corpora_merged_through_gdps_prep(tmp_path):
             assert int(m["n_frames"]) == F.num_frames(samples)
 
 
+def test_run_iwslt4_help_and_dry_run(tmp_path):
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "examples/speech_to_text_gdps/run_iwslt4.sh"
+    help_ = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=60)
+    assert help_.returncode == 0 and "--aeb-splits" in help_.stdout and "UNTESTED" in help_.stdout
+    missing = subprocess.run(["bash", str(script), "--aeb", "x"], capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 2 and "missing --aeb-splits --bem --ga --et" in missing.stderr
+    dry = subprocess.run(["bash", str(script), "--aeb", "A", "--aeb-splits", "S", "--bem", "B", "--ga", "G",
+                          "--et", "E", "--work", str(tmp_path / "w"), "--dry-run"],
+                         capture_output=True, text=True, timeout=60)
+    assert dry.returncode == 0, dry.stderr
+    steps = [line for line in dry.stdout.splitlines() if line.startswith("+ ")]
+    assert [s.split()[1:3] for s in steps[:6]] == [
+        ["gdps-prep-corpus", "tunisian"], ["gdps-prep-corpus", "bemba"], ["gdps-prep-corpus", "irish"],
+        ["gdps-prep-corpus", "estonian"], ["gdps-prep-corpus", "merge"], ["gdps-prep", "--corpus"]]
+    assert "run_baseline.sh" in steps[6] and "--arch s2t_transformer_m" in steps[6]
+    assert "run_gdps.sh" in steps[7] and "--arch s2t_transformer_gdps_m" in steps[7]
+    assert f"--baseline-decode-dir {tmp_path / 'w'}/baseline/decode" in steps[7]
+    assert not (tmp_path / "w").exists()  # a dry run runs nothing
+
+
 # ----------------------------------------------------------------------------- errors
 
 
