@@ -400,6 +400,9 @@ def test_layout_mismatches_and_merge_conflicts(tmp_path, capsys):
     assert f"{bem / 'splits/train.tsv'}:1: missing column(s) translation" in err
     # two corpora that share an id cannot be merged
     est = make_estonian(tmp_path, with_test=False)
+    err = run_err(capsys, "estonian", "--root", est, "--out", est)  # would overwrite the release's train.tsv
+    assert f"would overwrite the release's own {est / 'train.tsv'}" in err
+    assert (est / "train.tsv").read_text().startswith("audio\tEstonian\tEnglish\n")
     run_ok("estonian", "--root", est, "--out", tmp_path / "e1")
     run_ok("estonian", "--root", est, "--out", tmp_path / "e2")
     err = run_err(capsys, "merge", tmp_path / "e1", tmp_path / "e2", "--out", tmp_path / "m")

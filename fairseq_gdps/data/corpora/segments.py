@@ -325,6 +325,12 @@ def write_corpus(
         raise PrepError(f"--time-tolerance must be >= 0, got {tolerance}")
     if max_duration is not None and max_duration <= 0:
         raise PrepError(f"--max-duration must be > 0, got {max_duration}")
+    sources = {os.path.abspath(s.file) for s in segments} | {os.path.abspath(b.file) for b in bad}
+    for split in SPLITS:
+        target = os.path.abspath(os.path.join(out_dir, f"{split}.tsv"))
+        if target in sources:
+            raise PrepError(f"{out_dir}: the output folder would overwrite the release's own {target}; "
+                            "choose another --out")
     bad = list(bad)
     ok, field_bad = _validate(segments)
     bad += field_bad
@@ -469,6 +475,9 @@ def merge_corpora(inputs: Sequence[str], out_dir: str, quiet: bool = False) -> D
             for row in rows:
                 per_lang[row["src_lang"]] += 1
             counts[split] = {"utterances": len(rows), "per_lang": dict(sorted(per_lang.items()))}
+    for split in SPLITS:  # an earlier merge's split that none of these corpora has
+        if split not in counts and os.path.isfile(os.path.join(out_dir, f"{split}.tsv")):
+            os.remove(os.path.join(out_dir, f"{split}.tsv"))
     report = {"tool": "gdps-prep-corpus", "source": {"format": "merge", "inputs": [os.path.abspath(d) for d in inputs]},
               "counts": counts}
     with atomic_write(os.path.join(out_dir, REPORT_NAME)) as f:
