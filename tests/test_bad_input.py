@@ -16,7 +16,7 @@ import torch
 from fairseq_gdps.cli.prep import main as prep_main
 from fairseq_gdps.cli.prep import prepare
 from fairseq_gdps.data import features as F
-from fairseq_gdps.data.manifest import PrepError, read_manifest
+from fairseq_gdps.data.manifest import read_manifest
 from fairseq_gdps.gdps.plan import Plan, PlanError
 from fairseq_gdps.gdps.stats import GradientStatistics
 from fairseq_gdps.models.s2t_gdps import resolve_split_spec
@@ -407,6 +407,11 @@ def test_failed_plan_save_keeps_the_previous_plan(tmp_path):
     with pytest.raises(TypeError, match="cannot store object"):
         broken.save(path)
     assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["plan.json"]
+    invalid = Plan.load(path)
+    invalid.shared_ratio = 1.0  # a plan that load would refuse is not written
+    with pytest.raises(PlanError, match="shared_ratio must lie strictly between 0 and 1, got 1.0"):
+        invalid.save(path)
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["plan.json"]
 
 
 # ------------------------------------------------------------------------------- statistics
@@ -428,7 +433,7 @@ def record(steps_, **kw):
     return st
 
 
-def rows_of(st, lang_index, drop):
+def rows_of(st, drop):
     """Every buffer restricted to the languages other than ``drop`` (on every language axis)."""
     keep = torch.tensor([i for i in range(len(st.languages)) if i != drop])
     out = {}
@@ -454,7 +459,7 @@ def test_non_finite_gradient_leaves_other_languages_bit_identical(tmp_path, bad_
     assert st.num_steps == clean.num_steps == 5  # the others' share of that step is recorded
     assert st.counts()["bb"] == {m: 4 for m in SIZES}  # all of bb's modules left out of that step
     assert st.counts()["aa"] == st.counts()["cc"] == {m: 5 for m in SIZES}
-    ours, theirs = rows_of(st, STAT_LANGS, drop=1), rows_of(clean, STAT_LANGS, drop=1)
+    ours, theirs = rows_of(st, drop=1), rows_of(clean, drop=1)
     for name in ours:
         if name != "skipped":
             assert torch.equal(ours[name], theirs[name]), name  # bit for bit

@@ -33,7 +33,8 @@ def _clean(x):
         x = float(x)
         if not math.isfinite(x):
             return None
-        return float(f"{x:.10g}")
+        rounded = float(f"{x:.10g}")
+        return rounded if math.isfinite(rounded) else x  # 1.79e308 would round up to inf
     if type(x).__name__.startswith("int") or type(x).__name__.startswith("uint"):
         return int(x)
     if isinstance(x, dict):
@@ -92,6 +93,9 @@ class Plan:
         r = self.shared_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r < 1:
             raise PlanError(f"shared_ratio must lie strictly between 0 and 1, got {r!r}")
+        if not 0 < _clean(float(r)) < 1:  # as stored: 10 significant digits
+            raise PlanError(f"shared_ratio {r!r} is stored as {_clean(float(r))!r}: it must lie strictly between "
+                            f"0 and 1 with 10 significant digits")
         for m in self.modules:  # joined with ',' into --gdps-split-modules when the plan is resolved
             if not m or m != m.strip() or "," in m or any(c.isspace() for c in m):
                 raise PlanError(f"invalid module name {m!r} (no spaces or commas)")
@@ -134,7 +138,9 @@ class Plan:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2, allow_nan=False) + "\n"
 
     def save(self, path) -> None:
-        """Write atomically: temporary file in the same folder, then ``os.replace``."""
+        """Write atomically: temporary file in the same folder, then ``os.replace``. A plan that
+        ``load`` would refuse is not written (PlanError, the file stays as it was)."""
+        self.validate()
         with atomic_write(path) as f:
             f.write(self.dumps())
 
