@@ -340,6 +340,7 @@ def test_plan_language_the_data_lacks_and_data_language_the_plan_lacks(tmp_path)
         resolve(LANGS + ["xx"], gdps_plan=str(path))
     spec = resolve(LANGS, gdps_plan=str(path))
     assert spec.groups == [["ar", "et"], ["ga", "sw"]] and spec.modules == ["decoder.layers.1.ffn"]
+    assert spec.source == f"--gdps-plan {path}"  # for errors found later, when the model is split
 
 
 @pytest.mark.parametrize("ratio", [0, 1, 0.0, 1.0, -0.25, 1.5, float("nan"), float("inf"), "0.5", True, None])

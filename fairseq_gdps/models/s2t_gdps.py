@@ -152,17 +152,20 @@ def read_plan(path: str, languages: Optional[List[str]] = None) -> Plan:
 
 
 class SplitSpec(Namespace):
-    """modules: [name]; groups: [[lang]]; shared_ratio: float; languages: [lang] (id order)."""
+    """modules: [name]; groups: [[lang]]; shared_ratio: float; languages: [lang] (id order);
+    source: where the split was given ('--gdps-plan PATH' or '--gdps-split-modules'), for errors."""
 
 
 def resolve_split_spec(args, task=None) -> SplitSpec:
     """Read the split from --gdps-plan or the explicit fields and write it back into ``args`` as
     the explicit fields (so it is saved with the checkpoint)."""
+    source = "--gdps-split-modules"
     if getattr(args, "gdps_plan", None):
         explicit = [k for k in ("gdps_split_modules", "gdps_groups", "gdps_shared_ratio") if getattr(args, k, None) is not None]
         if explicit:
             raise ValueError(f"--gdps-plan excludes {', '.join('--' + k.replace('_', '-') for k in explicit)}")
         plan = read_plan(args.gdps_plan, list(getattr(task, "languages", None) or []))
+        source = f"--gdps-plan {args.gdps_plan}"
         _set_arg(args, "gdps_split_modules", ",".join(plan.modules))
         _set_arg(args, "gdps_groups", format_groups(plan.groups))
         _set_arg(args, "gdps_shared_ratio", float(plan.shared_ratio))
@@ -206,7 +209,7 @@ def resolve_split_spec(args, task=None) -> SplitSpec:
                 raise ValueError(msg)
             logger.warning(msg)
     _set_arg(args, "gdps_route_languages", ",".join(languages))
-    return SplitSpec(modules=modules, groups=groups, shared_ratio=ratio, languages=languages)
+    return SplitSpec(modules=modules, groups=groups, shared_ratio=ratio, languages=languages, source=source)
 
 
 # ---------------------------------------------------------------------------------------------
