@@ -149,6 +149,11 @@ def test_builds_on_the_pretrained_encoder_with_named_ffns(w2v, wave_data, one_th
     assert list(ffn_module_names(model)) == W2V_FFNS + ["decoder.layers.0.ffn", "decoder.layers.1.ffn"]
 
 
+def test_w2v_freezing_updates_is_refused_with_the_freezing_flags(w2v, wave_data, one_thread):
+    with pytest.raises(ValueError, match="--w2v-freezing-updates .* undoing --gdps-train-only"):
+        build(w2v[0], wave_data, w2v_freezing_updates=10, gdps_freeze="decoder.*")
+
+
 def test_split_of_a_wav2vec2_ffn_preserves_the_function(w2v, wave_data, one_thread):
     model, _ = build(w2v[0], wave_data, gdps_groups="ar,et;ga,sw")
     model.eval()
