@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 import torch
-from fairseq.data import BaseWrapperDataset, ResamplingDataset
+from fairseq.data import BaseWrapperDataset, FairseqDataset, ResamplingDataset
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
 from fairseq.tasks import register_task
@@ -63,6 +63,16 @@ class LanguageTaggedDataset(BaseWrapperDataset):
         super().__init__(dataset)
         self.s2t_dataset = s2t_dataset
         self.lang_ids = torch.as_tensor(lang_ids, dtype=torch.long)
+
+    # fairseq's ResamplingDataset shadows its batch_by_size method with a bool attribute, and
+    # forwards filter_indices_by_size to the dataset it samples from (whose indices are others):
+    # batch and filter here, with FairseqDataset's own code over this dataset's sizes (what the
+    # S2T dataset itself uses when it is not resampled).
+    def batch_by_size(self, indices, max_tokens=None, max_sentences=None, required_batch_size_multiple=1):
+        return FairseqDataset.batch_by_size(self, indices, max_tokens, max_sentences, required_batch_size_multiple)
+
+    def filter_indices_by_size(self, indices, max_sizes):
+        return FairseqDataset.filter_indices_by_size(self, indices, max_sizes)
 
     def collater(self, samples):
         batch = self.s2t_dataset.collater(samples, return_order=True)
