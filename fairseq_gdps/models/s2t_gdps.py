@@ -401,14 +401,30 @@ class GDPSTransformerDecoder(TransformerDecoderScriptable):
 
 
 def _load_pretrained_encoder(encoder, args):
+    """``--load-pretrained-encoder-from``: every ``encoder.*`` weight of a fairseq S2T/ASR
+    checkpoint (FFNs included, before any split), strictly. Unlike stock fairseq, a missing file
+    is an error, not a warning; the flag is then cleared, as ``--gdps-init-from`` is, so the
+    checkpoints (which hold the weights) do not need that file to be rebuilt."""
     path = getattr(args, "load_pretrained_encoder_from", None)
     if path is None:
         return encoder
-    if not Path(path).exists():
-        logger.warning(f"skipped pretraining because {path} does not exist")
-        return encoder
-    encoder = checkpoint_utils.load_pretrained_component_from_model(component=encoder, checkpoint=path)
+    flag = f"--load-pretrained-encoder-from {path}"
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{flag}: no such file")
+    weights = {k[len("encoder."):]: v for k, v in checkpoint_utils.load_checkpoint_to_cpu(path)["model"].items()
+               if k.startswith("encoder.")}
+    own = encoder.state_dict()
+    missing, unexpected = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shapes = [f"{k} {tuple(weights[k].shape)} != {tuple(v.shape)}" for k, v in own.items()
+              if k in weights and weights[k].shape != v.shape]
+    if missing or unexpected or shapes:
+        raise RuntimeError(
+            f"{flag}: its encoder does not fit the {args.arch} encoder (same architecture and sizes "
+            f"needed): missing {missing[:5]}, unexpected {unexpected[:5]}, shape mismatches {shapes[:5]}"
+        )
+    encoder.load_state_dict(weights, strict=True)
     logger.info(f"loaded pretrained encoder from: {path}")
+    _set_arg(args, "load_pretrained_encoder_from", None)
     return encoder
 
 
