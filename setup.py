@@ -19,6 +19,7 @@ setup(
             "gdps-split-checkpoint=fairseq_gdps.cli.split_checkpoint:main",
             "gdps-prep-corpus=fairseq_gdps.cli.prep_corpus:main",
             "gdps-export=fairseq_gdps.cli.export:main",
+            "gdps-prep-waveforms=fairseq_gdps.data.waveform_data:main",
         ]
     },
 )
