@@ -84,6 +84,9 @@ def _model_args(state, path) -> Namespace:
 def gdps_model_name(args, path) -> str:
     arch = getattr(args, "arch", None) or getattr(args, "_name", None)
     model = ARCH_MODEL_NAME_REGISTRY.get(arch)
+    if model not in STOCK_MODEL and str(model).endswith("_gdps"):
+        raise ExportError(f"{path}: a {model} checkpoint; gdps-export folds only "
+                          f"{', '.join(sorted(STOCK_MODEL))} checkpoints so far")
     if model not in STOCK_MODEL:
         raise ExportError(
             f"{path}: not a GDPS checkpoint (arch {arch!r}, model {model!r}); gdps-export takes "
