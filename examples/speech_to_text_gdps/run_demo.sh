@@ -52,6 +52,10 @@ grep -E "^(split|groups|shared ratio)" "$WORK/gdps.log" || true
 echo
 echo "Per-language test scores (shared baseline vs GDPS):"
 gdps-score --compare baseline="$WORK/baseline/scores.json" gdps="$WORK/gdps/scores.json" --out "$WORK/comparison"
+# paired bootstrap of GDPS against the baseline, per language (one seed: see benchmarks/quality.py for several)
+gdps-score --data "$WORK/data" --decode-dir "$WORK/gdps/decode" --baseline-decode-dir "$WORK/baseline/decode" \
+  --out "$WORK/gdps/scores_vs_baseline" > /dev/null
+echo "GDPS against the baseline, paired bootstrap: $WORK/gdps/scores_vs_baseline.md"
 
 printf 'PROFILE=%s\nSEED=%s\nMAX_UPDATE=%s\nWALL_S=%s\n' "$PROFILE" "$SEED" "$MAX_UPDATE" "$(( $(date +%s) - t0 ))" > "$WORK/run.env"
 bash "$RECIPE_DIR/write_demo_results.sh" "$WORK"
