@@ -15,10 +15,37 @@ import torch
 from gdps_training import (assert_models_equal, assert_statistics_equal, data_parallel, load_checkpoint,
                            num_updates, plan_json, run_all, split_checkpoint, stage1_args, train_args)
 
-pytestmark = pytest.mark.slow
-
 STAGE1_UPDATES = 6   # one epoch: the last update has a single batch (a padding batch on worker 1)
 STAGE2_UPDATES = 8
+
+
+def test_update_sums_of_two_workers_equal_one_process_accumulating_both_micro_batches():
+    """PerLanguageUpdate: the element-wise sum of two workers' buffers (what all_reduce does) is
+    the buffer of one process that added both micro-batches; per-token gradients divide summed
+    gradients by summed tokens, not average the workers' per-token means."""
+    from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate
+
+    gen = torch.Generator().manual_seed(0)
+    sizes = {"enc": 6, "dec": 4}
+    micro_batches = [  # (per-language gradient sums, target tokens of languages 0..2)
+        ({0: {"enc": torch.randn(2, 3, generator=gen), "dec": torch.randn(4, generator=gen)},
+          2: {"enc": torch.randn(2, 3, generator=gen), "dec": torch.randn(4, generator=gen)}}, torch.tensor([30., 0., 10.])),
+        ({0: {"enc": torch.randn(2, 3, generator=gen), "dec": torch.randn(4, generator=gen)}}, torch.tensor([10., 0., 0.])),
+    ]
+    one = PerLanguageUpdate(sizes, 3)
+    workers = [PerLanguageUpdate(sizes, 3) for _ in micro_batches]
+    for (grads, tokens), worker in zip(micro_batches, workers):
+        one.add(grads, tokens)
+        worker.add(grads, tokens)
+    assert torch.equal(workers[0].buffer + workers[1].buffer, one.buffer)
+    grads = one.per_token(["ar", "et", "ga"])
+    assert sorted(grads) == ["ar", "ga"]   # "et" has no tokens in this update
+    (first, _), (second, _) = micro_batches
+    expected = (first[0]["enc"].double() + second[0]["enc"].double()).reshape(-1) / 40   # summed in float64
+    torch.testing.assert_close(grads["ar"]["enc"], expected, rtol=1e-12, atol=0)
+    mean_of_means = (first[0]["enc"].double() / 30 + second[0]["enc"].double() / 10).reshape(-1) / 2
+    assert not torch.allclose(grads["ar"]["enc"], mean_of_means)
+    torch.testing.assert_close(grads["ga"]["dec"], first[2]["dec"].double() / 10, rtol=1e-12, atol=0)
 
 
 @pytest.fixture(scope="module")
@@ -32,6 +59,7 @@ def stage1(tiny_data, tmp_path_factory):
     return {"out": out, "single": single, "workers": workers, "worker0_log": logs[1]}
 
 
+@pytest.mark.slow
 def test_two_workers_record_what_one_process_records_with_update_freq_2(stage1):
     from fairseq_gdps.gdps.stats import GradientStatistics
 
@@ -54,6 +82,7 @@ def test_two_workers_record_what_one_process_records_with_update_freq_2(stage1):
     assert json.loads(single_plan)["modules"]
 
 
+@pytest.mark.slow
 def test_stage2_split_model_trains_under_data_parallelism(stage1, tiny_data):
     """run_gdps.sh's stage 2 (gdps-split-checkpoint, then fairseq-train --restore-file) with two
     workers: the split model's updates equal one process's with --update-freq 2."""
