@@ -19,9 +19,12 @@ needs from per-language gradients, without ever storing a per-step gradient:
                angles and Gaussian conflict estimates all follow from these sums.
 
 Everything is a float64 sum whose size depends on the languages, modules and settings only,
-never on the number of steps. Hence data-parallel reduction (``flat_buffers`` +
-``torch.distributed.all_reduce`` + ``load_flat_buffers``), resuming (``merge_`` of a saved file)
-and probing at intervals (one object per interval, merged later) are the same operation.
+never on the number of steps. Hence merging statistics recorded independently (``merge_``, or
+``flat_buffers`` + ``torch.distributed.all_reduce`` + ``load_flat_buffers``), resuming (``merge_``
+of a saved file) and probing at intervals (one object per interval, merged later) are the same
+operation. A step must be a whole update, though: the squared norms and moments are not linear in
+a step's gradient, so data-parallel workers sum an update's per-language gradients before it is
+recorded (``per_language_update.py``), not their statistics afterwards.
 
 Random projections
 ------------------
