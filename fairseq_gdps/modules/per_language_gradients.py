@@ -7,12 +7,20 @@ gradient the backward pass computes anyway. This replaces one backward per singl
 sub-batch: fairseq's convolutional subsampler lets the zero frames past an utterance's end (i.e.
 the batch's padding) into its encoding, so separate sub-batches would not reproduce the stock
 update exactly, and they would cost more.
+
+The share of the language with the most utterances in the batch is not multiplied out: it is the
+layer's gradient (read from a hook on the parameter) minus the other languages' shares. That
+saves the largest of the per-language products, which is what the probe costs on top of the
+stock backward (``benchmarks/speed.py`` measures it). Done in float32/float64 only; under
+half precision the difference would lose too many digits, so every share is multiplied out.
 """
 from functools import partial
 from typing import Dict, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
+
+_SUBTRACT_DTYPES = (torch.float32, torch.float64)
 
 
 class PerLanguageGradients:
@@ -32,14 +40,28 @@ class PerLanguageGradients:
         self.lang_ids = lang_ids
         self.languages = torch.unique(lang_ids).tolist()
         self.columns = [torch.nonzero(lang_ids == lang).squeeze(1) for lang in self.languages]
+        # the language (index into self.languages) whose share is the layer's gradient minus the others'
+        self.derived = max(range(len(self.languages)), key=lambda i: self.columns[i].numel())
         self._handles = []
-        self._weight: Dict[tuple, Tensor] = {}
+        self._weight: Dict[tuple, Tensor] = {}  # (L, out, in) shares; rows of derived layers filled later
         self._bias: Dict[tuple, Tensor] = {}
+        self._total: Dict[tuple, Dict[str, Tensor]] = {}  # parameter gradients of the derived layers
+        self._derived_keys = set()
+
+    @staticmethod
+    def _parameters(layer: nn.Linear) -> Dict[str, Tensor]:
+        return {"weight": layer.weight, **({"bias": layer.bias} if layer.bias is not None else {})}
 
     def __enter__(self):
         for name, layers in self.blocks.items():
             for k, layer in enumerate(layers):
-                self._handles.append(layer.register_forward_hook(partial(self._on_forward, (name, k))))
+                key = (name, k)
+                self._handles.append(layer.register_forward_hook(partial(self._on_forward, key)))
+                params = self._parameters(layer)
+                if all(p.requires_grad and p.dtype in _SUBTRACT_DTYPES for p in params.values()):
+                    self._derived_keys.add(key)
+                    for kind, p in params.items():
+                        self._handles.append(p.register_hook(partial(self._on_param_grad, key, kind)))
         return self
 
     def __exit__(self, *exc):
@@ -47,6 +69,11 @@ class PerLanguageGradients:
             handle.remove()
         self._handles = []
         return False
+
+    def _on_param_grad(self, key, kind, grad):
+        totals = self._total.setdefault(key, {})
+        totals[kind] = totals[kind] + grad if kind in totals else grad
+        return None
 
     def _on_forward(self, key, module, inputs, output):
         if not output.requires_grad:
@@ -59,18 +86,32 @@ class PerLanguageGradients:
         output.register_hook(partial(self._on_grad, key, x, module.bias is not None))
 
     def _on_grad(self, key, x, has_bias, grad_output):
-        weights, biases = [], []
-        for cols in self.columns:
-            g = grad_output.index_select(1, cols).reshape(-1, grad_output.size(-1))
-            weights.append(g.t() @ x.index_select(1, cols).reshape(-1, x.size(-1)))
+        skip = self.derived if key in self._derived_keys else None
+        n, out_dim, in_dim = len(self.languages), grad_output.size(-1), x.size(-1)
+        weight = grad_output.new_zeros(n, out_dim, in_dim)
+        bias = grad_output.new_zeros(n, out_dim) if has_bias else None
+        for i, cols in enumerate(self.columns):
+            if i == skip:
+                continue
+            g = grad_output.index_select(1, cols).reshape(-1, out_dim)
+            torch.mm(g.t(), x.index_select(1, cols).reshape(-1, in_dim), out=weight[i])
             if has_bias:
-                biases.append(g.sum(0))
-        weight = torch.stack(weights)
+                torch.sum(g, 0, out=bias[i])
         self._weight[key] = self._weight[key] + weight if key in self._weight else weight
         if has_bias:
-            bias = torch.stack(biases)
             self._bias[key] = self._bias[key] + bias if key in self._bias else bias
         return None
+
+    def _shares(self, key, kind: str) -> Tensor:
+        """(L, ...) per-language shares of one layer's weight or bias."""
+        shares = (self._weight if kind == "weight" else self._bias)[key]
+        if key in self._derived_keys:
+            total = self._total.get(key, {}).get(kind)
+            if total is None:
+                raise RuntimeError(f"{key[0]}: layer {key[1]}'s {kind} got no gradient in this backward pass")
+            shares[self.derived] = 0
+            shares[self.derived] = total - shares.sum(0)
+        return shares
 
     def gradients(self) -> Dict[int, Dict[str, Tensor]]:
         out: Dict[int, Dict[str, Tensor]] = {lang: {} for lang in self.languages}
@@ -79,9 +120,9 @@ class PerLanguageGradients:
             for k, layer in enumerate(layers):
                 if (name, k) not in self._weight:
                     raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass")
-                parts.append(self._weight[(name, k)].flatten(1))
+                parts.append(self._shares((name, k), "weight").flatten(1))
                 if layer.bias is not None:
-                    parts.append(self._bias[(name, k)])
+                    parts.append(self._shares((name, k), "bias"))
             flat = torch.cat(parts, dim=1)
             for i, lang in enumerate(self.languages):
                 out[lang][name] = flat[i]
