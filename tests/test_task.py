@@ -18,10 +18,13 @@ SIZES = ["--encoder-layers", "2", "--decoder-layers", "1", "--encoder-embed-dim"
 
 
 class PlainBackward:
-    """The one optimizer method train_step uses."""
+    """The optimizer methods train_step and optimizer_step use (the step leaves the weights)."""
 
     def backward(self, loss):
         loss.backward()
+
+    def step(self):
+        pass
 
 
 def build(data, task, arch, criterion, extra=()):
@@ -71,6 +74,7 @@ def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tm
 
     stock_loss, stock_size, stock_log = stock_task.train_step(stock_batch, stock_model, stock_criterion, PlainBackward(), 0)
     gdps_loss, gdps_size, gdps_log = gdps_task.train_step(batch, gdps_model, gdps_criterion, PlainBackward(), 0)
+    gdps_task.optimizer_step(PlainBackward(), gdps_model, 0)  # the probe records the update here
 
     assert gdps_size == stock_size
     assert gdps_log["ntokens"] == stock_log["ntokens"] and gdps_log["nsentences"] == stock_log["nsentences"]
