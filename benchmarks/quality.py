@@ -34,7 +34,6 @@ import concurrent.futures as cf
 import json
 import logging
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -44,6 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import mean, stdev
 from typing import Callable, Optional
+
+from machine import machine  # benchmarks/machine.py (this folder is on sys.path when run or tested)
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
@@ -464,18 +465,6 @@ def write_results(results: dict, meta: dict, results_dir: Path) -> None:
     with atomic_write(results_dir / "quality.md") as f:
         f.write(to_markdown(results, meta))
     plot_dev_loss(results, results_dir / "quality_dev_loss.png")
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}"
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,6 @@ import io
 import json
 import logging
 import os
-import platform
 import re
 import shlex
 import statistics as pystats
@@ -46,6 +45,9 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import machine, machine_details  # noqa: E402  (benchmarks/machine.py)
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
@@ -122,27 +124,6 @@ logger = logging.getLogger("benchmarks.speed")
 # ---------------------------------------------------------------------------------------------
 # environment and data
 # ---------------------------------------------------------------------------------------------
-def machine_description() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        mem_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (ValueError, OSError, AttributeError):
-        mem_gib = None
-    try:
-        load = list(os.getloadavg())
-    except OSError:
-        load = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": mem_gib, "platform": platform.platform(),
-            "python": platform.python_version(), "load_average_at_start": load}
-
-
 def versions() -> dict:
     import fairseq
     import torch
@@ -708,7 +689,7 @@ def run(setting_name: str, data: Optional[Path], work: Path, out: Path, threads:
     work.mkdir(parents=True, exist_ok=True)
     results = {"benchmark": "speed", "setting": setting_name,
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-               "machine": machine_description(), "versions": versions(), "threads": threads,
+               "machine": {**machine_details(), "description": machine()}, "versions": versions(), "threads": threads,
                "settings": asdict(setting)}
     data = data or prepare_data(setting, work, threads)
     results["data"] = {"path": str(data), "train_utterances": sum(1 for _ in open(data / "train.tsv")) - 1,

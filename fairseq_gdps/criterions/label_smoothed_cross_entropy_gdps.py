@@ -75,10 +75,15 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         if cfg.gdps_probe_interval > 0 and not cfg.gdps_stats:
             raise ValueError("--gdps-probe-interval > 0 needs --gdps-stats FILE to write the statistics to")
         self.cfg = cfg
+        # plain ints: probe_due runs twice per update, probed or not, and DictConfig reads are slow
+        self.probe_interval = int(cfg.gdps_probe_interval)
+        self.probe_start = int(cfg.gdps_probe_start)
         self.languages: List[str] = []
         self.statistics: Optional[GradientStatistics] = None
         self._tracked: Optional[Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]] = None
+        self._block_sizes: Optional[Dict[str, int]] = None
         self._update: Optional[PerLanguageUpdate] = None   # the probed update in progress
+        self._spare_update: Optional[PerLanguageUpdate] = None   # its buffer, kept between probed updates
         self._reduce_seconds, self._reduced_updates = 0.0, 0
 
     @classmethod
@@ -89,8 +94,8 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self.languages = list(languages)
 
     def probe_due(self, update_num: int) -> bool:
-        interval = self.cfg.gdps_probe_interval
-        return interval > 0 and update_num >= self.cfg.gdps_probe_start and (update_num - self.cfg.gdps_probe_start) % interval == 0
+        interval, start = self.probe_interval, self.probe_start
+        return interval > 0 and update_num >= start and (update_num - start) % interval == 0
 
     def tracked_modules(self, model) -> Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]:
         """The tracked FFN blocks' (fc1, fc2) layers, by block name (resolved once per model)."""
@@ -142,8 +147,20 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         return self.statistics
 
     def block_sizes(self) -> Dict[str, int]:
-        return {name: sum(p.numel() for layer in layers for p in layer.parameters())
-                for name, layers in self._tracked.items()}
+        if self._block_sizes is None:
+            self._block_sizes = {name: sum(p.numel() for layer in layers for p in layer.parameters())
+                                 for name, layers in self._tracked.items()}
+        return self._block_sizes
+
+    def _new_update(self) -> PerLanguageUpdate:
+        """An empty PerLanguageUpdate, reusing the last one's buffer (a fresh buffer of every
+        tracked gradient element per language would be paid for page by page at every probe)."""
+        device = next(iter(self._tracked.values()))[0].weight.device
+        update, self._spare_update = self._spare_update, None
+        if update is None or update.buffer.device != device or update.num_languages != len(self.languages):
+            return PerLanguageUpdate(self.block_sizes(), len(self.languages), device)
+        update.reset()
+        return update
 
     def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
                         first_of_update: bool) -> None:
@@ -151,8 +168,9 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         ``(L,)`` target-token counts to the update in progress (a new one when
         ``first_of_update``: with ``--update-freq`` an update has several micro-batches)."""
         if first_of_update or self._update is None:
-            device = next(iter(self._tracked.values()))[0].weight.device
-            self._update = PerLanguageUpdate(self.block_sizes(), len(self.languages), device)
+            if self._update is not None:   # an update begun again (e.g. after an fp16 overflow)
+                self._spare_update = self._update
+            self._update = self._new_update()
         self._update.add(grads, tokens)
 
     def record_update(self, update_num: int) -> None:
@@ -163,18 +181,18 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         update's utterances. Every worker must call this for every probed update."""
         update, self._update = self._update, None
         if update is None:   # this worker had no probed micro-batch in the update
-            update = PerLanguageUpdate(self.block_sizes(), len(self.languages),
-                                       next(iter(self._tracked.values()))[0].weight.device)
+            update = self._new_update()
         if distributed_utils.get_data_parallel_world_size() > 1:
             start = time.perf_counter()
             distributed_utils.all_reduce(update.buffer, distributed_utils.get_data_parallel_group())
             self._reduce_seconds += time.perf_counter() - start
             self._reduced_updates += 1
-        grads = update.per_token(self.languages)
-        if not grads:
+        languages, grads = update.per_token_rows(self.languages)   # divides the buffer in place
+        self._spare_update = update
+        if not languages:
             return
         statistics = self._statistics_for(self._tracked, update_num)
-        skipped = statistics.add_step(update_num, grads)
+        skipped = statistics.add_step_rows(update_num, languages, grads)
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
 

@@ -14,14 +14,19 @@ per-worker means would weigh one worker's few tokens of a language like another'
 statistics themselves cannot be reduced instead: their squared norms and moments are not
 linear in the step's gradient. This file imports no fairseq.
 """
-from typing import Dict, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 
 class PerLanguageUpdate:
-    """Per-language gradient sums ``(L, D)`` and target-token counts ``(L,)`` of one update.
+    """Per-language gradient sums and target-token counts ``(L,)`` of one update.
+
+    The buffer is laid out block by block, so that every block's sums are one contiguous
+    ``(L, d)`` matrix (``blocks[name]``) that the statistics read without copying. The buffer is
+    meant to be reused from one probed update to the next (:meth:`reset`): allocating it afresh
+    costs every page of it again.
 
     Args:
         block_sizes: block name -> number of gradient elements, in a fixed order (the same on
@@ -32,32 +37,65 @@ class PerLanguageUpdate:
 
     def __init__(self, block_sizes: Mapping[str, int], num_languages: int, device=None):
         self.block_names = list(block_sizes)
-        self.slices: Dict[str, slice] = {}
+        self.block_sizes = {name: int(block_sizes[name]) for name in self.block_names}
+        self.num_languages = L = int(num_languages)
+        total = sum(self.block_sizes.values())
+        # block matrices and tokens are views of one buffer: a single all_reduce completes all
+        self.buffer = torch.zeros(L * total + L, dtype=torch.float64, device=device)
+        self.blocks: Dict[str, Tensor] = {}
         offset = 0
-        for name in self.block_names:
-            self.slices[name] = slice(offset, offset + int(block_sizes[name]))
-            offset += int(block_sizes[name])
-        self.num_languages = int(num_languages)
-        # sums and tokens are views of one buffer: a single all_reduce completes both
-        self.buffer = torch.zeros(self.num_languages * offset + self.num_languages, dtype=torch.float64, device=device)
-        self.sums = self.buffer[: self.num_languages * offset].view(self.num_languages, offset)
-        self.tokens = self.buffer[self.num_languages * offset:]
+        for name, size in self.block_sizes.items():
+            self.blocks[name] = self.buffer[offset: offset + L * size].view(L, size)
+            offset += L * size
+        self.tokens = self.buffer[offset:]
+        self.micro_batches = 0
+
+    def reset(self) -> None:
+        """Zero the sums and counts for the next update (the buffer is kept)."""
+        self.buffer.zero_()
         self.micro_batches = 0
 
     def add(self, grads: Mapping[int, Mapping[str, Tensor]], tokens: Tensor) -> None:
         """Add one micro-batch: ``grads[lang_id][block]`` is the block's gradient summed over
-        that language's utterances (any shape), ``tokens`` the ``(L,)`` target-token counts."""
+        that language's utterances (any shape, any floating dtype: it is added in float64),
+        ``tokens`` the ``(L,)`` target-token counts."""
         for lang, blocks in grads.items():
             for name, grad in blocks.items():
-                self.sums[int(lang), self.slices[name]] += grad.detach().reshape(-1).to(self.buffer)
+                self.blocks[name][int(lang)].add_(grad.detach().reshape(-1).to(self.buffer.device))
         self.tokens += tokens.to(self.buffer)
         self.micro_batches += 1
 
+    def _present(self) -> List[int]:
+        return torch.nonzero(self.tokens > 0).flatten().tolist()
+
     def per_token(self, languages: Sequence[str]) -> Dict[str, Dict[str, Tensor]]:
         """``{language: {block: gradient per target token}}`` for the languages with tokens in
-        the update (float64)."""
+        the update (float64, new tensors; the sums are left as they are)."""
+        self._check_names(languages)
+        return {languages[lang]: {name: self.blocks[name][lang] / self.tokens[lang] for name in self.block_names}
+                for lang in self._present()}
+
+    def per_token_rows(self, languages: Sequence[str]) -> Tuple[List[str], Dict[str, Tensor]]:
+        """The languages with tokens in the update and ``{block: (n, d) gradients per target
+        token}``, a row per such language: what ``GradientStatistics.add_step_rows`` takes.
+
+        Works in place, without allocating: the present languages' rows are moved to
+        the top of every block matrix and divided there, so the update is spent afterwards
+        (:meth:`reset` it before reuse). Element for element the same numbers as :meth:`per_token`."""
+        self._check_names(languages)
+        present = self._present()
+        n = len(present)
+        if n < self.num_languages:
+            # row present[i] >= i: moving the rows in increasing order never overwrites one still to move
+            for i, lang in enumerate(present):
+                if lang != i:
+                    for block in self.blocks.values():
+                        block[i].copy_(block[lang])
+                    self.tokens[i] = self.tokens[lang]
+        divisor = self.tokens[:n, None]
+        per_token = {name: block[:n].div_(divisor) for name, block in self.blocks.items()}
+        return [languages[lang] for lang in present], per_token
+
+    def _check_names(self, languages: Sequence[str]) -> None:
         if len(languages) != self.num_languages:
             raise ValueError(f"expected {self.num_languages} language names, got {len(languages)}")
-        present = torch.nonzero(self.tokens > 0).flatten().tolist()
-        return {languages[lang]: {name: self.sums[lang, sl] / self.tokens[lang] for name, sl in self.slices.items()}
-                for lang in present}

@@ -88,11 +88,13 @@ class CountSketch:
             self._on[device] = (self.index.to(device), self.sign.to(device))
         return self._on[device]
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """Sketch the rows of ``x`` (shape ``(..., d)``) -> ``(..., k)``, in x's dtype and device."""
+    def __call__(self, x: torch.Tensor, work: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Sketch the rows of ``x`` (shape ``(..., d)``) -> ``(..., k)``, in x's dtype and device.
+        ``work``: optional scratch of x's shape, dtype and device for the signed copy of x."""
         index, sign = self._tensors(x.device)
         out = torch.zeros(*x.shape[:-1], self.k, dtype=x.dtype, device=x.device)
-        return out.index_add_(x.dim() - 1, index, x * sign.to(x.dtype))
+        signed = torch.mul(x, sign.to(x.dtype), out=work) if work is not None else x * sign.to(x.dtype)
+        return out.index_add_(x.dim() - 1, index, signed)
 
 
 class GradientStatistics:
@@ -135,6 +137,7 @@ class GradientStatistics:
         self.device = torch.device("cpu")
         self.source = ""  # the file these statistics were read from, named in merge errors
         self._proj_cache: Dict[str, tuple] = {}
+        self._scratch = torch.empty(0, dtype=torch.float64)   # add_step's temporaries, reused (not saved)
         self._buffers: Dict[str, torch.Tensor] = {}
         self._alloc()
         if languages:
@@ -242,6 +245,13 @@ class GradientStatistics:
             on[device] = gauss.to(device)
         return on[device]
 
+    def _work(self, shape, device) -> torch.Tensor:
+        """Scratch float64 tensor of ``shape`` on ``device`` (contents undefined)."""
+        numel = math.prod(shape)
+        if self._scratch.device != torch.device(device) or self._scratch.numel() < numel:
+            self._scratch = torch.empty(numel, dtype=torch.float64, device=device)
+        return self._scratch[:numel].view(*shape)
+
     def bucket_of(self, step: int) -> int:
         """Bucket of a step: a seeded 64-bit mix of the step number, modulo ``num_buckets``."""
         return _splitmix64((int(step) & _MASK64) ^ _splitmix64(self.seed)) % self.num_buckets
@@ -260,13 +270,8 @@ class GradientStatistics:
             unknown = [m for m in grads[l] if m not in self.module_sizes]
             if unknown:
                 raise ValueError(f"add_step: language {l!r} has untracked modules {unknown}")
-        if not langs:
-            return []
-        self._ensure_languages(langs)
-        L, r = len(self.languages), self.subspace_dim
-        results = []
-        finite = {}
-        for mi, m in enumerate(self.module_names):
+        modules = []
+        for m in self.module_names:
             rows = [l for l in langs if m in grads[l]]
             if not rows:
                 continue
@@ -277,12 +282,52 @@ class GradientStatistics:
                 if g.numel() != d:
                     raise ValueError(f"add_step: gradient of {m!r} for {l!r} has {g.numel()} elements, expected {d}")
                 flat.append(g)
-            G = torch.stack(flat).to(torch.float64)
+            modules.append((m, rows, torch.stack(flat)))
+        return self._record(step, langs, modules)
+
+    @torch.no_grad()
+    def add_step_rows(self, step: int, languages: Sequence[str], grads: Mapping[str, torch.Tensor]) -> List[str]:
+        """Record one update given as a matrix per module: ``grads[module]`` is ``(n, d)``, row i
+        the gradient of ``languages[i]`` (every language has every given module). The same
+        statistics, bit for bit, as :meth:`add_step` with the rows as separate gradients, but a
+        contiguous float64 matrix is read in place instead of being copied.
+        Returns the skipped (non-finite) languages."""
+        langs = [str(l) for l in languages]
+        modules = []
+        for m in self.module_names:
+            if m not in grads:
+                continue
+            G = grads[m].detach()
+            if G.dim() != 2 or tuple(G.shape) != (len(langs), self.module_sizes[m]):
+                raise ValueError(f"add_step_rows: gradients of {m!r} have shape {tuple(G.shape)}, "
+                                 f"expected ({len(langs)}, {self.module_sizes[m]})")
+            modules.append((m, langs, G))
+        unknown = [m for m in grads if m not in self.module_sizes]
+        if unknown:
+            raise ValueError(f"add_step_rows: untracked modules {unknown}")
+        return self._record(step, langs, modules)
+
+    def _record(self, step: int, langs: List[str], modules) -> List[str]:
+        """Record ``modules``, a list of (module, its languages, (n, d) gradients), in module order."""
+        if not langs or not modules:
+            return []
+        self._ensure_languages(langs)
+        L, r = len(self.languages), self.subspace_dim
+        module_index = {m: i for i, m in enumerate(self.module_names)}
+        results = []
+        finite = {}
+        for m, rows, G in modules:
+            mi = module_index[m]
+            # float64 throughout; a float64 input is used as it is (no copy)
+            G = G.to(torch.float64)
             main, aux, _, _ = self._projections(m)
-            q_exact = (G * G).sum(1)
-            Y = main(G) if main is not None else G
+            # the element-wise temporaries go to one reused scratch buffer: a fresh allocation
+            # of this size is paid for page by page at every step
+            work = self._work(G.shape, G.device)
+            q_exact = torch.mul(G, G, out=work).sum(1)
+            Y = main(G, work) if main is not None else G
             q = (Y * Y).sum(1) if main is not None else q_exact
-            Z = aux(Y) if aux is not None else Y
+            Z = aux(Y, self._work(Y.shape, Y.device)) if aux is not None else Y
             qz = (Z * Z).sum(1) if aux is not None else q
             X = Z @ self._gauss_on(m, Z.device).T if r else None
             results.append((mi, m, rows, Y, Z, X, torch.stack([q_exact, q, qz], 1)))
