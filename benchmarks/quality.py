@@ -340,7 +340,7 @@ def collect(work: Path, setting: dict, systems: list[str], bootstrap: int, data_
                     plan = json.loads((split if split.is_file() else run / "analysis" / "plan.json").read_text())
                     entry["split"] = {"modules": plan["modules"], "groups": plan["groups"], "shared_ratio": plan["shared_ratio"]}
                     if system == "gdps":
-                        entry["split"]["stability"] = plan.get("scores", {}).get("grouping", {}).get("chosen_frequency")
+                        entry["split"]["stability"] = plan.get("provenance", {}).get("grouping", {}).get("chosen_frequency")
                 per_seed[system] = entry
             if "baseline" in per_seed and per_seed["baseline"]["dev_loss"]:
                 best = min(loss for _, loss in per_seed["baseline"]["dev_loss"])
