@@ -41,6 +41,7 @@ def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     languages = sorted(seed1["baseline"]["bleu"])
     # the split systems hold more parameters than the shared model; the full split the most
     assert seed1["baseline"]["params"] < seed1["gdps"]["params"] <= seed1["full_split"]["params"]
+    assert 0 < seed1["gdps"]["split"]["stability"] <= 1
     assert seed1["full_split"]["split"]["groups"] == [[l] for l in languages]
     assert seed1["full_split"]["split"]["shared_ratio"] == 0.0
     assert len(seed1["param_diff"]["split"]["groups"]) == 2
