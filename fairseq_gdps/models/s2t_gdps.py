@@ -459,8 +459,11 @@ class _GDPSModelMixin:
             logger.info(f"GDPS stage 2 initialised from {init_from}")
             _set_arg(args, "gdps_init_from", None)  # the checkpoint then holds the weights itself
         if spec.modules:
-            split_ffns(model, spec.modules, len(spec.groups), spec.shared_ratio, method=args.gdps_init,
-                       seed=args.gdps_init_seed)
+            try:
+                split_ffns(model, spec.modules, len(spec.groups), spec.shared_ratio, method=args.gdps_init,
+                           seed=args.gdps_init_seed)
+            except ValueError as e:  # e.g. a module the model lacks: say which plan or flag named it
+                raise ValueError(f"{spec.source}: {e}") from None
         freeze_parameters(model, args)
         return model
 
