@@ -22,7 +22,7 @@ for name, extra in (("quality", "\n![dev loss versus updates](benchmarks/results
         sys.exit(f"README.md has no {name}-results markers")
     head, rest = readme.split(begin, 1)
     _, tail = rest.split(end, 1)
-    text = source.read_text().replace("\n### ", "\n#### ")
+    text = ("\n" + source.read_text()).replace("\n### ", "\n#### ").lstrip("\n")
     readme = head + begin + "\n" + text.rstrip("\n") + "\n" + (extra if (results / "quality_dev_loss.png").is_file() or not extra else "") + end + tail
     published.append(str(source))
 Path("README.md.tmp").write_text(readme)
