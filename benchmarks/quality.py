@@ -432,7 +432,8 @@ def plot_dev_loss(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conditions = [c for c in results if results[c]["seeds"]]
+    conditions = [c for c in results
+                  if any(e.get("dev_loss") for per_seed in results[c]["seeds"].values() for e in per_seed.values())]
     fig, axes = plt.subplots(1, max(1, len(conditions)), figsize=(6 * max(1, len(conditions)), 4), squeeze=False)
     for ax, condition in zip(axes[0], conditions):
         seeds = results[condition]["seeds"]
