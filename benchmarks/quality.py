@@ -225,9 +225,28 @@ class Benchmark:
         self.sh(["gdps-score", "--data", data, "--decode-dir", decode, "--out", out / "scores"], out / "score.log")
 
     # -- scheduling -----------------------------------------------------------------------------
+    RUN_DEFINING = ("utterances", "vocab", "max_update", "stage1", "probe_interval")
+
+    def check_work_setting(self) -> None:
+        """Finished runs are reused by folder name, so a work folder must keep one training setting:
+        refuse to mix runs of another budget into it."""
+        wanted = {k: self.s[k] for k in self.RUN_DEFINING}
+        path = self.work / "setting.json"
+        if path.is_file():
+            recorded = json.loads(path.read_text())
+            if recorded != wanted:
+                differ = ", ".join(f"{k} {recorded.get(k)} -> {wanted[k]}" for k in wanted if recorded.get(k) != wanted[k])
+                raise SystemExit(f"quality.py: {path} holds runs made with another setting ({differ}); "
+                                 "use another --work folder or the same setting")
+        else:
+            self.work.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(wanted, sort_keys=True) + "\n")
+
+
     def run_all(self) -> dict[str, str]:
         """Run every unfinished job, ``--jobs`` at a time, in order (seed-major, so a partial
         benchmark has whole seeds); returns job name -> 'done' | 'failed: ...' | 'skipped: ...'."""
+        self.check_work_setting()
         jobs = []
         for seed in self.s["seeds"]:
             for condition in self.s["conditions"]:

@@ -66,3 +66,6 @@ def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     assert quality.main(args) == 0
     assert (work / "natural" / "seed1" / "random_groups" / "scores.json").is_file()
     assert (work / "natural" / "seed1" / "baseline" / "scores.json").stat().st_mtime == kept
+    # runs of another budget never mix into a work folder
+    with pytest.raises(SystemExit, match=r"setting\.json holds runs made with another setting \(max_update 6 -> 8"):
+        quality.main(args + ["--max-update", "8"])
