@@ -430,8 +430,13 @@ def to_markdown(results: dict, meta: dict) -> str:
                 if condition == "conflict":
                     alone = [CONFLICT_LANGUAGE] in g["groups"]
                     isolated = f"; `{CONFLICT_LANGUAGE}` {'isolated (the known right grouping)' if alone else 'NOT isolated'}"
+                same_random = per_seed.get("random_groups", {}).get("split", {}).get("groups") == g["groups"]
                 lines.append(f"- seed {seed}: split {', '.join(g['modules'])}, groups {format_groups(g['groups'])}, "
-                             f"shared ratio {g['shared_ratio']}{stab}{isolated}")
+                             f"shared ratio {g['shared_ratio']}{stab}{isolated}"
+                             + ("; one group, so the split only re-lays the same units and random_groups is the same "
+                                "model as gdps: their difference from the baseline is run-to-run noise"
+                                if len(g["groups"]) == 1 else
+                                "; no other grouping of these sizes exists, so random_groups = gdps" if same_random else ""))
         if "gdps" in systems and "baseline" in systems:
             behind = [l for l in languages if systems["gdps"]["bleu"][l][0] < systems["baseline"]["bleu"][l][0]]
             delta = systems["gdps"]["avg_bleu"][0] - systems["baseline"]["avg_bleu"][0]
