@@ -53,7 +53,8 @@ SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff")
 CONFLICT_LANGUAGE = "xx"
 
 SETTINGS = {
-    # about 1.7 h on 2 cores (2 runs at a time, 1 thread each); see the README's results section
+    # per seed and condition: 34-48 min measured on 2 shared cores (2 runs at a time, 1 thread each,
+    # other jobs beside it), about 25 min estimated on idle cores: the whole default ~2.5 h
     "default": dict(utterances=None, vocab=None, max_update=1000, stage1=500, probe_interval=4,
                     seeds=[1, 2, 3], conditions=["natural", "conflict"], bootstrap=1000),
     # seconds per run: exercises every code path in the test suite
