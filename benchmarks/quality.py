@@ -302,7 +302,7 @@ class Benchmark:
 # aggregation and report
 # ---------------------------------------------------------------------------------------------
 
-def checkpoint_of(run: Path, system: str) -> Optional[Path]:
+def checkpoint_of(run: Path) -> Optional[Path]:
     for candidate in (run / "stage2" / "checkpoint_best.pt", run / "checkpoints" / "checkpoint_best.pt"):
         if candidate.is_file():
             return candidate
@@ -338,15 +338,15 @@ def collect(work: Path, setting: dict, systems: list[str], bootstrap: int, data_
                          "chrf": {l: s["chrf"] for l, s in scores["languages"].items()},
                          "avg_bleu": scores["average"]["bleu"], "avg_chrf": scores["average"]["chrf"]}
                 if system == "bilingual":
-                    ckpts = [c for c in (checkpoint_of(p, system) for p in sorted(run.iterdir()) if p.is_dir()) if c]
+                    ckpts = [c for c in (checkpoint_of(p) for p in sorted(run.iterdir()) if p.is_dir()) if c]
                     entry["params"] = sum(parameter_count(c) for c in ckpts)
                     entry["dev_loss"] = None  # each model's dev set is one language: not comparable
                 else:
-                    ckpt = checkpoint_of(run, system)
+                    ckpt = checkpoint_of(run)
                     entry["params"] = parameter_count(ckpt) if ckpt else None
                     entry["dev_loss"] = [(r["num_updates"], r["loss"]) for r in read_validations(run / "train.log")
                                          if r.get("subset") == "dev" and "loss" in r]
-                if system != "baseline" and (baseline_decode.is_dir()):
+                if system != "baseline" and baseline_decode.is_dir():
                     sig_file = run / "significance.json"
                     if not sig_file.is_file():
                         decode = run / "decode"

@@ -29,12 +29,8 @@ from fairseq_gdps.atomic import atomic_write
 METRICS = ("bleu", "chrf", "chrf++", "ter", "exact_match")
 
 
-def collect_pairs(data_dir: Path, decode_dir: Path) -> dict[str, list[tuple[str, str]]]:
-    """(hypothesis, reference) pairs per language, in manifest order."""
-    return {lang: [(hyp, row.tgt_text) for row, hyp in rows] for lang, rows in collect_rows(data_dir, decode_dir).items()}
-
-
 def collect_rows(data_dir: Path, decode_dir: Path) -> dict[str, list]:
+    """(manifest row, hypothesis) pairs per language, in manifest order."""
     logs = sorted(decode_dir.glob("*.txt"))
     if not logs:
         raise FileNotFoundError(f"no fairseq-generate outputs (*.txt) in {decode_dir}")
