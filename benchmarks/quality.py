@@ -205,6 +205,11 @@ class Benchmark:
             groups, ratio = [[lang] for lang in langs], 0.0
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
+            if {frozenset(g) for g in groups} == {frozenset(g) for g in plan["groups"]}:
+                # No other partition of these sizes (one group, or one language per group): the run
+                # would be GDPS's stage 2 again, same start, split and seed, so its result is reused.
+                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio})
+                return
         else:  # param_diff: two clusters from the same statistics, whole-module copies
             self.sh(["gdps-analyze", gdps / "stage1" / "gdps_stats.pt", "--out", gdps / "analysis_two_clusters",
                      "--groups", "2", "--resamples", "0"], root / "param_diff_analysis.log")
@@ -217,6 +222,21 @@ class Benchmark:
                  "--stage1-updates", self.s["stage1"], "--stage1-from", gdps, "--split-modules", modules,
                  "--groups", format_groups(groups), "--shared-ratio", ratio, "--decode-args", "--splits test"],
                 root / f"{control}.log")
+
+    @staticmethod
+    def reuse_run(source: Path, out: Path, split: dict) -> None:
+        """``out`` becomes the finished run ``source`` (same model): its scores, decodes, training log
+        and best checkpoint (hard-linked), with the split written down and where it came from."""
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "stage2").mkdir(exist_ok=True)
+        os.link(source / "stage2" / "checkpoint_best.pt", out / "stage2" / "checkpoint_best.pt")
+        shutil.copytree(source / "decode", out / "decode")
+        for name in ("train.log", "scores.md"):
+            if (source / name).is_file():
+                shutil.copy(source / name, out / name)
+        (out / "split.json").write_text(json.dumps(split) + "\n")
+        (out / "reused_from.txt").write_text(f"{source}\n")
+        shutil.copy(source / "scores.json", out / "scores.json")  # last: marks the run finished
 
     def merge_bilingual(self, data: Path, out: Path, langs: list[str]) -> None:
         decode = out / "decode"
@@ -379,7 +399,8 @@ def collect(work: Path, setting: dict, systems: list[str], bootstrap: int, data_
                        "chrf": {l: mean_std([e["chrf"][l] for e in entries]) for l in languages},
                        "avg_bleu": mean_std([e["avg_bleu"] for e in entries]),
                        "avg_chrf": mean_std([e["avg_chrf"] for e in entries]),
-                       "params": entries[0]["params"]}
+                       # seeds may split different modules, so the count is per seed
+                       "params": [e["params"] for e in entries if e.get("params") is not None]}
             if system != "baseline":
                 with_sig = [e for e in entries if "pooled_bleu_p" in e]
                 summary["significant_better"] = sum(e["pooled_bleu_p"] < 0.05 and e["pooled_bleu_delta"] > 0 for e in with_sig)
@@ -396,6 +417,14 @@ def collect(work: Path, setting: dict, systems: list[str], bootstrap: int, data_
 
 def _pm(ms: tuple[float, float], n: int) -> str:
     return f"{ms[0]:.1f}" if n < 2 else f"{ms[0]:.1f} ± {ms[1]:.1f}"
+
+
+def _params(counts: list[int]) -> str:
+    """Parameter count over seeds: one number, or the range when seeds chose different splits."""
+    if not counts:
+        return "-"
+    low, high = min(counts), max(counts)
+    return f"{low / 1e6:.2f}M" if low == high else f"{low / 1e6:.2f}-{high / 1e6:.2f}M"
 
 
 def to_markdown(results: dict, meta: dict) -> str:
@@ -421,7 +450,7 @@ def to_markdown(results: dict, meta: dict) -> str:
                                                 (f" @ {reach['mean_when_reached']:.0f}" if reach["mean_when_reached"] else ""))
             sig = "-" if system == "baseline" else f"{s.get('significant_better', 0)}/{s.get('significant_worse', 0)}"
             lines.append(f"| {system} | {n} | " + " | ".join(_pm(s["bleu"][l], n) for l in languages) +
-                         f" | {_pm(s['avg_bleu'], n)} | {_pm(s['avg_chrf'], n)} | {s['params'] / 1e6:.2f}M | {sig} | {reach_text} |")
+                         f" | {_pm(s['avg_bleu'], n)} | {_pm(s['avg_chrf'], n)} | {_params(s['params'])} | {sig} | {reach_text} |")
         lines += ["", "What the analysis chose (per seed):", ""]
         for seed, per_seed in cond["seeds"].items():
             g = per_seed.get("gdps", {}).get("split")

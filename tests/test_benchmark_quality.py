@@ -28,6 +28,30 @@ def test_updates_to_reach():
     assert quality.updates_to_reach(curve, 3.0) is None
 
 
+def test_parameter_count_over_seeds_shows_a_range_when_seeds_differ():
+    assert quality._params([2_140_000, 2_140_000]) == "2.14M"
+    assert quality._params([2_140_000, 2_310_000, 2_180_000]) == "2.14-2.31M"
+    assert quality._params([]) == "-"
+
+
+def test_reused_run_is_the_source_run_finished(tmp_path):
+    gdps = tmp_path / "gdps"
+    (gdps / "stage2").mkdir(parents=True)
+    (gdps / "decode").mkdir()
+    (gdps / "stage2" / "checkpoint_best.pt").write_bytes(b"weights")
+    (gdps / "decode" / "test.txt").write_text("H-0\t-0.1\thello\n")
+    (gdps / "train.log").write_text("log\n")
+    (gdps / "scores.json").write_text('{"average": {"bleu": 1.0}}\n')
+    out = tmp_path / "random_groups"
+    split = {"modules": ["decoder.layers.1.ffn"], "groups": [["ar", "et"]], "shared_ratio": 0.75}
+    quality.Benchmark.reuse_run(gdps, out, split)
+    assert (out / "scores.json").read_text() == (gdps / "scores.json").read_text()
+    assert (out / "decode" / "test.txt").read_text() == (gdps / "decode" / "test.txt").read_text()
+    assert (out / "stage2" / "checkpoint_best.pt").stat().st_ino == (gdps / "stage2" / "checkpoint_best.pt").stat().st_ino
+    assert json.loads((out / "split.json").read_text()) == split
+    assert (out / "reused_from.txt").read_text().strip() == str(gdps)
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
