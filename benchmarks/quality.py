@@ -323,6 +323,20 @@ class Benchmark:
 # aggregation and report
 # ---------------------------------------------------------------------------------------------
 
+def run_time_span(work: Path) -> Optional[dict]:
+    """When the benchmark's runs ran, from the ``wall_seconds.txt`` each finished run leaves
+    (written when it ends): first start to last finish, and the runs' summed wall time. A
+    resumed benchmark's span includes the pause between its calls."""
+    spans = []
+    for f in work.rglob("wall_seconds.txt"):
+        end = f.stat().st_mtime
+        spans.append((end - float(f.read_text()), end))
+    if not spans:
+        return None
+    return {"runs": len(spans), "first_start_to_last_finish_seconds": round(max(e for _, e in spans) - min(s for s, _ in spans)),
+            "summed_run_seconds": round(sum(e - s for s, e in spans))}
+
+
 def checkpoint_of(run: Path) -> Optional[Path]:
     for candidate in (run / "stage2" / "checkpoint_best.pt", run / "checkpoints" / "checkpoint_best.pt"):
         if candidate.is_file():
@@ -435,7 +449,13 @@ def to_markdown(results: dict, meta: dict) -> str:
              f"{' (RESULTS ARE PARTIAL)' if meta['finished'] < meta['planned'] else ''}. "
              "Mean ± standard deviation over seeds; test BLEU/chrF (sacrebleu); sig: seeds with a paired-bootstrap "
              "p < 0.05 on pooled BLEU against that seed's baseline (better/worse); reach: seeds whose dev loss reached "
-             "the baseline's best dev loss, and the mean update at which they did.", ""]
+             "the baseline's best dev loss, and the mean update at which they did."]
+    span = meta.get("time")
+    if span:
+        lines[0] += (f" Time: {span['first_start_to_last_finish_seconds'] / 60:.0f} min from the first run's start to the "
+                     f"last run's finish ({span['runs']} runs, {span['summed_run_seconds'] / 60:.0f} min summed, "
+                     f"{meta.get('jobs', 2)} at a time; building the two corpora is not included).")
+    lines.append("")
     for condition, cond in results.items():
         systems = cond["systems"]
         if not systems:
@@ -452,6 +472,12 @@ def to_markdown(results: dict, meta: dict) -> str:
             sig = "-" if system == "baseline" else f"{s.get('significant_better', 0)}/{s.get('significant_worse', 0)}"
             lines.append(f"| {system} | {n} | " + " | ".join(_pm(s["bleu"][l], n) for l in languages) +
                          f" | {_pm(s['avg_bleu'], n)} | {_pm(s['avg_chrf'], n)} | {_params(s['params'])} | {sig} | {reach_text} |")
+        lines += ["", "chrF per language:", "",
+                  "| system | " + " | ".join(f"{l} chrF" for l in languages) + " | avg chrF |",
+                  "|---|" + "---:|" * len(languages) + "---:|"]
+        for system, s in systems.items():
+            n = s["n_seeds"]
+            lines.append(f"| {system} | " + " | ".join(_pm(s["chrf"][l], n) for l in languages) + f" | {_pm(s['avg_chrf'], n)} |")
         lines += ["", "What the analysis chose (per seed):", ""]
         for seed, per_seed in cond["seeds"].items():
             g = per_seed.get("gdps", {}).get("split")
@@ -563,7 +589,8 @@ def main(argv=None) -> int:
             "date": time.strftime("%Y-%m-%d"), "machine": machine(), "setting": args.setting,
             "max_update": setting["max_update"], "stage1": setting["stage1"], "seeds": setting["seeds"],
             "conditions": setting["conditions"], "planned": planned, "finished": finished,
-            "this_call_seconds": round(time.time() - t0), "status": status}
+            "this_call_seconds": round(time.time() - t0), "jobs": args.jobs, "time": run_time_span(args.work.resolve()),
+            "status": status}
     write_results(results, meta, args.results)
     failed = {k: v for k, v in status.items() if not v == "done"}
     for name, why in failed.items():

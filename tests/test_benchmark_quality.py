@@ -52,6 +52,19 @@ def test_reused_run_is_the_source_run_finished(tmp_path):
     assert (out / "reused_from.txt").read_text().strip() == str(gdps)
 
 
+def test_run_time_span_from_the_runs_wall_seconds(tmp_path):
+    import os
+    assert quality.run_time_span(tmp_path) is None
+    for name, seconds, end in (("a", 100, 1000), ("b", 300, 1100), ("c/d", 50, 1500)):
+        f = tmp_path / name / "wall_seconds.txt"
+        f.parent.mkdir(parents=True)
+        f.write_text(f"{seconds}.0\n")
+        os.utime(f, (end, end))
+    # runs a (900-1000), b (800-1100), d (1450-1500): first start 800, last finish 1500
+    assert quality.run_time_span(tmp_path) == {"runs": 3, "first_start_to_last_finish_seconds": 700,
+                                               "summed_run_seconds": 450}
+
+
 @pytest.mark.slow
 def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
@@ -71,6 +84,10 @@ def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     assert len(seed1["param_diff"]["split"]["groups"]) == 2
     assert sorted(len(g) for g in seed1["random_groups"]["split"]["groups"]) == \
         sorted(len(g) for g in seed1["gdps"]["split"]["groups"])
+    # random_groups is GDPS's own run, reused, exactly when no other partition of the plan's sizes exists
+    plan_groups = seed1["gdps"]["split"]["groups"]
+    only_partition = len(plan_groups) == 1 or all(len(g) == 1 for g in plan_groups)
+    assert (work / "natural" / "seed1" / "random_groups" / "reused_from.txt").is_file() == only_partition
     # bilingual: one model per language, together the multilingual update budget
     assert seed1["bilingual"]["params"] == pytest.approx(len(languages) * seed1["baseline"]["params"], rel=0.01)
     for system in quality.SYSTEMS[1:]:
@@ -78,6 +95,7 @@ def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     assert (results / "quality_dev_loss.png").stat().st_size > 1000
     table = (results / "quality.md").read_text()
     assert "| param_diff | 1 |" in table and "6 of 6 runs finished" in table
+    assert "chrF per language" in table and "from the first run's start to the last run's finish (" in table
     # a second call finds every run finished and starts none
     finished_at = {p: p.stat().st_mtime for p in work.rglob("wall_seconds.txt")}
     assert quality.main(args) == 0
