@@ -113,6 +113,27 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
             logger.info(f"GDPS probe tracks {len(chosen)} FFN blocks: {', '.join(chosen)}")
         return self._tracked
 
+    def untrack(self, blocks: List[str]) -> None:
+        """Stop tracking FFN blocks that get no gradient (they and everything below them are
+        frozen, e.g. a pretrained encoder under ``--gdps-freeze``), found by the first probed
+        batch. Under the default ``--gdps-track '*'`` ("every block that can be measured") they
+        are left out with a warning; blocks the user named are an error, and so is a block that
+        stops getting gradients once its statistics have begun."""
+        names = ", ".join(blocks)
+        if self.statistics is not None or self._update is not None:
+            raise RuntimeError(f"GDPS probe: FFN block(s) {names} got no gradient after their statistics had begun")
+        if self.cfg.gdps_track.strip() != "*":
+            raise ValueError(f"--gdps-track {self.cfg.gdps_track!r}: FFN block(s) {names} get no gradient (they and "
+                             "everything below them are frozen), so there is nothing to measure: leave them out")
+        remaining = {name: layers for name, layers in self._tracked.items() if name not in blocks}
+        if not remaining:
+            raise ValueError(f"GDPS probe: no FFN block gets a gradient ({names}): the probe has nothing to measure; "
+                             "train at least one FFN block or a layer below one (--gdps-train-only / --gdps-freeze)")
+        logger.warning(f"GDPS probe: {len(blocks)} FFN block(s) get no gradient (frozen, with everything below them) "
+                       f"and are not tracked: {names}")
+        self._tracked, self._block_sizes, self._spare_update = remaining, None, None
+        logger.info(f"GDPS probe tracks {len(remaining)} FFN blocks: {', '.join(remaining)}")
+
     def _resumed_statistics(self, update_num: int) -> Optional[GradientStatistics]:
         """The statistics in the checkpoint fairseq-train resumed from (fairseq's trainer does not
         hand task state back on resume, so the checkpoint is read here, once)."""

@@ -15,7 +15,7 @@ stock backward (``benchmarks/speed.py`` measures it). Done in float32/float64 on
 half precision the difference would lose too many digits, so every share is multiplied out.
 """
 from functools import partial
-from typing import Dict, Mapping, Sequence
+from typing import Dict, Iterable, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ class PerLanguageGradients:
         self._bias: Dict[tuple, Tensor] = {}
         self._total: Dict[tuple, Dict[str, Tensor]] = {}  # parameter gradients of the derived layers
         self._derived_keys = set()
+        self._no_gradient_layers = set()  # (block, k) whose output needed no gradient in the forward
 
     @staticmethod
     def _parameters(layer: nn.Linear) -> Dict[str, Tensor]:
@@ -76,7 +77,8 @@ class PerLanguageGradients:
         return None
 
     def _on_forward(self, key, module, inputs, output):
-        if not output.requires_grad:
+        if not output.requires_grad:   # the layer and everything below it are frozen
+            self._no_gradient_layers.add(key)
             return
         x = inputs[0].detach()
         if x.dim() != 3 or x.size(1) != self.lang_ids.numel():
@@ -113,13 +115,23 @@ class PerLanguageGradients:
             shares[self.derived] = total - shares.sum(0)
         return shares
 
-    def gradients(self) -> Dict[int, Dict[str, Tensor]]:
+    def blocks_without_gradient(self) -> list:
+        """Blocks with a layer whose output needed no gradient in the forward pass (the layer and
+        everything below it frozen): they have no per-language gradient to record."""
+        return [name for name in self.blocks if any(key[0] == name for key in self._no_gradient_layers)]
+
+    def gradients(self, names: Optional[Iterable[str]] = None) -> Dict[int, Dict[str, Tensor]]:
+        """Per-language gradients of the blocks ``names`` (default: every block; see the class
+        docstring); a block of :meth:`blocks_without_gradient` is an error."""
         out: Dict[int, Dict[str, Tensor]] = {lang: {} for lang in self.languages}
-        for name, layers in self.blocks.items():
+        for name in (self.blocks if names is None else names):
+            layers = self.blocks[name]
             parts = []
             for k, layer in enumerate(layers):
                 if (name, k) not in self._weight:
-                    raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass")
+                    why = " (its output needed none: it and everything below it are frozen)" \
+                        if (name, k) in self._no_gradient_layers else ""
+                    raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass{why}")
                 parts.append(self._shares((name, k), "weight").flatten(1))
                 if layer.bias is not None:
                     parts.append(self._shares((name, k), "bias"))

@@ -185,16 +185,20 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         lang_ids = sample["net_input"][LANG_ID_KEY]
         tracked = criterion.tracked_modules(model)
         # fairseq's trainer sets every gradient to None when an update (or its retry after an
-        # fp16 overflow) begins, and micro-batches of the same update (--update-freq) add to them
-        first_of_update = next(iter(tracked.values()))[0].weight.grad is None
+        # fp16 overflow) begins, and micro-batches of the same update (--update-freq) add to them.
+        # Read on a trained parameter: a tracked FFN may be frozen (its would-be gradient is measured).
+        first_of_update = next(p for p in model.parameters() if p.requires_grad).grad is None
         with PerLanguageGradients(tracked, lang_ids) as capture:
             result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+        frozen_blocks = capture.blocks_without_gradient()
+        if frozen_blocks:   # e.g. a frozen pretrained encoder under the default --gdps-track '*'
+            criterion.untrack(frozen_blocks)
         # Gradient sums and target tokens per language; the criterion divides them once the
         # update's micro-batches and workers are summed (per-token gradients, so that steps of
         # different sizes weigh the same in the statistics).
         tokens = torch.zeros(len(self.languages), dtype=torch.float64).index_add_(
             0, lang_ids.cpu(), sample["target_lengths"].cpu().double())
-        criterion.add_micro_batch(capture.gradients(), tokens, first_of_update)
+        criterion.add_micro_batch(capture.gradients(criterion.tracked_modules(model)), tokens, first_of_update)
         return result
 
     def optimizer_step(self, optimizer, model, update_num):
