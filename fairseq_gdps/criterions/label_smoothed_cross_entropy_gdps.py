@@ -184,15 +184,17 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         return update
 
     def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
-                        first_of_update: bool) -> None:
+                        first_of_update: bool, loss_scale: float = 1.0) -> None:
         """Add a micro-batch's per-language gradient sums (``grads[lang_id][block]``) and its
         ``(L,)`` target-token counts to the update in progress (a new one when
-        ``first_of_update``: with ``--update-freq`` an update has several micro-batches)."""
+        ``first_of_update``: with ``--update-freq`` an update has several micro-batches).
+        ``loss_scale``: the factor the loss was multiplied by before the backward pass (fp16 /
+        AMP), divided out so that steps taken at different loss scales compare."""
         if first_of_update or self._update is None:
             if self._update is not None:   # an update begun again (e.g. after an fp16 overflow)
                 self._spare_update = self._update
             self._update = self._new_update()
-        self._update.add(grads, tokens)
+        self._update.add(grads, tokens, loss_scale)
 
     def record_update(self, update_num: int) -> None:
         """Record the probed update just completed as one step: its per-language gradient sums

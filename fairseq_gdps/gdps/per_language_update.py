@@ -55,13 +55,20 @@ class PerLanguageUpdate:
         self.buffer.zero_()
         self.micro_batches = 0
 
-    def add(self, grads: Mapping[int, Mapping[str, Tensor]], tokens: Tensor) -> None:
+    def add(self, grads: Mapping[int, Mapping[str, Tensor]], tokens: Tensor, loss_scale: float = 1.0) -> None:
         """Add one micro-batch: ``grads[lang_id][block]`` is the block's gradient summed over
         that language's utterances (any shape, any floating dtype: it is added in float64),
-        ``tokens`` the ``(L,)`` target-token counts."""
+        ``tokens`` the ``(L,)`` target-token counts. ``loss_scale``: the factor the loss was
+        multiplied by before the backward pass (mixed precision); the gradients are divided by it."""
+        if not loss_scale > 0:
+            raise ValueError(f"loss_scale must be positive, got {loss_scale}")
         for lang, blocks in grads.items():
             for name, grad in blocks.items():
-                self.blocks[name][int(lang)].add_(grad.detach().reshape(-1).to(self.buffer.device))
+                row, grad = self.blocks[name][int(lang)], grad.detach().reshape(-1).to(self.buffer.device)
+                if loss_scale == 1.0:
+                    row.add_(grad)
+                else:
+                    row.add_(grad, alpha=1.0 / loss_scale)
         self.tokens += tokens.to(self.buffer)
         self.micro_batches += 1
 

@@ -31,6 +31,20 @@ logger = logging.getLogger(__name__)
 LANG_ID_KEY = "src_lang_id"
 
 
+def loss_scale_of(optimizer) -> float:
+    """The factor fairseq's mixed-precision optimizers multiply the loss by before the backward
+    pass (``--fp16``: a DynamicLossScaler's ``loss_scale``; ``--amp``: torch's GradScaler), 1 for
+    the others: the gradients the probe reads carry it."""
+    scaler = getattr(optimizer, "scaler", None)
+    if scaler is None:
+        return 1.0
+    if hasattr(scaler, "loss_scale"):
+        return float(scaler.loss_scale)
+    if hasattr(scaler, "get_scale"):
+        return float(scaler.get_scale())
+    return 1.0
+
+
 @dataclass
 class SpeechToTextGDPSConfig(FairseqDataclass):
     data: str = field(default="", metadata={"help": "manifest root path"})
@@ -198,7 +212,8 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         # different sizes weigh the same in the statistics).
         tokens = torch.zeros(len(self.languages), dtype=torch.float64).index_add_(
             0, lang_ids.cpu(), sample["target_lengths"].cpu().double())
-        criterion.add_micro_batch(capture.gradients(criterion.tracked_modules(model)), tokens, first_of_update)
+        criterion.add_micro_batch(capture.gradients(criterion.tracked_modules(model)), tokens, first_of_update,
+                                  loss_scale_of(optimizer))
         return result
 
     def optimizer_step(self, optimizer, model, update_num):
