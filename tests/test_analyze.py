@@ -139,3 +139,32 @@ def test_cli_options_and_errors(stats_file, tmp_path, capsys):
     assert main([str(stats_file), "--out", str(tmp_path / "z"), "--ratio-max", "1.0"]) == 2
     with pytest.raises(SystemExit):
         main([str(stats_file), "--out", str(tmp_path / "w"), "--groups", "2", "--distance-threshold", "0.3"])
+
+
+def test_steps_that_share_a_component_within_a_step_are_flagged(stats_file, tmp_path):
+    """Languages measured at the same update share the model's state. Here their true mean
+    gradients are unrelated (cosine ~0), but every step adds one noise component common to all
+    languages: it enters the cross-language sums (same step) and not the self estimates (distinct
+    steps), so the corrected cosines come out beyond +1. The analysis must say that its ranking
+    is then not measured conflict; on independent steps (the planted file) it must not."""
+    import torch
+    from fairseq_gdps.gdps.report import analyze, report_markdown
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    gen = torch.Generator().manual_seed(3)
+    sizes, langs, steps = {"a.ffn": 1024, "b.ffn": 1024}, ["x", "y", "z"], 40
+    means = {(l, m): 0.1 * torch.randn(d, generator=gen, dtype=torch.float64) for l in langs for m, d in sizes.items()}
+    shared_noise = GradientStatistics(sizes, languages=langs, subspace_dim=8, seed=1)
+    for t in range(steps):
+        common = {m: torch.randn(d, generator=gen, dtype=torch.float64) for m, d in sizes.items()}
+        shared_noise.add_step(t, {l: {m: means[l, m] + common[m] for m in sizes} for l in langs})
+    flagged = analyze(shared_noise, resamples=0)
+    clipped = flagged.plan().provenance["corrected_cosines_clipped"]
+    assert clipped == {"clipped": 6, "pairs": 6}   # 3 pairs x 2 modules, all beyond +1
+    report = report_markdown(flagged)
+    assert "**WARNING: in 6 of 6 language pairs" in report and "do not reflect measured conflict" in report
+
+    planted = analyze(GradientStatistics.load(stats_file), resamples=0)
+    assert not any(n.startswith("WARNING") for n in planted.notes)
+    counted = planted.plan().provenance["corrected_cosines_clipped"]
+    assert counted["pairs"] == len(MODULES) * 15 and counted["clipped"] < counted["pairs"] / 2

@@ -74,9 +74,19 @@ class Analysis:
                          "chosen_frequency": g.chosen_frequency, "resamples": g.resamples,
                          "frequencies": [{"groups": [list(x) for x in p], "frequency": f} for p, f in g.frequencies]},
             "ratio": {"mean_cross_group_corrected_cos": self.ratio_raw, "quantised": self.ratio},
+            "corrected_cosines_clipped": M.clipped_pairs(self.metrics),
         }
         return Plan(modules=self.split_modules, groups=g.groups, shared_ratio=self.ratio, scores=scores,
                     provenance=provenance)
+
+
+ESTIMATOR_WARNING = (
+    "WARNING: in {clipped} of {pairs} language pairs (all modules) the noise-corrected cosine came out beyond "
+    "+-1, more than independent steps around one expected gradient allow: the recorded steps are not such "
+    "draws (the expected gradient drifts while the model trains, and steps share batches). The divergences "
+    "are then mostly zero, and the module ranking and the grouping below do not reflect measured conflict. "
+    "Probe a later, stabler stretch of training (--gdps-probe-start) over more steps, and read the raw "
+    "cosines and the per-step conflict estimates beside the decision.")
 
 
 def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = None, select: str = "top1",
@@ -110,6 +120,9 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     metrics = M.compute_all(stats, **mkw)
     for mm in metrics.values():
         notes.extend(mm.notes)
+    estimator = M.clipped_pairs(metrics)
+    if estimator["pairs"] and estimator["clipped"] >= estimator["pairs"] / 2:
+        notes.insert(0, ESTIMATOR_WARNING.format(**estimator))
     ranking = M.rank_modules(metrics)
     k = min(top_k, len(ranking))
     if modules:
@@ -177,6 +190,8 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
             f"- split modules: {', '.join(f'`{m}`' for m in a.split_modules)}",
             f"- groups: {_groups_str(a.grouping.partition)} ({a.grouping.info.get('rule')})",
             f"- shared ratio: **{a.ratio:g}**", ""]
+    warning = [n for n in a.notes if n.startswith("WARNING: ")]
+    out += [f"**{warning[0]}**", ""] if warning else []
     out += ["## Modules ranked by conflict", "",
             "conflict score = divergence x ((1 - w) + w x (1 - subspace alignment)), "
             f"w = {a.settings['alignment_weight']}; divergence = mean over pairs of (1 - noise-corrected cosine) / 2.", "",
