@@ -323,6 +323,20 @@ class Benchmark:
 # aggregation and report
 # ---------------------------------------------------------------------------------------------
 
+def clipped_corrected_cosines(stats_path: Path) -> Optional[dict]:
+    """The analysis' estimator check (``{"clipped": c, "pairs": p}``) for a plan written before
+    gdps-analyze recorded it, from the statistics file the plan was made from."""
+    from fairseq_gdps.gdps import metrics
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    if not stats_path.is_file():
+        return None
+    stats = GradientStatistics.load(stats_path)
+    counts = stats.counts()
+    languages = [l for l in stats.languages if any(c > 0 for c in counts[l].values())]
+    return metrics.clipped_pairs(metrics.compute_all(stats, languages=languages))
+
+
 def run_time_span(work: Path) -> Optional[dict]:
     """When the benchmark's runs ran, from the ``wall_seconds.txt`` each finished run leaves
     (written when it ends): first start to last finish, and the runs' summed wall time. A
@@ -396,6 +410,8 @@ def collect(work: Path, setting: dict, systems: list[str], bootstrap: int, data_
                     entry["split"] = {"modules": plan["modules"], "groups": plan["groups"], "shared_ratio": plan["shared_ratio"]}
                     if system == "gdps":
                         entry["split"]["stability"] = plan.get("provenance", {}).get("grouping", {}).get("chosen_frequency")
+                        entry["split"]["clipped"] = (plan.get("provenance", {}).get("corrected_cosines_clipped")
+                                                     or clipped_corrected_cosines(run / "stage1" / "gdps_stats.pt"))
                 per_seed[system] = entry
             if "baseline" in per_seed and per_seed["baseline"]["dev_loss"]:
                 best = min(loss for _, loss in per_seed["baseline"]["dev_loss"])
@@ -483,6 +499,10 @@ def to_markdown(results: dict, meta: dict) -> str:
             g = per_seed.get("gdps", {}).get("split")
             if g:
                 stab = f", grouping stability {100 * g['stability']:.0f}%" if g.get("stability") is not None else ""
+                if g.get("clipped") and g["clipped"]["pairs"]:
+                    stab += (f"; noise-corrected cosines beyond +-1 in {g['clipped']['clipped']} of {g['clipped']['pairs']} "
+                             "language pairs" + (" (most: the ranking is not measured conflict)"
+                                                 if g["clipped"]["clipped"] >= g["clipped"]["pairs"] / 2 else ""))
                 isolated = ""
                 if condition == "conflict":
                     alone = [CONFLICT_LANGUAGE] in g["groups"]

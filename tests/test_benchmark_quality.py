@@ -52,6 +52,16 @@ def test_reused_run_is_the_source_run_finished(tmp_path):
     assert (out / "reused_from.txt").read_text().strip() == str(gdps)
 
 
+def test_estimator_check_of_an_older_plan_is_computed_from_its_statistics(tmp_path):
+    from fairseq_gdps.gdps.stats import synthetic_statistics
+
+    stats = synthetic_statistics({"m1": 32, "m2": 32}, ["a", "b", "c"], steps=20, subspace_dim=8, seed=2)
+    stats.save(tmp_path / "stats.pt")
+    check = quality.clipped_corrected_cosines(tmp_path / "stats.pt")
+    assert check["pairs"] == 6 and 0 <= check["clipped"] <= 6
+    assert quality.clipped_corrected_cosines(tmp_path / "missing.pt") is None
+
+
 def test_run_time_span_from_the_runs_wall_seconds(tmp_path):
     import os
     assert quality.run_time_span(tmp_path) is None
@@ -79,6 +89,8 @@ def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     # the split systems hold more parameters than the shared model; the full split the most
     assert seed1["baseline"]["params"] < seed1["gdps"]["params"] <= seed1["full_split"]["params"]
     assert 0 < seed1["gdps"]["split"]["stability"] <= 1
+    clipped = seed1["gdps"]["split"]["clipped"]   # the analysis' estimator check, from the plan
+    assert clipped["pairs"] > 0 and 0 <= clipped["clipped"] <= clipped["pairs"]
     assert seed1["full_split"]["split"]["groups"] == [[l] for l in languages]
     assert seed1["full_split"]["split"]["shared_ratio"] == 0.0
     assert len(seed1["param_diff"]["split"]["groups"]) == 2
