@@ -600,12 +600,17 @@ RATIO_LABELS = {
 }
 
 
+def _load_text(m: dict) -> str:
+    load = m.get("load_average_at_start")
+    return f", 1-minute load average {load[0]:.1f} when it started" if load else ""
+
+
 def markdown(results: dict) -> str:
     """The results as markdown (the README's speed section is generated from this)."""
     m, v, u, dec = results["machine"], results["versions"], results["updates"], results["decoding"]
     targets = {t["name"]: t for t in results["targets"]}
     lines = [f"### Speed and memory ({results['setting']} setting)", "",
-             f"Measured {results['date'][:10]} on {m['cpu']} ({m['cores']} cores, shared with other jobs), "
+             f"Measured {results['date'][:10]} on {m['cpu']} ({m['cores']} cores{_load_text(m)}), "
              f"torch {v['torch']}, fairseq {v['fairseq']}, {results['threads']} thread(s), "
              f"{results['wall_seconds'] / 60:.1f} min in all: `{results['command']}`. "
              f"Update times are process CPU time per update on {u['batches']['count']} fixed batches "
