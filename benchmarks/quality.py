@@ -330,15 +330,12 @@ class Benchmark:
 def clipped_corrected_cosines(stats_path: Path) -> Optional[dict]:
     """The analysis' estimator check (``{"clipped": c, "pairs": p}``) for a plan written before
     gdps-analyze recorded it, from the statistics file the plan was made from."""
-    from fairseq_gdps.gdps import metrics
+    from fairseq_gdps.gdps.report import analyze
     from fairseq_gdps.gdps.stats import GradientStatistics
 
     if not stats_path.is_file():
         return None
-    stats = GradientStatistics.load(stats_path)
-    counts = stats.counts()
-    languages = [l for l in stats.languages if any(c > 0 for c in counts[l].values())]
-    return metrics.clipped_pairs(metrics.compute_all(stats, languages=languages))
+    return analyze(GradientStatistics.load(stats_path), resamples=0).clipped
 
 
 def run_time_span(work: Path) -> Optional[dict]:

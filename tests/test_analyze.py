@@ -141,7 +141,7 @@ def test_cli_options_and_errors(stats_file, tmp_path, capsys):
         main([str(stats_file), "--out", str(tmp_path / "w"), "--groups", "2", "--distance-threshold", "0.3"])
 
 
-def test_steps_that_share_a_component_within_a_step_are_flagged(stats_file, tmp_path):
+def test_steps_that_share_a_component_within_a_step_are_flagged(stats_file, tmp_path, capsys):
     """Languages measured at the same update share the model's state. Here their true mean
     gradients are unrelated (cosine ~0), but every step adds one noise component common to all
     languages: it enters the cross-language sums (same step) and not the self estimates (distinct
@@ -163,8 +163,11 @@ def test_steps_that_share_a_component_within_a_step_are_flagged(stats_file, tmp_
     assert clipped == {"clipped": 6, "pairs": 6}   # 3 pairs x 2 modules, all beyond +1
     report = report_markdown(flagged)
     assert "**WARNING: in 6 of 6 language pairs" in report and "do not reflect measured conflict" in report
+    shared_noise.save(tmp_path / "shared_noise.pt")   # gdps-analyze says it too
+    assert main([str(tmp_path / "shared_noise.pt"), "--out", str(tmp_path / "out"), "--resamples", "0"]) == 0
+    assert "WARNING: in 6 of 6 language pairs" in capsys.readouterr().err
 
     planted = analyze(GradientStatistics.load(stats_file), resamples=0)
-    assert not any(n.startswith("WARNING") for n in planted.notes)
+    assert planted.estimator_warning is None and "WARNING" not in report_markdown(planted)
     counted = planted.plan().provenance["corrected_cosines_clipped"]
     assert counted["pairs"] == len(MODULES) * 15 and counted["clipped"] < counted["pairs"] / 2

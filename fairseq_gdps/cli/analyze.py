@@ -81,6 +81,8 @@ def main(argv=None) -> int:
           + (f" (stability {100 * a.grouping.chosen_frequency:.0f}% of {a.grouping.resamples} resamples)"
              if a.grouping.resamples else ""))
     print(f"shared ratio: {a.ratio:g}")
+    if a.estimator_warning:
+        print(a.estimator_warning, file=sys.stderr)
     for k in ("plan", "report"):
         print(f"{k}: {paths[k]}")
     return 0

@@ -64,11 +64,8 @@ class PerLanguageUpdate:
             raise ValueError(f"loss_scale must be positive, got {loss_scale}")
         for lang, blocks in grads.items():
             for name, grad in blocks.items():
-                row, grad = self.blocks[name][int(lang)], grad.detach().reshape(-1).to(self.buffer.device)
-                if loss_scale == 1.0:
-                    row.add_(grad)
-                else:
-                    row.add_(grad, alpha=1.0 / loss_scale)
+                self.blocks[name][int(lang)].add_(grad.detach().reshape(-1).to(self.buffer.device),
+                                                  alpha=1.0 / loss_scale)
         self.tokens += tokens.to(self.buffer)
         self.micro_batches += 1
 

@@ -56,7 +56,15 @@ class Analysis:
     ratio_raw: float
     settings: dict
     stats_info: dict
+    clipped: Dict[str, int]            # corrected cosines beyond +-1 over all modules (metrics.clipped_pairs)
     notes: List[str] = field(default_factory=list)
+
+    @property
+    def estimator_warning(self) -> Optional[str]:
+        """The warning that the decision is not measured conflict, when most pairs were clipped."""
+        if self.clipped["pairs"] and self.clipped["clipped"] >= self.clipped["pairs"] / 2:
+            return ESTIMATOR_WARNING.format(**self.clipped)
+        return None
 
     def plan(self) -> Plan:
         scores = {m: self.metrics[m].scores() for m in self.ranking}
@@ -74,7 +82,7 @@ class Analysis:
                          "chosen_frequency": g.chosen_frequency, "resamples": g.resamples,
                          "frequencies": [{"groups": [list(x) for x in p], "frequency": f} for p, f in g.frequencies]},
             "ratio": {"mean_cross_group_corrected_cos": self.ratio_raw, "quantised": self.ratio},
-            "corrected_cosines_clipped": M.clipped_pairs(self.metrics),
+            "corrected_cosines_clipped": self.clipped,
         }
         return Plan(modules=self.split_modules, groups=g.groups, shared_ratio=self.ratio, scores=scores,
                     provenance=provenance)
@@ -120,9 +128,6 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     metrics = M.compute_all(stats, **mkw)
     for mm in metrics.values():
         notes.extend(mm.notes)
-    estimator = M.clipped_pairs(metrics)
-    if estimator["pairs"] and estimator["clipped"] >= estimator["pairs"] / 2:
-        notes.insert(0, ESTIMATOR_WARNING.format(**estimator))
     ranking = M.rank_modules(metrics)
     k = min(top_k, len(ranking))
     if modules:
@@ -153,7 +158,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     sha = file_sha256(stats_path) if stats_path and os.path.isfile(stats_path) else ""
     return Analysis(stats_path=str(stats_path), stats_sha256=sha, languages=languages, metrics=metrics,
                     ranking=ranking, split_modules=split_modules, grouping=grouping, ratio=ratio,
-                    ratio_raw=ratio_raw, settings=settings, stats_info=stats_info, notes=notes)
+                    ratio_raw=ratio_raw, settings=settings, stats_info=stats_info,
+                    clipped=M.clipped_pairs(metrics), notes=notes)
 
 
 # ------------------------------------------------------------------------ markdown
@@ -190,8 +196,7 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
             f"- split modules: {', '.join(f'`{m}`' for m in a.split_modules)}",
             f"- groups: {_groups_str(a.grouping.partition)} ({a.grouping.info.get('rule')})",
             f"- shared ratio: **{a.ratio:g}**", ""]
-    warning = [n for n in a.notes if n.startswith("WARNING: ")]
-    out += [f"**{warning[0]}**", ""] if warning else []
+    out += [f"**{a.estimator_warning}**", ""] if a.estimator_warning else []
     out += ["## Modules ranked by conflict", "",
             "conflict score = divergence x ((1 - w) + w x (1 - subspace alignment)), "
             f"w = {a.settings['alignment_weight']}; divergence = mean over pairs of (1 - noise-corrected cosine) / 2.", "",

@@ -15,7 +15,7 @@ stock backward (``benchmarks/speed.py`` measures it). Done in float32/float64 on
 half precision the difference would lose too many digits, so every share is multiplied out.
 """
 from functools import partial
-from typing import Dict, Iterable, Mapping, Optional, Sequence
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -115,7 +115,7 @@ class PerLanguageGradients:
             shares[self.derived] = total - shares.sum(0)
         return shares
 
-    def blocks_without_gradient(self) -> list:
+    def blocks_without_gradient(self) -> List[str]:
         """Blocks with a layer whose output needed no gradient in the forward pass (the layer and
         everything below it frozen): they have no per-language gradient to record."""
         return [name for name in self.blocks if any(key[0] == name for key in self._no_gradient_layers)]
