@@ -54,6 +54,12 @@ class LabelSmoothedCrossEntropyGDPSConfig(LabelSmoothedCrossEntropyCriterionConf
     gdps_subspace_dim: int = field(
         default=64, metadata={"help": "dimension of the per-step projection kept for SVD/CCA analysis"}
     )
+    gdps_probe_speakers: bool = field(
+        default=False,
+        metadata={"help": "probe per (language, speaker) pair as well (needs a speaker column in the train "
+                  "manifest): the analysis then checks per block whether languages are told apart from "
+                  "speakers. Costs one gradient share per pair and half on probed updates"},
+    )
     seed: int = II("common.seed")
     # where fairseq-train resumes from: the statistics saved in that checkpoint are resumed too
     restore_file: str = II("checkpoint.restore_file")
@@ -79,6 +85,10 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self.probe_interval = int(cfg.gdps_probe_interval)
         self.probe_start = int(cfg.gdps_probe_start)
         self.languages: List[str] = []
+        # probe units (languages, or "language@speaker" pairs) and their languages; each unit's
+        # utterances of a probed batch are split into two halves (rows 2u and 2u + 1)
+        self.probe_units: List[str] = []
+        self.probe_unit_languages: List[str] = []
         self.statistics: Optional[GradientStatistics] = None
         self._tracked: Optional[Dict[str, Tuple[torch.nn.Linear, torch.nn.Linear]]] = None
         self._block_sizes: Optional[Dict[str, int]] = None
@@ -90,8 +100,13 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
     def build_criterion(cls, cfg, task):
         return cls(cfg, task)
 
-    def attach_languages(self, languages: list[str]) -> None:
+    def attach_languages(self, languages: list[str], probe_units: Optional[List[str]] = None,
+                         probe_unit_languages: Optional[List[str]] = None) -> None:
+        """The task's languages and the probe's units (default: one unit per language)."""
         self.languages = list(languages)
+        self.probe_units = list(languages) if probe_units is None else list(probe_units)
+        self.probe_unit_languages = (list(self.probe_units) if probe_unit_languages is None
+                                     else list(probe_unit_languages))
 
     def probe_due(self, update_num: int) -> bool:
         interval, start = self.probe_interval, self.probe_start
@@ -161,6 +176,8 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
                 seed=self.cfg.seed,
                 # which blocks of which sizes: statistics of another model are refused on load
                 model_signature=";".join(f"{name}:{size}" for name, size in sizes.items()),
+                probe_units=self.probe_units,
+                probe_unit_languages=self.probe_unit_languages,
             )
             resumed = self._resumed_statistics(update_num)
             if resumed is not None:
@@ -178,15 +195,16 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         tracked gradient element per language would be paid for page by page at every probe)."""
         device = next(iter(self._tracked.values()))[0].weight.device
         update, self._spare_update = self._spare_update, None
-        if update is None or update.buffer.device != device or update.num_languages != len(self.languages):
-            return PerLanguageUpdate(self.block_sizes(), len(self.languages), device)
+        rows = 2 * len(self.probe_units)   # two halves per probe unit
+        if update is None or update.buffer.device != device or update.num_languages != rows:
+            return PerLanguageUpdate(self.block_sizes(), rows, device)
         update.reset()
         return update
 
     def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
                         first_of_update: bool, loss_scale: float = 1.0) -> None:
-        """Add a micro-batch's per-language gradient sums (``grads[lang_id][block]``) and its
-        ``(L,)`` target-token counts to the update in progress (a new one when
+        """Add a micro-batch's gradient sums per probe half (``grads[2 * unit + half][block]``)
+        and its ``(2U,)`` target-token counts to the update in progress (a new one when
         ``first_of_update``: with ``--update-freq`` an update has several micro-batches).
         ``loss_scale``: the factor the loss was multiplied by before the backward pass (fp16 /
         AMP), divided out so that steps taken at different loss scales compare."""
@@ -210,12 +228,12 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
             distributed_utils.all_reduce(update.buffer, distributed_utils.get_data_parallel_group())
             self._reduce_seconds += time.perf_counter() - start
             self._reduced_updates += 1
-        languages, grads = update.per_token_rows(self.languages)   # divides the buffer in place
+        tokens, rows = update.per_token_halves()   # divides the buffer in place
         self._spare_update = update
-        if not languages:
+        if not bool((tokens > 0).any()):
             return
         statistics = self._statistics_for(self._tracked, update_num)
-        skipped = statistics.add_step_rows(update_num, languages, grads)
+        skipped = statistics.add_probe(update_num, tokens.cpu(), rows)
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
 

@@ -100,6 +100,13 @@ class PerLanguageUpdate:
         per_token = {name: block[:n].div_(divisor) for name, block in self.blocks.items()}
         return [languages[lang] for lang in present], per_token
 
+    def per_token_halves(self) -> Tuple[Tensor, Dict[str, Tensor]]:
+        """Every row's token count ``(L,)`` and ``{block: (L, d) gradient per target token}``
+        with a zero row where a row has no tokens: what ``GradientStatistics.add_probe`` takes
+        (rows are probe halves there). Divides the buffer in place: :meth:`reset` before reuse."""
+        divisor = self.tokens.clamp(min=1.0)[:, None]   # a row without tokens has a zero sum
+        return self.tokens.clone(), {name: block.div_(divisor) for name, block in self.blocks.items()}
+
     def _check_names(self, languages: Sequence[str]) -> None:
         if len(languages) != self.num_languages:
             raise ValueError(f"expected {self.num_languages} language names, got {len(languages)}")

@@ -1,5 +1,13 @@
 """The GDPS analysis (statistics -> metrics -> ranking -> grouping -> ratio -> plan) and its report.
 
+Two estimators. Statistics recorded by this version's probe carry same-state records
+(``same_state.py``): the decision (block ranking, identifiability, groups, ratio) then comes
+from ``conflict.py``, with bootstrap intervals over probes, and the summed-statistics metrics
+(``metrics.py``: corrected cosines, subspace alignment, CCA) are reported beside it as
+diagnostics. Older statistics have no such records: the decision then falls back to the
+summed-statistics estimator, whose cross and self terms come from different model states, and
+the report says so at the top.
+
 ``analyze`` runs the analysis; ``write_outputs`` writes ``plan.json``, ``report.md`` and the PNG
 plots (``similarity.png``, ``dendrogram.png``, ``layer_profile.png``, ``stability.png``). Figures
 use matplotlib's Agg canvas directly (no pyplot, no global backend switch).
@@ -19,6 +27,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
+from fairseq_gdps.gdps import conflict as C
 from fairseq_gdps.gdps import grouping as G
 from fairseq_gdps.gdps import metrics as M
 from fairseq_gdps.gdps.plan import Plan
@@ -58,18 +67,43 @@ class Analysis:
     stats_info: dict
     clipped: Dict[str, int]            # corrected cosines beyond +-1 over all modules (metrics.clipped_pairs)
     notes: List[str] = field(default_factory=list)
+    conflict: Optional[C.ConflictAnalysis] = None   # the same-state decision (None: old statistics)
+
+    @property
+    def estimator(self) -> str:
+        return "same-state" if self.conflict is not None else "summed (drift-prone)"
 
     @property
     def estimator_warning(self) -> Optional[str]:
-        """The warning that the decision is not measured conflict, when most pairs were clipped."""
+        """Why the decision may not reflect measured conflict: statistics without same-state
+        records, or (old estimator) most corrected cosines clipped."""
+        if self.conflict is not None:
+            return None
         if self.clipped["pairs"] and self.clipped["clipped"] >= self.clipped["pairs"] / 2:
             return ESTIMATOR_WARNING.format(**self.clipped)
-        return None
+        return NO_SAME_STATE_WARNING
+
+    def _same_state_scores(self) -> Dict[str, dict]:
+        ca = self.conflict
+        out = {}
+        for rank, b in enumerate(ca.candidates + [r for r in ca.reference_blocks], 1):
+            e = ca.estimates[b]
+            out[b] = {"same_state_conflict": e.score, "same_state_conflict_interval": list(e.score_interval),
+                      "same_state_rank": rank if b in ca.candidates else None,
+                      "reference_block": b in ca.reference_blocks,
+                      "same_state_rho_mean": M._mean_upper(e.rho),
+                      "identifiable": e.identifiable if e.identifiability is not None else None}
+            if e.identifiability is not None:
+                out[b]["identifiability"] = e.identifiability
+        return out
 
     def plan(self) -> Plan:
         scores = {m: self.metrics[m].scores() for m in self.ranking}
         for rank, m in enumerate(self.ranking, 1):
             scores[m]["rank"] = rank
+        if self.conflict is not None:
+            for m, extra in self._same_state_scores().items():
+                scores[m].update(extra)
         g = self.grouping
         provenance = {
             "tool": "gdps-analyze",
@@ -83,7 +117,18 @@ class Analysis:
                          "frequencies": [{"groups": [list(x) for x in p], "frequency": f} for p, f in g.frequencies]},
             "ratio": {"mean_cross_group_corrected_cos": self.ratio_raw, "quantised": self.ratio},
             "corrected_cosines_clipped": self.clipped,
+            "estimator": self.estimator,
         }
+        if self.conflict is not None:
+            ca = self.conflict
+            provenance["same_state"] = {
+                "probes": ca.probes, "window": list(ca.window), "probed_updates": list(ca.updates),
+                "reference_blocks": ca.reference_blocks, "candidates": ca.candidates,
+                "separation": ca.separation, "resamples": ca.resamples, "interval_level": ca.level,
+                "unit_level": ca.unit_level, "rho_beyond_one": ca.beyond_one,
+                "rho": {b: ca.estimates[b].rho for b in ca.blocks},
+                "languages": ca.languages,
+            }
         return Plan(modules=self.split_modules, groups=g.groups, shared_ratio=self.ratio, scores=scores,
                     provenance=provenance)
 
@@ -97,11 +142,19 @@ ESTIMATOR_WARNING = (
     "cosines and the per-step conflict estimates beside the decision.")
 
 
+NO_SAME_STATE_WARNING = (
+    "WARNING: these statistics carry no same-state probe records (recorded before they existed): the "
+    "decision below comes from the summed estimator, whose cross-language terms and self terms are taken at "
+    "different model states. Record the statistics again with this version's probe.")
+
+
 def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = None, select: str = "top1",
             top_k: int = 3, n_groups: Optional[int] = None, threshold: Optional[float] = None,
             ratio_min: float = 0.25, ratio_max: float = 0.75, ratio_step: float = 0.125, resamples: int = 200,
             seed: int = 0, subspace_rank: int = 8, ridge: float = 0.1, alignment_weight: float = 0.5,
-            silhouette_min: float = 0.25, min_split_distance: float = 0.1) -> Analysis:
+            silhouette_min: float = 0.25, min_split_distance: float = 0.1, window_start: Optional[int] = None,
+            window_end: Optional[int] = None, reference: str = "encoder.*", conflict_tau: float = 0.15,
+            identifiability_margin: float = 0.05, interval_level: float = 0.9) -> Analysis:
     if select not in ("top1", "topk"):
         raise ValueError(f"select must be 'top1' or 'topk', got {select!r}")
     if top_k < 1:
@@ -128,18 +181,31 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     metrics = M.compute_all(stats, **mkw)
     for mm in metrics.values():
         notes.extend(mm.notes)
-    ranking = M.rank_modules(metrics)
-    k = min(top_k, len(ranking))
-    if modules:
-        split_modules = list(modules)
-        group_modules = list(modules)
+    ca = None
+    rec = stats.same_state
+    if rec is not None and len(rec.arrays(window_start, window_end)[0]) >= 2:
+        ca = C.analyse(rec, window_start, window_end, reference=reference, resamples=resamples, seed=seed,
+                       level=interval_level, identifiability_margin=identifiability_margin, languages=languages)
+    elif rec is not None:
+        notes.append(f"fewer than 2 same-state probes in the window [{window_start}, {window_end}): the summed "
+                     "estimator decides (see the warning)")
+    if ca is not None:
+        ranking = ca.candidates + ca.reference_blocks
+        split_modules, grouping, rho = _same_state_decision(ca, modules, select, top_k, n_groups, threshold,
+                                                            conflict_tau, notes)
     else:
-        split_modules = ranking[:1] if select == "top1" else ranking[:k]
-        group_modules = ranking[:k]
-    grouping = G.group_languages(stats, group_modules, languages, n_groups=n_groups, threshold=threshold,
-                                 resamples=resamples, seed=seed, silhouette_min=silhouette_min,
-                                 min_split_distance=min_split_distance)
-    rho = np.mean([metrics[m].corrected_cos for m in split_modules], axis=0)
+        ranking = M.rank_modules(metrics)
+        k = min(top_k, len(ranking))
+        if modules:
+            split_modules = list(modules)
+            group_modules = list(modules)
+        else:
+            split_modules = ranking[:1] if select == "top1" else ranking[:k]
+            group_modules = ranking[:k]
+        grouping = G.group_languages(stats, group_modules, languages, n_groups=n_groups, threshold=threshold,
+                                     resamples=resamples, seed=seed, silhouette_min=silhouette_min,
+                                     min_split_distance=min_split_distance)
+        rho = np.mean([metrics[m].corrected_cos for m in split_modules], axis=0)
     ratio, ratio_raw = G.shared_ratio(rho, grouping.partition, languages, ratio_min, ratio_max, ratio_step)
     if len(grouping.partition) == 1:
         notes.append("a single group: every language uses the same private block, so the split changes "
@@ -148,7 +214,10 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
                 "groups": n_groups, "distance_threshold": threshold, "ratio_min": ratio_min,
                 "ratio_max": ratio_max, "ratio_step": ratio_step, "resamples": resamples, "seed": seed,
                 "subspace_rank": subspace_rank, "ridge": ridge, "alignment_weight": alignment_weight,
-                "silhouette_min": silhouette_min, "min_split_distance": min_split_distance}
+                "silhouette_min": silhouette_min, "min_split_distance": min_split_distance,
+                "window_start": window_start, "window_end": window_end, "reference_blocks": reference,
+                "conflict_tau": conflict_tau, "identifiability_margin": identifiability_margin,
+                "interval_level": interval_level}
     stats_info = {"languages": list(stats.languages), "steps": stats.num_steps,
                   "steps_per_language": {l: max(counts[l].values()) for l in stats.languages},
                   "skipped_nonfinite": stats.skipped_nonfinite, "model_signature": stats.model_signature,
@@ -159,7 +228,46 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     return Analysis(stats_path=str(stats_path), stats_sha256=sha, languages=languages, metrics=metrics,
                     ranking=ranking, split_modules=split_modules, grouping=grouping, ratio=ratio,
                     ratio_raw=ratio_raw, settings=settings, stats_info=stats_info,
-                    clipped=M.clipped_pairs(metrics), notes=notes)
+                    clipped=M.clipped_pairs(metrics), notes=notes, conflict=ca)
+
+
+def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_groups, threshold, tau, notes):
+    """(split modules, grouping, rho of the split modules) from the same-state analysis."""
+    langs = ca.languages
+    if modules:
+        split = list(modules)
+    else:
+        split = ca.candidates[:1] if select == "top1" else ca.candidates[:min(top_k, len(ca.candidates))]
+    if not split:
+        split = ca.reference_blocks[-1:]
+        notes.append("every tracked block is a reference block: the last one is named for the split")
+    if ca.separation is not None and not ca.separation["separated"] and not modules:
+        sep = ca.separation
+        notes.append(f"the top blocks are not separated: conflict score of `{sep['top']}` minus `{sep['next']}` "
+                     f"{sep['difference']:.3f}, {int(100 * ca.level)}% interval [{sep['interval'][0]:.3f}, "
+                     f"{sep['interval'][1]:.3f}] includes 0")
+    unidentified = [b for b in split if not ca.estimates[b].identifiable]
+    rho = np.mean([ca.estimates[b].rho for b in split], axis=0)
+    if n_groups is not None:
+        D = np.clip(np.nan_to_num(np.mean([ca.estimates[b].conflict for b in split], axis=0), nan=0.0), 0, 2)
+        D = (D + D.T) / 2
+        np.fill_diagonal(D, 0.0)
+        partition, info = G.cluster(D, langs, n_groups=n_groups)
+        cg = None
+    elif unidentified:
+        partition = (tuple(langs),)
+        info = {"rule": (f"languages are not told apart from speakers in {', '.join(unidentified)} (within-language "
+                         "cross-speaker agreement not above cross-language agreement): no split along languages")}
+        notes.append(info["rule"])
+        cg = None
+    else:
+        cg = C.group(ca, split, tau=tau if threshold is None else threshold)
+        partition, info = cg.partition, {"rule": cg.rule, "edges": cg.edges}
+    grouping = G.GroupingResult(languages=langs, modules=split, distance=1.0 - rho, partition=partition, info=info)
+    if cg is not None:
+        grouping.frequencies, grouping.chosen_frequency = cg.frequencies, cg.chosen_frequency
+        grouping.coassignment, grouping.resamples = cg.coassignment, cg.resamples
+    return split, grouping, rho
 
 
 # ------------------------------------------------------------------------ markdown
@@ -197,7 +305,9 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
             f"- groups: {_groups_str(a.grouping.partition)} ({a.grouping.info.get('rule')})",
             f"- shared ratio: **{a.ratio:g}**", ""]
     out += [f"**{a.estimator_warning}**", ""] if a.estimator_warning else []
-    out += ["## Modules ranked by conflict", "",
+    if a.conflict is not None:
+        out += _same_state_markdown(a)
+    out += ["## Modules ranked by the summed estimator" + (" (diagnostic: not what decides)" if a.conflict else ""), "",
             "conflict score = divergence x ((1 - w) + w x (1 - subspace alignment)), "
             f"w = {a.settings['alignment_weight']}; divergence = mean over pairs of (1 - noise-corrected cosine) / 2.", "",
             "| rank | module | conflict score | divergence | neg. pairs | step conflict (Gauss.) | corr. cos mean | "
@@ -270,6 +380,48 @@ def _save(fig, path):
         fig.savefig(f, format="png", metadata={"Software": None})
 
 
+def _same_state_markdown(a: Analysis) -> List[str]:
+    ca = a.conflict
+    langs = ca.languages
+    lvl = f"{int(round(100 * ca.level))}%"
+    out = ["## Same-state analysis (what decides)", "",
+           f"- {ca.probes} probes, updates {ca.updates[0]}-{ca.updates[1]} (window {ca.window[0]}..{ca.window[1]}); "
+           f"{ca.resamples} bootstrap resamples of the probes, {lvl} percentile intervals",
+           f"- reference (input-side) blocks: {', '.join(f'`{b}`' for b in ca.reference_blocks)}; "
+           "conflict(i, j) at a block = agreement on the reference minus agreement at the block",
+           f"- estimates beyond +-1: {ca.beyond_one['pairs_beyond_one']} of {ca.beyond_one['pairs']} pair-blocks "
+           "(sampling noise only: every term is taken at one model state)"]
+    if ca.separation is not None:
+        sep = ca.separation
+        out.append(f"- top candidate `{sep['top']}` vs next `{sep['next']}`: score difference {_f(sep['difference'])} "
+                   f"[{_f(sep['interval'][0])}, {_f(sep['interval'][1])}]: "
+                   + ("**separated**" if sep["separated"] else "**not separated** (the interval includes 0)"))
+    out += ["", "| rank | block | conflict score | interval | mean same-state rho | within-language (cross-speaker) | "
+            "cross-language | margin interval | languages identifiable |", "|---|---|---|---|---|---|---|---|---|"]
+    for rank, b in enumerate(ca.candidates + ca.reference_blocks, 1):
+        e = ca.estimates[b]
+        idf = e.identifiability
+        cells = ([_f(idf["within_language"]), _f(idf["cross_language"]),
+                  f"[{_f(idf['margin_interval'][0])}, {_f(idf['margin_interval'][1])}]",
+                  "yes" if idf["identifiable"] else "**no**"] if idf else ["-", "-", "-", "(no speaker units)"])
+        out.append(f"| {rank if b in ca.candidates else 'ref'} | `{b}` | {_f(e.score)} | "
+                   f"[{_f(e.score_interval[0])}, {_f(e.score_interval[1])}] | {_f(M._mean_upper(e.rho))} | "
+                   + " | ".join(cells) + " |")
+    out.append("")
+    for b in list(dict.fromkeys(a.split_modules + ca.candidates[:2])):
+        e = ca.estimates[b]
+        out += [f"### `{b}`", "", "Same-state similarity rho (point; interval below):", ""]
+        out += _matrix_md(e.rho, langs) + [""]
+        lo, hi = e.rho_interval
+        interval = np.array([[f"{_f(lo[i, j], 2)}..{_f(hi[i, j], 2)}" for j in range(len(langs))]
+                             for i in range(len(langs))], dtype=object)
+        out += [f"{lvl} intervals:", ""] + _matrix_md(interval, langs) + [""]
+        out += ["Conflict (reference agreement minus this block's):", ""] + _matrix_md(e.conflict, langs) + [""]
+        out += ["Half-batch self-cosine (signal share of one half's gradient): "
+                + ", ".join(f"{l} {_f(v)}" for l, v in zip(langs, e.self_cos)), ""]
+    return out
+
+
 def plot_similarity(a: Analysis, path: str, max_modules: int = 4) -> None:
     shown = list(dict.fromkeys(a.split_modules + a.ranking))[:max_modules]
     L = len(a.languages)
@@ -277,7 +429,7 @@ def plot_similarity(a: Analysis, path: str, max_modules: int = 4) -> None:
     im = None
     for k, m in enumerate(shown):
         ax = fig.add_subplot(1, len(shown), k + 1)
-        mat = a.metrics[m].corrected_cos
+        mat = a.conflict.estimates[m].rho if a.conflict is not None else a.metrics[m].corrected_cos
         im = ax.imshow(mat, vmin=-1, vmax=1, cmap="RdBu")
         ax.set_xticks(range(L), a.languages, rotation=45)
         ax.set_yticks(range(L), a.languages)
@@ -285,9 +437,11 @@ def plot_similarity(a: Analysis, path: str, max_modules: int = 4) -> None:
             for j in range(L):
                 if np.isfinite(mat[i, j]):
                     ax.text(j, i, f"{mat[i, j]:.2f}", ha="center", va="center", fontsize=7)
-        ax.set_title(f"{m}\nscore {a.metrics[m].conflict_score:.3f}", fontsize=8)
+        score = a.conflict.estimates[m].score if a.conflict is not None else a.metrics[m].conflict_score
+        ax.set_title(f"{m}\nscore {score:.3f}", fontsize=8)
     if im is not None:
-        fig.colorbar(im, ax=fig.axes, shrink=0.8, label="noise-corrected cosine")
+        fig.colorbar(im, ax=fig.axes, shrink=0.8,
+                     label="same-state similarity" if a.conflict is not None else "noise-corrected cosine")
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", metadata={"Software": None})
 
@@ -303,7 +457,8 @@ def plot_dendrogram(a: Analysis, path: str) -> None:
         if a.settings.get("distance_threshold") is not None:
             ax.axhline(a.settings["distance_threshold"], ls="--", c="gray")
     else:
-        ax.text(0.5, 0.5, "a single language", ha="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "a single language" if len(a.languages) == 1 else
+                "groups from conflict edges\n(no dendrogram; see report.md)", ha="center", transform=ax.transAxes)
     ax.set_ylabel("1 - noise-corrected cosine (average linkage)")
     ax.set_title("groups: " + _groups_str(a.grouping.partition), fontsize=8)
     _save(fig, path)
@@ -314,7 +469,8 @@ def plot_layer_profile(a: Analysis, path: str) -> None:
     for order, m in enumerate(a.metrics):
         parsed = parse_layer(m)
         key, x = parsed if parsed else ("(no layer index: module order)", order)
-        series.setdefault(key, []).append((x, a.metrics[m].conflict_score, m))
+        score = a.conflict.estimates[m].score if a.conflict is not None else a.metrics[m].conflict_score
+        series.setdefault(key, []).append((x, score, m))
     fig = _canvas(6.5, 3.8)
     ax = fig.add_subplot(1, 1, 1)
     for key, pts in sorted(series.items()):

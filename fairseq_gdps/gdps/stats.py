@@ -51,8 +51,12 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import torch
 from fairseq_gdps.atomic import atomic_write
+from fairseq_gdps.gdps.same_state import SameStateRecords
 
-FORMAT_VERSION = 1
+# 2: adds the same-state probe records (``same_state``); version 1 files are still read (they
+# have none, and the analysis then says that its decision rests on the drift-prone estimator).
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 KIND = "gdps-gradient-statistics"
 
 _MASK64 = (1 << 64) - 1
@@ -110,11 +114,16 @@ class GradientStatistics:
         model_signature: free text identifying the model (checked by ``load``).
         num_buckets: number of additive step buckets used for bootstrap resampling.
         aux_dim: maximum dimension of the bucket sums and of the input to the subspace projection.
+        probe_units: units of the same-state probe (languages, or "language@speaker" pairs);
+            None: no same-state records (``add_probe`` is then unavailable).
+        probe_unit_languages: the language of every probe unit (default: the unit itself).
     """
 
     def __init__(self, module_sizes: Mapping[str, int], languages: Optional[Sequence[str]] = None,
                  sketch_dim: Optional[int] = None, subspace_dim: int = 64, seed: int = 0,
-                 model_signature: str = "", num_buckets: int = 16, aux_dim: int = 4096):
+                 model_signature: str = "", num_buckets: int = 16, aux_dim: int = 4096,
+                 probe_units: Optional[Sequence[str]] = None,
+                 probe_unit_languages: Optional[Sequence[str]] = None):
         if not module_sizes:
             raise ValueError("GradientStatistics needs at least one module")
         self.module_names: List[str] = [str(m) for m in module_sizes]
@@ -142,6 +151,11 @@ class GradientStatistics:
         self._alloc()
         if languages:
             self._ensure_languages(languages)
+        self.same_state: Optional[SameStateRecords] = None
+        if probe_units is not None:
+            unit_langs = list(probe_units) if probe_unit_languages is None else list(probe_unit_languages)
+            self.same_state = SameStateRecords(probe_units, unit_langs, self.module_names)
+            self._ensure_languages(self.same_state.languages)
 
     # ------------------------------------------------------------------ layout
     def stored_dim(self, module: str) -> int:
@@ -307,6 +321,48 @@ class GradientStatistics:
             raise ValueError(f"add_step_rows: untracked modules {unknown}")
         return self._record(step, langs, modules)
 
+    @torch.no_grad()
+    def add_probe(self, step: int, tokens: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> List[str]:
+        """Record one probed update given per probe-unit half (see ``same_state.py``).
+
+        ``tokens``: (2U,) target tokens of every half (row ``2u + h``: unit u, half h);
+        ``rows[module]``: (2U, d) per-target-token gradient of every half (zero rows where a half
+        has no tokens). Keeps the halves' Gram matrices (the same-state records) and records
+        each present language's per-token gradient (its halves' token-weighted mean) as one
+        step of the summed statistics (norms, buckets, subspace moments). Returns the languages
+        skipped for non-finite gradients (a probe with any non-finite row keeps no Gram matrix)."""
+        if self.same_state is None:
+            raise ValueError("add_probe: these statistics have no probe units (construct with probe_units)")
+        rec = self.same_state
+        R = 2 * len(rec.units)
+        tokens = torch.as_tensor(tokens, dtype=torch.float64).reshape(-1)
+        if tokens.numel() != R:
+            raise ValueError(f"add_probe: expected {R} token counts (2 halves x {len(rec.units)} units), got {tokens.numel()}")
+        missing = [m for m in self.module_names if m not in rows]
+        if missing:
+            raise ValueError(f"add_probe: no rows for modules {missing}")
+        languages = self.same_state.languages
+        # language row = sum over its halves of (tokens_r / tokens_language) * row_r
+        member = torch.zeros(len(languages), R, dtype=torch.float64)
+        for u, lang in enumerate(rec.unit_languages):
+            member[languages.index(lang), 2 * u: 2 * u + 2] = 1.0
+        lang_tokens = member @ tokens
+        present = torch.nonzero(lang_tokens > 0).flatten()
+        if present.numel() == 0:
+            return []
+        mix = (member * tokens[None]) / lang_tokens.clamp(min=1e-30)[:, None]
+        grams, lang_rows = [], {}
+        for m in self.module_names:
+            Y = rows[m].detach().to(torch.float64)
+            if tuple(Y.shape) != (R, self.module_sizes[m]):
+                raise ValueError(f"add_probe: rows of {m!r} have shape {tuple(Y.shape)}, expected ({R}, {self.module_sizes[m]})")
+            grams.append(Y @ Y.T)
+            lang_rows[m] = mix[present].to(Y.device) @ Y
+        grams = torch.stack(grams).cpu()
+        if bool(torch.isfinite(grams).all()):
+            rec.add(step, tokens, grams)
+        return self.add_step_rows(step, [languages[i] for i in present.tolist()], lang_rows)
+
     def _record(self, step: int, langs: List[str], modules) -> List[str]:
         """Record ``modules``, a list of (module, its languages, (n, d) gradients), in module order."""
         if not langs or not modules:
@@ -423,7 +479,9 @@ class GradientStatistics:
         return {"module_names": list(self.module_names),
                 "module_sizes": [self.module_sizes[m] for m in self.module_names],
                 "sketch_dim": self.sketch_dim, "subspace_dim": self.subspace_dim, "seed": self.seed,
-                "num_buckets": self.num_buckets, "aux_dim": self.aux_dim}
+                "num_buckets": self.num_buckets, "aux_dim": self.aux_dim,
+                "probe_units": None if self.same_state is None else list(self.same_state.units),
+                "probe_unit_languages": None if self.same_state is None else list(self.same_state.unit_languages)}
 
     def flat_buffers(self) -> List[torch.Tensor]:
         """Every sum, in a fixed order: sum these element-wise across workers (e.g. with
@@ -497,22 +555,25 @@ class GradientStatistics:
                 t[:, src] += o
             else:
                 t += o
+        if self.same_state is not None:
+            self.same_state.merge_(other.same_state)
         return self
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
         return {"format_version": FORMAT_VERSION, "kind": KIND, "model_signature": self.model_signature,
                 "languages": list(self.languages), **self.settings(),
-                "buffers": {name: self._buffers[name].detach().cpu().clone() for name, _, _ in self._specs()}}
+                "buffers": {name: self._buffers[name].detach().cpu().clone() for name, _, _ in self._specs()},
+                "same_state": None if self.same_state is None else self.same_state.state_dict()}
 
     @classmethod
     def from_state_dict(cls, d: dict, source: str = "state dict") -> "GradientStatistics":
         if not isinstance(d, dict) or d.get("kind") != KIND:
             kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
             raise ValueError(f"{source}: not GDPS gradient statistics (kind {kind!r}, expected {KIND!r})")
-        if d.get("format_version") != FORMAT_VERSION:
+        if d.get("format_version") not in READABLE_VERSIONS:
             raise ValueError(f"{source}: gradient statistics format version {d.get('format_version')!r} "
-                             f"is not supported (this code reads version {FORMAT_VERSION}); "
+                             f"is not supported (this code reads versions {READABLE_VERSIONS}); "
                              f"record them again with this version's stage 1")
         fields = ("module_names", "module_sizes", "languages", "sketch_dim", "subspace_dim", "seed",
                   "model_signature", "num_buckets", "aux_dim", "buffers")
@@ -520,9 +581,12 @@ class GradientStatistics:
         if missing:
             raise ValueError(f"{source}: gradient statistics lack {missing}")
         try:
+            same_state = d.get("same_state")
             stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
                         sketch_dim=d["sketch_dim"], subspace_dim=d["subspace_dim"], seed=d["seed"],
                         model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"])
+            if same_state is not None:
+                stats.same_state = SameStateRecords.from_state_dict(same_state, source)
             names = [name for name, _, _ in stats._specs()]
             missing = [n for n in names if n not in d["buffers"]]
             if missing:

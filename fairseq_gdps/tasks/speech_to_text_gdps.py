@@ -124,6 +124,25 @@ def read_manifest_languages(path: Path) -> list[str]:
         return [row["src_lang"] for row in reader]
 
 
+def speaker_unit(language: str, speaker: str) -> str:
+    """The probe unit of a (language, speaker) pair."""
+    return f"{language}@{speaker}"
+
+
+def probe_halves(units: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Probe row of every utterance of a batch: ``2 * unit + half``, where the halves alternate
+    over the unit's utterances in the order of their dataset ids (so that both halves of a unit
+    with two or more utterances are non-empty, and the split does not depend on batch order)."""
+    order = sorted(range(units.numel()), key=lambda k: (int(units[k]), int(ids[k])))
+    half = torch.zeros_like(units)
+    seen = {}
+    for k in order:
+        u = int(units[k])
+        half[k] = seen.get(u, 0) % 2
+        seen[u] = seen.get(u, 0) + 1
+    return 2 * units + half
+
+
 @register_task("speech_to_text_gdps", dataclass=SpeechToTextGDPSConfig)
 class SpeechToTextGDPSTask(SpeechToTextTask):
     def __init__(self, cfg, tgt_dict):
@@ -133,6 +152,7 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         logger.info(f"source languages (id order): {self.languages}")
         # the GDPS criterion records statistics and owns the probe schedule; see build_criterion
         self.gdps_criterion = None
+        self.probe_unit_of = None   # (utterances of the train S2T dataset,) probe unit ids, built on first probe
 
     @classmethod
     def add_args(cls, parser):
@@ -189,29 +209,68 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         criterion = super().build_criterion(cfg)
         if hasattr(criterion, "probe_due"):
             self.gdps_criterion = criterion
-            criterion.attach_languages(self.languages)
+            if getattr(criterion.cfg, "gdps_probe_speakers", False):
+                units = self.speaker_units()
+                criterion.attach_languages(self.languages, units, [u.split("@", 1)[0] for u in units])
+            else:
+                criterion.attach_languages(self.languages)
         return criterion
+
+    def _train_manifest(self) -> Path:
+        return Path(self.args.data) / f"{self.args.train_subset.split(',')[0]}.tsv"
+
+    def speaker_units(self) -> list[str]:
+        """The (language, speaker) probe units of the train manifest, sorted by language order."""
+        path = self._train_manifest()
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+            if "speaker" not in (reader.fieldnames or []):
+                raise ValueError(f"--gdps-probe-speakers: {path} has no speaker column")
+            pairs = {(row["src_lang"], row["speaker"]) for row in reader}
+        order = {lang: i for i, lang in enumerate(self.languages)}
+        return [speaker_unit(lang, spk) for lang, spk in sorted(pairs, key=lambda p: (order.get(p[0], len(order)), p[1]))]
+
+    def _probe_units_of_batch(self, sample, criterion) -> torch.Tensor:
+        """Probe unit id of every utterance of a train batch (its language id, or the id of its
+        (language, speaker) pair)."""
+        lang_ids = sample["net_input"][LANG_ID_KEY]
+        if criterion.probe_units == self.languages:
+            return lang_ids.cpu()
+        if self.probe_unit_of is None:
+            train = self.datasets[self.args.train_subset.split(",")[0]].s2t_dataset
+            index = {u: i for i, u in enumerate(criterion.probe_units)}
+            speakers = train.speakers if train.speakers is not None else [None] * len(train)
+            try:
+                self.probe_unit_of = torch.tensor([index[speaker_unit(lang, spk)] for lang, spk
+                                                   in zip(train.src_langs, speakers)], dtype=torch.long)
+            except KeyError as exc:
+                raise ValueError(f"--gdps-probe-speakers: {self._train_manifest()}: no probe unit {exc} "
+                                 "(the train manifest's speaker column is read when the criterion is built)") from None
+        return self.probe_unit_of[sample["id"].cpu()]
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
         probe = self.gdps_criterion is not None and not ignore_grad and criterion.probe_due(update_num)
         if not probe:
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        lang_ids = sample["net_input"][LANG_ID_KEY]
+        # each probe unit's utterances split into two halves: the analysis compares a unit's two
+        # halves (self) with other units (cross) at the same parameters (gdps/same_state.py)
+        rows = probe_halves(self._probe_units_of_batch(sample, criterion), sample["id"].cpu())
+        rows = rows.to(sample["net_input"][LANG_ID_KEY].device)
         tracked = criterion.tracked_modules(model)
         # fairseq's trainer sets every gradient to None when an update (or its retry after an
         # fp16 overflow) begins, and micro-batches of the same update (--update-freq) add to them.
         # Read on a trained parameter: a tracked FFN may be frozen (its would-be gradient is measured).
         first_of_update = next(p for p in model.parameters() if p.requires_grad).grad is None
-        with PerLanguageGradients(tracked, lang_ids) as capture:
+        with PerLanguageGradients(tracked, rows) as capture:
             result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         frozen_blocks = capture.blocks_without_gradient()
         if frozen_blocks:   # e.g. a frozen pretrained encoder under the default --gdps-track '*'
             criterion.untrack(frozen_blocks)
-        # Gradient sums and target tokens per language; the criterion divides them once the
+        # Gradient sums and target tokens per probe half; the criterion divides them once the
         # update's micro-batches and workers are summed (per-token gradients, so that steps of
         # different sizes weigh the same in the statistics).
-        tokens = torch.zeros(len(self.languages), dtype=torch.float64).index_add_(
-            0, lang_ids.cpu(), sample["target_lengths"].cpu().double())
+        tokens = torch.zeros(2 * len(criterion.probe_units), dtype=torch.float64).index_add_(
+            0, rows.cpu(), sample["target_lengths"].cpu().double())
         criterion.add_micro_batch(capture.gradients(criterion.tracked_modules(model)), tokens, first_of_update,
                                   loss_scale_of(optimizer))
         return result

@@ -1,0 +1,294 @@
+"""Where languages conflict, and which to keep apart, from same-state probe records.
+
+Similarity alone does not mark a conflict. Two languages that sound alike but mean different
+things (the planted ``xx``: ``et``'s speakers, permuted numbers) stay each other's nearest
+neighbours in every block, so clustering by similarity puts them together, the opposite of what
+resolves their conflict (measured: ``rho(et, xx)`` 0.52 / 0.70 in the decoder FFNs at update 1,500,
+every other pair 0.1-0.5). What marks them is that they agree much less in the block where
+outputs are decided than where their inputs are encoded. So, per block m and language pair:
+
+* ``rho_ij(m)``: same-state similarity (``same_state.py``), with a bootstrap over probes;
+* ``ref_ij``: the pair's agreement on the *reference blocks* (the input side: by default the
+  encoder FFNs; when every tracked block is an encoder block, the lower half of them);
+* ``conflict_ij(m) = ref_ij - rho_ij(m)``: how much less the pair agrees in block m than on its
+  inputs. Two halves of one language: ~0 everywhere (rho ~ 1). Unrelated languages: low
+  everywhere, small conflict. Same input, different meaning: large in the output blocks.
+
+A *candidate* block is any tracked block outside the reference. Blocks are ranked by their
+score, the largest pair conflict; the bootstrap gives its interval and says whether the top
+block is separated from the next one (the score difference's interval excludes 0).
+
+Languages told apart from speakers. When probe units are (language, speaker) pairs, per block
+the within-language agreement (pairs of one language's different speakers) is compared with the
+cross-language agreement (pairs of units of different languages). A block where the former does
+not exceed the latter by ``identifiability_margin`` (interval lower bound) groups voices, not
+languages: it is not split along languages, and the report says so.
+
+Groups. At the chosen block, a *conflict edge* joins two languages whose conflict exceeds
+``tau`` with an interval lower bound above 0. Languages are placed greedily, most edges first,
+each into the existing group where it has no edge and agrees most (mean rho) with the members,
+or into a new group: no conflicting pair shares a group, and the rest stays together. The
+grouping's stability is the share of bootstrap replicates (edges where the replicate's conflict
+exceeds ``tau``) that give the same partition.
+
+This file imports no fairseq.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from fairseq_gdps.gdps import same_state as SS
+
+Partition = Tuple[Tuple[str, ...], ...]
+
+
+@dataclass
+class BlockEstimate:
+    block: str
+    rho: np.ndarray                 # (L, L) same-state similarity
+    rho_interval: Tuple[np.ndarray, np.ndarray]
+    probes: np.ndarray              # (L, L) probes behind every pair
+    self_cos: np.ndarray            # (L,) mean half-batch self-cosine
+    conflict: np.ndarray            # (L, L) ref - rho
+    conflict_interval: Tuple[np.ndarray, np.ndarray]
+    score: float                    # max pair conflict
+    score_interval: Tuple[float, float]
+    identifiability: Optional[dict] = None   # within, cross, margin (+ intervals), identifiable
+
+    @property
+    def identifiable(self) -> bool:
+        return self.identifiability is None or bool(self.identifiability["identifiable"])
+
+
+@dataclass
+class ConflictAnalysis:
+    languages: List[str]
+    blocks: List[str]
+    reference_blocks: List[str]
+    candidates: List[str]            # ranked, highest score first
+    estimates: Dict[str, BlockEstimate]
+    probes: int
+    window: Tuple[Optional[int], Optional[int]]
+    updates: Tuple[int, int]         # first and last probed update in the window
+    resamples: int
+    level: float
+    separation: Optional[dict]       # top vs next candidate: difference and its interval
+    unit_level: bool                 # identifiability measured from (language, speaker) units
+    beyond_one: Dict[str, int]       # point estimates |rho| > 1 (sampling noise only)
+    _boot: dict = field(default_factory=dict, repr=False)
+
+    def conflict_boot(self, block: str) -> np.ndarray:
+        return self._boot["conflict"][self.blocks.index(block)]
+
+    def rho_boot(self, block: str) -> np.ndarray:
+        return self._boot["rho"][self.blocks.index(block)]
+
+
+def reference_of(blocks: Sequence[str], pattern: str) -> List[str]:
+    """Blocks matching ``pattern`` (comma-separated globs); when none or all match, the lower half
+    of the blocks in their recorded order (for a model whose tracked blocks are one stack)."""
+    globs = [p.strip() for p in pattern.split(",") if p.strip()]
+    ref = [b for b in blocks if any(fnmatch.fnmatchcase(b, g) for g in globs)]
+    if not ref or len(ref) == len(blocks):
+        ref = list(blocks[: max(1, len(blocks) // 2)])
+    return ref
+
+
+def _pairs_mean(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Mean of ``a[..., i, j]`` over the (i, j) of ``mask`` (NaN-aware) -> a[...]."""
+    sel = a[..., mask]
+    with np.errstate(invalid="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmean(sel, axis=-1)
+
+
+def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Optional[int] = None,
+            reference: str = "encoder.*", resamples: int = 200, seed: int = 0, level: float = 0.9,
+            identifiability_margin: float = 0.05, languages: Optional[Sequence[str]] = None) -> ConflictAnalysis:
+    """Same-state similarity, conflict and identifiability of every block (see the module doc)."""
+    updates, tokens, grams = records.arrays(start, end)
+    P = len(updates)
+    if P < 2:
+        raise ValueError(f"{P} same-state probe(s) in the window [{start}, {end}): need at least 2")
+    all_langs = records.languages
+    langs = list(all_langs) if languages is None else [l for l in languages if l in all_langs]
+    unit_group = [all_langs.index(l) for l in records.unit_languages]
+    unit_level = len(records.units) > len(all_langs)
+    if unit_level:
+        lang_tokens, lang_grams = SS.aggregate_units(tokens, grams, unit_group, len(all_langs))
+    else:
+        lang_tokens, lang_grams = tokens, grams
+    sel = [all_langs.index(l) for l in langs]
+    rows = np.array([[2 * i, 2 * i + 1] for i in sel]).reshape(-1)
+    lang_tokens, lang_grams = lang_tokens[:, rows], lang_grams[:, :, rows][:, :, :, rows]
+    counts = SS.bootstrap_counts(P, resamples, seed)
+    self_, cross, both, weight = SS.probe_terms(lang_tokens, lang_grams)
+    rho, n_pairs = SS.ratio_of_sums(self_, cross, both, weight)
+    rho_b, _ = SS.ratio_of_sums(self_, cross, both, weight, counts) if len(counts) else (rho[None], None)
+    scos = SS.self_cosine(lang_tokens, lang_grams)
+    blocks = list(records.blocks)
+    ref_blocks = reference_of(blocks, reference)
+    ri = [blocks.index(b) for b in ref_blocks]
+    with np.errstate(invalid="ignore"):
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            ref = np.nanmean(rho[ri], axis=0)
+            ref_b = np.nanmean(rho_b[:, ri], axis=1)
+    conflict = ref[None] - rho                     # (M, L, L)
+    conflict_b = ref_b[:, None] - rho_b            # (R, M, L, L)
+    L = len(langs)
+    iu = np.triu_indices(L, 1)
+    upper = np.zeros((L, L), dtype=bool)
+    upper[iu] = True
+
+    def pair_max(c):
+        v = c[..., upper]
+        with np.errstate(invalid="ignore"):
+            import warnings
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                return np.nanmax(v, axis=-1) if v.shape[-1] else np.full(v.shape[:-1], np.nan)
+
+    score, score_b = pair_max(conflict), pair_max(conflict_b)     # (M,), (R, M)
+    rho_lo, rho_hi = SS.interval(rho_b, level)
+    c_lo, c_hi = SS.interval(conflict_b, level)
+    s_lo, s_hi = SS.interval(score_b, level)
+
+    ident = [None] * len(blocks)
+    if unit_level:
+        u_self, u_cross, u_both, u_w = SS.probe_terms(tokens, grams)
+        urho, _ = SS.ratio_of_sums(u_self, u_cross, u_both, u_w)
+        urho_b, _ = SS.ratio_of_sums(u_self, u_cross, u_both, u_w, counts) if len(counts) else (urho[None], None)
+        ul = np.array(unit_group)
+        keep = np.isin(ul, sel)
+        U = len(ul)
+        same = (ul[:, None] == ul[None, :]) & ~np.eye(U, dtype=bool) & keep[:, None] & keep[None, :]
+        diff = (ul[:, None] != ul[None, :]) & keep[:, None] & keep[None, :]
+        if same.any() and diff.any():
+            w, x = _pairs_mean(urho, same), _pairs_mean(urho, diff)                  # (M,)
+            wb, xb = _pairs_mean(urho_b, same), _pairs_mean(urho_b, diff)            # (R, M)
+            m_lo, m_hi = SS.interval(wb - xb, level)
+            w_lo, w_hi = SS.interval(wb, level)
+            x_lo, x_hi = SS.interval(xb, level)
+            for k in range(len(blocks)):
+                ident[k] = {"within_language": float(w[k]), "within_interval": [float(w_lo[k]), float(w_hi[k])],
+                            "cross_language": float(x[k]), "cross_interval": [float(x_lo[k]), float(x_hi[k])],
+                            "margin": float(w[k] - x[k]), "margin_interval": [float(m_lo[k]), float(m_hi[k])],
+                            "identifiable": bool(m_lo[k] > identifiability_margin)}
+
+    estimates = {}
+    for k, b in enumerate(blocks):
+        estimates[b] = BlockEstimate(block=b, rho=rho[k], rho_interval=(rho_lo[k], rho_hi[k]), probes=n_pairs,
+                                     self_cos=scos[k], conflict=conflict[k], conflict_interval=(c_lo[k], c_hi[k]),
+                                     score=float(score[k]), score_interval=(float(s_lo[k]), float(s_hi[k])),
+                                     identifiability=ident[k])
+    candidates = [b for b in blocks if b not in ref_blocks]
+
+    def key(b):
+        s = estimates[b].score
+        return (0 if estimates[b].identifiable else 1, 0 if np.isfinite(s) else 1, -s if np.isfinite(s) else 0.0, b)
+
+    candidates.sort(key=key)
+    separation = None
+    if len(candidates) >= 2:
+        a, b = blocks.index(candidates[0]), blocks.index(candidates[1])
+        d = score_b[:, a] - score_b[:, b]
+        lo, hi = SS.interval(d[:, None], level) if len(d) else (np.array([np.nan]), np.array([np.nan]))
+        separation = {"top": candidates[0], "next": candidates[1], "difference": float(score[a] - score[b]),
+                      "interval": [float(lo[0]), float(hi[0])], "separated": bool(lo[0] > 0)}
+    beyond = {"pairs_beyond_one": int(np.sum(np.abs(rho[:, upper]) > 1)), "pairs": int(np.isfinite(rho[:, upper]).sum())}
+    return ConflictAnalysis(languages=langs, blocks=blocks, reference_blocks=ref_blocks, candidates=candidates,
+                            estimates=estimates, probes=P, window=(start, end),
+                            updates=(int(updates[0]), int(updates[-1])), resamples=len(counts), level=level,
+                            separation=separation, unit_level=unit_level, beyond_one=beyond,
+                            _boot={"rho": np.moveaxis(rho_b, 1, 0), "conflict": np.moveaxis(conflict_b, 1, 0)})
+
+
+def conflict_edges(conflict: np.ndarray, conflict_lo: Optional[np.ndarray], tau: float) -> np.ndarray:
+    """(L, L) bool: pairs whose conflict exceeds ``tau`` (and whose interval lower bound > 0)."""
+    edges = np.nan_to_num(conflict, nan=-np.inf) > tau
+    if conflict_lo is not None:
+        edges &= np.nan_to_num(conflict_lo, nan=-np.inf) > 0
+    edges = edges & edges.T
+    np.fill_diagonal(edges, False)
+    return edges
+
+
+def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str]) -> Partition:
+    """Keep conflicting languages apart, the rest together (see the module doc)."""
+    L = len(languages)
+    order = sorted(range(L), key=lambda i: (-int(edges[i].sum()), i))
+    groups: List[List[int]] = []
+    for i in order:
+        best, best_sim = None, -np.inf
+        for g, members in enumerate(groups):
+            if any(edges[i, j] for j in members):
+                continue
+            sims = [rho[i, j] for j in members if np.isfinite(rho[i, j])]
+            sim = float(np.mean(sims)) if sims else 0.0
+            if sim > best_sim:
+                best, best_sim = g, sim
+        if best is None:
+            groups.append([i])
+        else:
+            groups[best].append(i)
+    pos = {l: k for k, l in enumerate(languages)}
+    parts = [tuple(sorted((languages[i] for i in g), key=pos.get)) for g in groups]
+    return tuple(sorted(parts, key=lambda g: pos[g[0]]))
+
+
+@dataclass
+class ConflictGrouping:
+    blocks: List[str]
+    partition: Partition
+    edges: List[Tuple[str, str, float]]      # (language, language, conflict)
+    rule: str
+    frequencies: List[Tuple[Partition, float]]
+    chosen_frequency: float
+    coassignment: np.ndarray
+    resamples: int
+
+
+def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.15) -> ConflictGrouping:
+    """Groups from the conflict edges of ``blocks`` (an edge in any of them counts), with their
+    bootstrap stability."""
+    langs = analysis.languages
+    L = len(langs)
+    edges = np.zeros((L, L), dtype=bool)
+    rho = np.mean([analysis.estimates[b].rho for b in blocks], axis=0)
+    listed = []
+    for b in blocks:
+        e = analysis.estimates[b]
+        eb = conflict_edges(e.conflict, e.conflict_interval[0], tau)
+        edges |= eb
+        listed += [(langs[i], langs[j], float(e.conflict[i, j])) for i in range(L) for j in range(i + 1, L) if eb[i, j]]
+    partition = greedy_groups(edges, rho, langs)
+    rule = (f"conflict edges (conflict > {tau:g}, interval lower bound > 0) at {', '.join(blocks)}: "
+            + (", ".join(f"{a}-{b} {c:.2f}" for a, b, c in listed) if listed else "none, so one group"))
+    counts: Counter = Counter()
+    R = analysis.resamples
+    for r in range(R):
+        er = np.zeros((L, L), dtype=bool)
+        for b in blocks:
+            er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau)
+        rr = np.mean([analysis.rho_boot(b)[r] for b in blocks], axis=0)
+        counts[greedy_groups(er, rr, langs)] += 1
+    total = max(1, sum(counts.values()))
+    freqs = sorted(((p, c / total) for p, c in counts.items()), key=lambda pc: (-pc[1], pc[0]))
+    co = np.zeros((L, L))
+    pos = {l: i for i, l in enumerate(langs)}
+    for p, c in counts.items():
+        for g in p:
+            ii = [pos[l] for l in g]
+            co[np.ix_(ii, ii)] += c
+    return ConflictGrouping(blocks=list(blocks), partition=partition, edges=listed, rule=rule, frequencies=freqs,
+                            chosen_frequency=counts.get(partition, 0) / total if R else float("nan"),
+                            coassignment=co / total, resamples=R)
