@@ -25,9 +25,10 @@ not exceed the latter by ``identifiability_margin`` (interval lower bound) group
 languages: it is not split along languages, and the report says so.
 
 Groups. At the chosen block, a *conflict edge* joins two languages whose conflict exceeds
-``tau`` with an interval lower bound above 0. Languages are placed greedily, most edges first,
-each into the existing group where it has no edge and agrees most (mean rho) with the members,
-or into a new group: no conflicting pair shares a group, and the rest stays together. The
+``tau`` with an interval lower bound above 0. The languages without an edge form one group; the
+others are placed greedily, most edges first, each into the existing group where it has no edge
+and agrees most (mean rho) with the members, or into a new group: no conflicting pair shares a
+group, and the rest stays together. The
 grouping's stability is the share of bootstrap replicates (edges where the replicate's conflict
 exceeds ``tau``) that give the same partition.
 
@@ -223,10 +224,19 @@ def conflict_edges(conflict: np.ndarray, conflict_lo: Optional[np.ndarray], tau:
 
 
 def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str]) -> Partition:
-    """Keep conflicting languages apart, the rest together (see the module doc)."""
+    """Keep conflicting languages apart, the rest together (see the module doc): the languages
+    without an edge form the first group; the others join it or another group, most edges first
+    (ties: the one agreeing most with the first group first), where they have no edge and agree
+    most, else found a group of their own."""
     L = len(languages)
-    order = sorted(range(L), key=lambda i: (-int(edges[i].sum()), i))
-    groups: List[List[int]] = []
+    core = [i for i in range(L) if not edges[i].any()]
+    groups: List[List[int]] = [core] if core else []
+
+    def agreement(i):
+        vals = [rho[i, j] for j in core if np.isfinite(rho[i, j])]
+        return float(np.mean(vals)) if vals else 0.0
+
+    order = sorted((i for i in range(L) if edges[i].any()), key=lambda i: (-int(edges[i].sum()), -agreement(i), i))
     for i in order:
         best, best_sim = None, -np.inf
         for g, members in enumerate(groups):
