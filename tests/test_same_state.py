@@ -200,3 +200,33 @@ def test_speaker_dominated_blocks_are_not_identifiable():
     assert ca.candidates[0] == "decoder.layers.0.ffn"
     partition = C.group(ca, ["decoder.layers.0.ffn"]).partition
     assert not any({"et", "xx"} <= set(g) for g in partition) and any({"sw", "sw2"} <= set(g) for g in partition)
+
+
+def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
+    import json
+
+    from fairseq_gdps.cli.analyze import main
+    from fairseq_gdps.gdps.plan import Plan
+
+    stats, langs = planted_model(speakers=True)
+    stats.save(tmp_path / "stats.pt")
+    assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "a"), "--resamples", "100"]) == 0
+    printed = capsys.readouterr()
+    assert "estimator: same-state" in printed.out and "WARNING" not in printed.err
+    plan = Plan.load(tmp_path / "a" / "plan.json", languages=langs)
+    assert plan.modules == ["decoder.layers.0.ffn"]
+    assert not any({"et", "xx"} <= set(g) for g in plan.groups) and any({"sw", "sw2"} <= set(g) for g in plan.groups)
+    prov = plan.provenance
+    assert prov["estimator"] == "same-state" and prov["same_state"]["probes"] == 80
+    assert prov["same_state"]["reference_blocks"] == ["encoder.layers.0.ffn", "encoder.layers.1.ffn"]
+    assert plan.scores["encoder.layers.0.ffn"]["identifiable"] is False
+    assert plan.scores["decoder.layers.0.ffn"]["same_state_rank"] == 1
+    report = (tmp_path / "a" / "report.md").read_text()
+    for needle in ("## Same-state analysis (what decides)", "**separated**", "| **no** |",
+                   "(diagnostic: not what decides)", "conflict edges"):
+        assert needle in report, needle
+    # a window without probes falls back, and says so
+    assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "b"), "--resamples", "0",
+                 "--window-start", "1000"]) == 0
+    assert "no same-state probe records" in capsys.readouterr().err
+    json.loads((tmp_path / "b" / "plan.json").read_text())

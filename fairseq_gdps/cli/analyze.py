@@ -2,11 +2,15 @@
 
     gdps-analyze STATS --out DIR [--groups K | --distance-threshold T] [--top-k N]
                  [--select top1|topk | --modules M [M ...]]
+                 [--window-start U] [--window-end U] [--reference-blocks GLOBS]
+                 [--conflict-tau 0.15] [--identifiability-margin 0.05] [--interval-level 0.9]
                  [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--resamples 200] [--seed 0]
 
-The formulas are documented in ``fairseq_gdps.gdps.metrics`` (similarity, divergence, conflict,
-alignment, module score), ``fairseq_gdps.gdps.grouping`` (distance, clustering rule, bootstrap,
-ratio) and ``fairseq_gdps.gdps.report`` (module choice).
+The decision comes from the same-state probe records (``fairseq_gdps.gdps.same_state``: the
+estimator; ``fairseq_gdps.gdps.conflict``: conflict, identifiability, groups). Statistics recorded
+before those records existed fall back to the summed estimator (``fairseq_gdps.gdps.metrics``,
+``fairseq_gdps.gdps.grouping``), with a warning; its metrics are reported as diagnostics either
+way. ``fairseq_gdps.gdps.report`` documents the module choice.
 """
 from __future__ import annotations
 
@@ -22,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--groups", type=int, default=None, help="force this many language groups")
     g.add_argument("--distance-threshold", type=float, default=None,
-                   help="cut the dendrogram at this distance (1 - noise-corrected cosine) instead of the silhouette rule")
+                   help="same-state analysis: the conflict threshold instead of --conflict-tau; summed estimator: "
+                   "cut the dendrogram at this distance (1 - noise-corrected cosine) instead of the silhouette rule")
     p.add_argument("--top-k", type=int, default=3,
                    help="number of top-ranked modules whose distances are averaged for grouping (and split with --select topk)")
     s = p.add_mutually_exclusive_group()
@@ -43,6 +48,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-split-distance", type=float, default=0.1,
                    help="automatic rule: minimum linkage height (1 - corrected cosine) between groups to split")
     p.add_argument("--expect-signature", default=None, help="refuse statistics recorded for another model signature")
+    w = p.add_argument_group("same-state analysis")
+    w.add_argument("--window-start", type=int, default=None,
+                   help="use the probes of updates >= this (conflict shows once the content is being learned)")
+    w.add_argument("--window-end", type=int, default=None, help="use the probes of updates < this")
+    w.add_argument("--reference-blocks", default="encoder.*",
+                   help="comma-separated globs of the input-side blocks whose agreement is the reference (none or "
+                   "all matching: the lower half of the blocks)")
+    w.add_argument("--conflict-tau", type=float, default=0.15,
+                   help="a pair conflicts at a block when its agreement there is below its reference agreement by "
+                   "more than this (and the interval's lower bound is above 0)")
+    w.add_argument("--identifiability-margin", type=float, default=0.05,
+                   help="with speaker units: a block tells languages apart when within-language cross-speaker "
+                   "agreement exceeds cross-language agreement by more than this (interval lower bound)")
+    w.add_argument("--interval-level", type=float, default=0.9, help="level of the bootstrap percentile intervals")
     return p
 
 
@@ -53,6 +72,9 @@ def main(argv=None) -> int:
         return 2
     if not 0 < args.ratio_min <= args.ratio_max < 1 or args.ratio_step <= 0:
         print("gdps-analyze: need 0 < --ratio-min <= --ratio-max < 1 and --ratio-step > 0", file=sys.stderr)
+        return 2
+    if not 0 < args.interval_level < 1:
+        print("gdps-analyze: --interval-level must lie in (0, 1)", file=sys.stderr)
         return 2
     if not 0 <= args.alignment_weight <= 1:
         print("gdps-analyze: --alignment-weight must lie in [0, 1]", file=sys.stderr)
@@ -71,7 +93,9 @@ def main(argv=None) -> int:
                     ratio_max=args.ratio_max, ratio_step=args.ratio_step, resamples=args.resamples,
                     seed=args.seed, subspace_rank=args.subspace_rank, ridge=args.ridge,
                     alignment_weight=args.alignment_weight, silhouette_min=args.silhouette_min,
-                    min_split_distance=args.min_split_distance)
+                    min_split_distance=args.min_split_distance, window_start=args.window_start,
+                    window_end=args.window_end, reference=args.reference_blocks, conflict_tau=args.conflict_tau,
+                    identifiability_margin=args.identifiability_margin, interval_level=args.interval_level)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gdps-analyze: {exc}", file=sys.stderr)
         return 1
@@ -81,6 +105,7 @@ def main(argv=None) -> int:
           + (f" (stability {100 * a.grouping.chosen_frequency:.0f}% of {a.grouping.resamples} resamples)"
              if a.grouping.resamples else ""))
     print(f"shared ratio: {a.ratio:g}")
+    print(f"estimator: {a.estimator}")
     if a.estimator_warning:
         print(a.estimator_warning, file=sys.stderr)
     for k in ("plan", "report"):

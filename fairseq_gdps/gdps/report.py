@@ -143,9 +143,10 @@ ESTIMATOR_WARNING = (
 
 
 NO_SAME_STATE_WARNING = (
-    "WARNING: these statistics carry no same-state probe records (recorded before they existed): the "
-    "decision below comes from the summed estimator, whose cross-language terms and self terms are taken at "
-    "different model states. Record the statistics again with this version's probe.")
+    "WARNING: no same-state probe records in the analysed window (statistics recorded before they existed, or "
+    "a window without probes): the decision below comes from the summed estimator, whose cross-language terms "
+    "and self terms are taken at different model states. Record the statistics again with this version's "
+    "probe, or widen the window.")
 
 
 def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = None, select: str = "top1",
