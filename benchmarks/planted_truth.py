@@ -13,7 +13,8 @@ completed over several sittings and re-reported without the run folders:
 
     python benchmarks/planted_truth.py make-data --data PREPARED --out DIR --kind conflict|shuffled
     python benchmarks/planted_truth.py run --data DIR --work WORK --seeds 1 2 3 4 5
-    python benchmarks/planted_truth.py report --work WORK [--records benchmarks/results/planted_truth]
+    python benchmarks/planted_truth.py record --data DIR --work WORK --name conflict
+    python benchmarks/planted_truth.py report
 
 The checks (the analysis' decision per seed): the duplicate pair is never put in different groups
 and agrees at rho >= 0.9 in every block; the conflict pair is put in different groups at a block
@@ -157,6 +158,147 @@ def run(args) -> int:
     return 0
 
 
+def dev_curve(log_path: Path):
+    """[(update, dev loss, dev accuracy)] from a fairseq-train log."""
+    import re
+
+    curve = []
+    for line in log_path.read_text(errors="replace").splitlines():
+        if "valid on 'dev' subset" in line:
+            m = {k: v for k, v in re.findall(r"\| (\w+) ([\d.]+)", line)}
+            curve.append((int(m["num_updates"]), float(m["loss"]), float(m.get("accuracy", "nan"))))
+    return curve
+
+
+def versions() -> dict:
+    import platform
+
+    import fairseq
+    import torch
+
+    return {"python": platform.python_version(), "torch": torch.__version__, "fairseq": fairseq.__version__,
+            "numpy": np.__version__,
+            "git": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                  text=True).stdout.strip()}
+
+
+def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
+    """The analysis' decision on one window, and the planted-truth checks on it."""
+    from fairseq_gdps.gdps.report import analyze
+
+    a = analyze(stats, window_start=window[0], window_end=window[1], resamples=resamples, seed=0)
+    langs = a.languages
+    groups = [list(g) for g in a.grouping.partition]
+    out = {"window": list(window), "estimator": a.estimator, "split": a.split_modules, "groups": groups,
+           "stability": a.grouping.chosen_frequency, "ratio": a.ratio, "rule": a.grouping.info.get("rule")}
+    if a.conflict is None:
+        return out
+    ca = a.conflict
+    out.update(probes=ca.probes, probed_updates=list(ca.updates), separation=ca.separation,
+               beyond_one=ca.beyond_one, candidates=ca.candidates)
+    pairs = {}
+    for kind in ("conflict", "duplicate"):
+        if kind not in truth:
+            continue
+        x, y = truth[kind]
+        i, j = langs.index(x), langs.index(y)
+        pairs[kind] = {b: {"rho": float(e.rho[i, j]), "interval": [float(e.rho_interval[0][i, j]),
+                                                                   float(e.rho_interval[1][i, j])],
+                           "conflict": float(e.conflict[i, j])} for b, e in ca.estimates.items()}
+        out[f"{kind}_apart"] = not any(x in g and y in g for g in groups)
+    out["pairs"] = pairs
+    others = [float(e.rho[i, j]) for e in ca.estimates.values() for i in range(len(langs))
+              for j in range(i + 1, len(langs))]
+    out["rho_all_pairs_range"] = [min(others), max(others)]
+    out["identifiable"] = {b: (e.identifiability or {}).get("identifiable") for b, e in ca.estimates.items()}
+    out["block_scores"] = {b: [e.score, *e.score_interval] for b, e in ca.estimates.items()}
+    if "duplicate" in pairs:
+        out["duplicate_min_rho"] = min(v["rho"] for v in pairs["duplicate"].values())
+    return out
+
+
+def record_runs(args) -> int:
+    """Analyse every finished seed of WORK into a small JSON record under --records."""
+    from fairseq_gdps.gdps.report import file_sha256
+    from fairseq_gdps.gdps.stats import GradientStatistics
+
+    work, records = Path(args.work), Path(args.records)
+    records.mkdir(parents=True, exist_ok=True)
+    truth = json.loads((Path(args.data) / "planted_truth.json").read_text())
+    for done in sorted(work.glob("seed*/done.json")):
+        run_info = json.loads(done.read_text())
+        stats_path = done.parent / "gdps_stats.pt"
+        stats = GradientStatistics.load(stats_path)
+        half = run_info["updates"] // 2
+        windows = {"second_half": (half, None), "first_half": (run_info["probe_start"], half), "all": (None, None)}
+        rec = {"condition": args.name, "seed": run_info["seed"], "run": run_info, "truth": truth,
+               "stats_sha256": file_sha256(stats_path), "stats_bytes": stats_path.stat().st_size,
+               "same_state_bytes": stats.same_state.nbytes() if stats.same_state else 0,
+               "dev_curve": dev_curve(done.parent / "train.log"), "versions": versions(),
+               "decisions": {k: decide(stats, truth, w, args.resamples) for k, w in windows.items()}}
+        path = records / f"{args.name}_seed{run_info['seed']}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
+        os.replace(tmp, path)
+        print(f"recorded {path}")
+    return 0
+
+
+def _pct(x):
+    return "-" if x is None or x != x else f"{100 * x:.0f}%"
+
+
+def _groups(g):
+    return " / ".join("{" + ", ".join(x) + "}" for x in g)
+
+
+def report(args) -> int:
+    """Markdown summary of every record under --records (what the README shows)."""
+    records = [json.loads(p.read_text()) for p in sorted(Path(args.records).glob("*_seed*.json"))]
+    lines = ["<!-- generated by benchmarks/planted_truth.py report; do not edit -->", ""]
+    for cond in sorted({r["condition"] for r in records}):
+        rows = sorted((r for r in records if r["condition"] == cond), key=lambda r: r["seed"])
+        t = rows[0]["truth"]
+        r0 = rows[0]["run"]
+        lines += [f"### Condition `{cond}` ({len(rows)} seeds)", "",
+                  f"Truth: {t['kind']}" + (f"; conflict pair {t['conflict'][0]}/{t['conflict'][1]} (same speakers, "
+                                            f"permuted numbers), duplicate pair {t['duplicate'][0]}/{t['duplicate'][1]}"
+                                            if t["kind"] == "conflict" else "") +
+                  f". Stage-1 probe: {r0['updates']} updates, probed every {r0['probe_interval']} from update "
+                  f"{r0['probe_start']}, units {'(language, speaker)' if r0['speakers'] else 'languages'}.", ""]
+        for window in ("second_half", "first_half"):
+            lines += [f"Window `{window}`:", "",
+                      "| seed | probes | split | groups (stability) | top vs next separated | conflict pair apart | "
+                      "duplicate apart | min rho(duplicate) | rho(conflict pair) per block | dev acc. at end |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in rows:
+                d = r["decisions"][window]
+                conf = d.get("pairs", {}).get("conflict", {})
+                rho_c = ", ".join(f"{b.split('.')[0][:3]}{b.split('.')[-2]} {v['rho']:.2f}" for b, v in conf.items())
+                sep = d.get("separation") or {}
+                acc = r["dev_curve"][-1][2] if r["dev_curve"] else float("nan")
+                lines.append(f"| {r['seed']} | {d.get('probes', '-')} | {', '.join(d['split'])} | {_groups(d['groups'])} "
+                             f"({_pct(d['stability'])}) | {sep.get('separated', '-')} | {d.get('conflict_apart', '-')} | "
+                             f"{d.get('duplicate_apart', '-')} | {d.get('duplicate_min_rho', float('nan')):.2f} | {rho_c} | "
+                             f"{acc:.1f} |")
+            if t["kind"] == "conflict":
+                apart = sum(bool(r["decisions"][window].get("conflict_apart")) and
+                            r["decisions"][window]["split"][0].startswith("decoder") for r in rows)
+                dup = sum(not r["decisions"][window].get("duplicate_apart") for r in rows)
+                lines += ["", f"Conflict pair apart at a decoder FFN in **{apart} of {len(rows)}** seeds (target: "
+                              f">= 4 of 5); duplicate pair kept together in **{dup} of {len(rows)}**.", ""]
+            else:
+                one = sum(len(r["decisions"][window]["groups"]) == 1 or r["decisions"][window]["stability"] < 0.5
+                          for r in rows)
+                lines += ["", f"No stable grouping (one group, or the chosen one in < 50% of resamples) in "
+                              f"**{one} of {len(rows)}** seeds.", ""]
+    text = "\n".join(lines) + "\n"
+    out = Path(args.records) / "planted_truth.md"
+    out.write_text(text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -177,8 +319,16 @@ def main(argv=None) -> int:
     r.add_argument("--speakers", action="store_true")
     r.add_argument("--parallel", type=int, default=2)
     r.add_argument("--threads", type=int, default=1)
+    rec = sub.add_parser("record")
+    rec.add_argument("--data", required=True, help="the planted data folder (its planted_truth.json)")
+    rec.add_argument("--work", required=True)
+    rec.add_argument("--name", required=True, help="condition name of the records")
+    rec.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
+    rec.add_argument("--resamples", type=int, default=200)
+    rep = sub.add_parser("report")
+    rep.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
     args = p.parse_args(argv)
-    return {"make-data": make_data, "run": run}[args.cmd](args)
+    return {"make-data": make_data, "run": run, "record": record_runs, "report": report}[args.cmd](args)
 
 
 if __name__ == "__main__":

@@ -234,7 +234,10 @@ def self_cosine(tokens: np.ndarray, grams: np.ndarray) -> np.ndarray:
     aa = grams[:, :, 0::2, 0::2][..., np.arange(U), np.arange(U)]
     bb = grams[:, :, 1::2, 1::2][..., np.arange(U), np.arange(U)]
     both = (np.asarray(tokens)[:, 0::2] > 0) & (np.asarray(tokens)[:, 1::2] > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    import warnings
+
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # a unit never with both halves: NaN
         c = np.where(both[:, None, :], ab / np.sqrt(aa * bb), np.nan)
         return np.nanmean(c, axis=0) if P else np.full((M, U), np.nan)
 
