@@ -1,0 +1,59 @@
+"""Planted truth on statistics recorded by the real probe in fairseq-train runs (test size): a
+language split at random into two pseudo-languages must agree with itself and never be split;
+shuffled language labels must give no stable grouping. (The demo-size planted conflict, five
+seeds, is benchmarks/planted_truth.py; its records are in benchmarks/results/planted_truth/.)"""
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from gdps_training import run_all, stage1_args
+
+sys.path.insert(0, str(REPO / "benchmarks"))
+import planted_truth  # noqa: E402
+
+from fairseq_gdps.gdps.report import analyze  # noqa: E402
+from fairseq_gdps.gdps.stats import GradientStatistics  # noqa: E402
+
+UPDATES = 40
+
+
+@pytest.fixture(scope="module")
+def probed(tiny_data, tmp_path_factory):
+    """Stage-1 statistics of a conflict/duplicate derivation and of shuffled labels."""
+    root = tmp_path_factory.mktemp("planted")
+    out = {}
+    commands = []
+    for kind in ("conflict", "shuffled"):
+        data = root / f"{kind}_data"
+        assert planted_truth.main(["make-data", "--data", str(tiny_data), "--out", str(data), "--kind", kind]) == 0
+        save = root / kind
+        commands.append(stage1_args(data, save, UPDATES, "--gdps-probe-speakers", "--max-tokens", "6000"))
+        out[kind] = save / "stats.pt"
+    run_all(commands, timeout=600)
+    return {k: GradientStatistics.load(p) for k, p in out.items()}
+
+
+def test_duplicate_language_agrees_with_itself_and_stays_together(probed):
+    stats = probed["conflict"]
+    assert stats.same_state.num_probes == UPDATES
+    a = analyze(stats, resamples=100)
+    assert a.estimator == "same-state"
+    langs = a.languages
+    i, j = langs.index("sw"), langs.index("sw2")
+    for block, e in a.conflict.estimates.items():
+        assert e.rho[i, j] >= 0.9, (block, e.rho[i, j])
+        # every term at one state: beyond 1 by sampling noise only
+        assert np.nanmax(np.abs(e.rho)) < 1.15, (block, e.rho)
+    assert any({"sw", "sw2"} <= set(g) for g in a.grouping.partition)
+    # the same holds in the bootstrap: the two halves of one language are never separated
+    if a.grouping.resamples:
+        assert a.grouping.coassignment[i, j] == 1.0
+
+
+def test_shuffled_labels_give_no_stable_grouping(probed):
+    a = analyze(probed["shuffled"], resamples=100)
+    assert a.estimator == "same-state"
+    g = a.grouping
+    assert len(g.partition) == 1 or g.chosen_frequency < 0.5, (g.partition, g.chosen_frequency)
