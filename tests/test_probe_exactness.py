@@ -14,6 +14,7 @@
 import pytest
 import torch
 
+import fairseq_gdps.tasks.speech_to_text_gdps as task_module
 from fairseq_gdps.tasks.speech_to_text_gdps import LANG_ID_KEY, probe_halves
 from gdps_training import build_trainer, train_batches
 
@@ -72,7 +73,16 @@ def differing_gradients(a, b):
 
 
 @pytest.mark.parametrize("update_freq", [1, 2])
-def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_path, update_freq):
+def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_path, update_freq, monkeypatch):
+    halves = []   # every micro-batch's (probe unit, probe row) per utterance, as the task split them
+    split = task_module.probe_halves
+
+    def spy(units, ids, *args, **kwargs):
+        rows = split(units, ids, *args, **kwargs)
+        halves.append((units.clone(), rows.clone()))
+        return rows
+
+    monkeypatch.setattr(task_module, "probe_halves", spy)
     task, with_probe = build_trainer(tiny_data, *DROPOUT, *probed(tmp_path))
     _, without_probe = build_trainer(tiny_data, *DROPOUT, *UNPROBED)
     _, nudged = build_trainer(tiny_data, *DROPOUT, *UNPROBED)
@@ -96,6 +106,16 @@ def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_pa
     stats = with_probe.criterion.statistics
     assert stats.num_steps == UPDATES and stats.same_state.num_probes == UPDATES
     assert stats.module_names == list(tracked)
+    # every update's utterances of a unit in two halves that differ by one utterance at most (both
+    # non-empty from two utterances on), over all the update's micro-batches
+    assert len(halves) == UPDATES * update_freq
+    for u in range(UPDATES):
+        units = torch.cat([h[0] for h in halves[u * update_freq: (u + 1) * update_freq]])
+        rows = torch.cat([h[1] for h in halves[u * update_freq: (u + 1) * update_freq]])
+        assert torch.equal(rows // 2, units)
+        for unit in units.unique().tolist():
+            sizes = [int((rows == 2 * unit + h).sum()) for h in (0, 1)]
+            assert abs(sizes[0] - sizes[1]) <= 1, (u, unit, sizes)
     # training moved the weights; the probed run's gradients of every update, its weights and its
     # Adam moments are the unprobed run's, bit for bit
     trained = model_state(with_probe)
@@ -223,3 +243,13 @@ def test_each_probe_half_is_its_utterances_gradient_on_the_real_model(tiny_data,
         expected = (reference[2 * lang]["decoder.layers.0.ffn"].double()
                     + reference[2 * lang + 1]["decoder.layers.0.ffn"].double()) / (tokens[2 * lang] + tokens[2 * lang + 1])
         assert relative_error(sums["S"][i], expected) < 1e-5, code
+
+
+def test_probe_halves_continue_alternating_over_an_updates_micro_batches():
+    """Micro-batch i of an update starts each unit's alternation at half i % 2 (worker r of W:
+    (i * W + r) % 2): a unit with one utterance in each of two micro-batches gets one in each half."""
+    units, ids = torch.tensor([1, 0, 1, 1]), torch.tensor([7, 3, 2, 5])
+    assert probe_halves(units, ids).tolist() == [2, 0, 2, 3]   # unit 1 by id: 2 -> half 0, 5 -> 1, 7 -> 0
+    assert probe_halves(units, ids, first_half=1).tolist() == [3, 1, 3, 2]
+    one = torch.tensor([0])
+    assert [probe_halves(one, torch.tensor([i]), first_half=i % 2).item() for i in (4, 9)] == [0, 1]
