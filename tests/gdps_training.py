@@ -127,11 +127,18 @@ def num_updates(path):
 
 
 def assert_statistics_equal(actual, expected, rtol=0.0, atol=0.0):
-    """Every sum of two GradientStatistics (exactly, by default)."""
+    """Every sum of two GradientStatistics and every same-state probe record (its halves' token
+    counts and Gram matrices), exactly by default."""
     assert actual.languages == expected.languages and actual.module_names == expected.module_names
     assert actual.num_steps == expected.num_steps and actual.counts() == expected.counts()
     for name, value in expected.to_tensors().items():
         torch.testing.assert_close(actual.to_tensors()[name], value, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+    assert (actual.same_state is None) == (expected.same_state is None)
+    if expected.same_state is not None:
+        assert actual.same_state.settings() == expected.same_state.settings()
+        for what, a, e in zip(("updates", "tokens", "grams"), actual.same_state.arrays(), expected.same_state.arrays()):
+            torch.testing.assert_close(torch.as_tensor(a), torch.as_tensor(e), rtol=rtol, atol=atol,
+                                       msg=lambda m: f"same-state {what}: {m}")
 
 
 def assert_models_equal(actual, expected, rtol=0.0, atol=0.0):
@@ -165,3 +172,46 @@ def split_checkpoint(stage1_checkpoint, plan, out):
     from fairseq_gdps.cli.split_checkpoint import main
 
     assert main([str(stage1_checkpoint), "--plan", str(plan), "--out", str(out)]) == 0
+
+
+# In-process fairseq Trainers (no fairseq-train start-up): the recipes' optimiser
+# (examples/speech_to_text_gdps/common.sh: Adam, betas (0.9, 0.98), inverse_sqrt, clip-norm 10,
+# weight decay 1e-4) on the tiny model, with a short warm-up so that a few updates move the weights.
+TRAINER_ARGS = ["--task", "speech_to_text_gdps", "--config-yaml", "config.yaml", "--train-subset", "train",
+                *TINY_GDPS_MODEL, "--encoder-layers", "2",
+                "--optimizer", "adam", "--adam-betas", "(0.9,0.98)", "--lr", "2e-3", "--lr-scheduler", "inverse_sqrt",
+                "--warmup-updates", "2", "--clip-norm", "10.0", "--weight-decay", "0.0001",
+                "--label-smoothing", "0.1", "--max-tokens", "2800", "--required-batch-size-multiple", "1",
+                "--num-workers", "0", "--seed", "1", "--cpu"]
+
+
+def build_trainer(data, *extra):
+    """Task and fairseq Trainer built as fairseq-train builds them from TRAINER_ARGS + ``extra``
+    (later flags win)."""
+    from fairseq import options, tasks
+    from fairseq.dataclass.utils import convert_namespace_to_omegaconf
+    from fairseq.trainer import Trainer
+
+    import fairseq_gdps  # noqa: F401  (registers the task, criterion and models)
+
+    parser = options.get_training_parser()
+    args = options.parse_args_and_arch(parser, input_args=[str(data), *TRAINER_ARGS, *map(str, extra)])
+    cfg = convert_namespace_to_omegaconf(args)
+    torch.manual_seed(cfg.common.seed)   # as fairseq-train, before the model is built
+    task = tasks.setup_task(cfg.task)
+    model = task.build_model(cfg.model)
+    criterion = task.build_criterion(cfg.criterion)
+    return task, Trainer(cfg, task, model, criterion)
+
+
+def train_batches(task, n, seed=1):
+    """The first ``n`` batches of an epoch of the train set (fixed: the same for every trainer)."""
+    task.load_dataset("train")
+    itr = task.get_batch_iterator(dataset=task.dataset("train"), max_tokens=2800, required_batch_size_multiple=1,
+                                  seed=seed, num_workers=0, epoch=1)
+    batches = []
+    for batch in itr.next_epoch_itr(shuffle=True):
+        batches.append(batch)
+        if len(batches) == n:
+            break
+    return batches

@@ -162,7 +162,10 @@ def sgd_step(model, net_input, lr=0.5):
 
 
 @pytest.mark.parametrize("kind", ["s2t_transformer", "s2t_conformer"])
-def test_update_on_one_group_leaves_other_private_weights(stage1, kind):
+def test_sgd_update_on_one_group_leaves_other_private_weights(stage1, kind):
+    """Plain SGD on a fresh model: the other group's private weights get a zero gradient and stay.
+    Under the recipes' Adam with weight decay they do move (decay, and momentum once trained):
+    see test_group_isolation.py for what holds there."""
     task, _, path = stage1(kind)
     model = gdps(kind, task, path)[0]
     before = {n: copy.deepcopy(m.state_dict()) for n, m in partitioned_ffns(model).items()}

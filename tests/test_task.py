@@ -84,7 +84,8 @@ def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tm
     for name in stock_grads:   # the same computation: bit-identical
         assert torch.equal(gdps_grads[name], stock_grads[name]), name
 
-    # the recorded per-language gradients (per target token) are each language's share of the total
+    # the recorded per-language gradients (per target token) add up to the total (that each is its
+    # own utterances' gradient, half by half, is tested in test_probe_exactness.py)
     stats = gdps_criterion.statistics
     assert stats.module_names == ["encoder.transformer_layers.0.ffn", "encoder.transformer_layers.1.ffn"]
     present = sorted({gdps_task.languages[i] for i in batch["net_input"][LANG_ID_KEY].tolist()})

@@ -20,6 +20,7 @@ import torch
 from fairseq.data import BaseWrapperDataset, FairseqDataset, ResamplingDataset
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
+from fairseq.distributed import utils as distributed_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import II
@@ -129,16 +130,23 @@ def speaker_unit(language: str, speaker: str) -> str:
     return f"{language}@{speaker}"
 
 
-def probe_halves(units: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+def probe_halves(units: torch.Tensor, ids: torch.Tensor, first_half: int = 0) -> torch.Tensor:
     """Probe row of every utterance of a batch: ``2 * unit + half``, where the halves alternate
     over the unit's utterances in the order of their dataset ids (so that both halves of a unit
-    with two or more utterances are non-empty, and the split does not depend on batch order)."""
+    with two or more utterances are non-empty, and the split does not depend on batch order).
+
+    ``first_half``: the half each unit's first utterance goes to. The task alternates it over the
+    micro-batches of an update (``--update-freq``, data-parallel workers): restarting at half 0 in
+    every micro-batch put one more utterance in half 0 for every micro-batch with an odd number
+    of a unit's utterances (the tiny test corpus with --update-freq 2: 4 and 2 of a unit's 6; a
+    unit with one utterance in each of two micro-batches had both in half 0 and an empty half 1).
+    With two micro-batches per update the halves now differ by one utterance at most."""
     order = sorted(range(units.numel()), key=lambda k: (int(units[k]), int(ids[k])))
     half = torch.zeros_like(units)
     seen = {}
     for k in order:
         u = int(units[k])
-        half[k] = seen.get(u, 0) % 2
+        half[k] = (seen.get(u, 0) + first_half) % 2
         seen[u] = seen.get(u, 0) + 1
     return 2 * units + half
 
@@ -153,6 +161,7 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         # the GDPS criterion records statistics and owns the probe schedule; see build_criterion
         self.gdps_criterion = None
         self.probe_unit_of = None   # (utterances of the train S2T dataset,) probe unit ids, built on first probe
+        self._probe_micro_batch = 0   # index of the probed micro-batch in its update, on this worker
 
     @classmethod
     def add_args(cls, parser):
@@ -254,13 +263,22 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         # each probe unit's utterances split into two halves: the analysis compares a unit's two
         # halves (self) with other units (cross) at the same parameters (gdps/same_state.py)
-        rows = probe_halves(self._probe_units_of_batch(sample, criterion), sample["id"].cpu())
-        rows = rows.to(sample["net_input"][LANG_ID_KEY].device)
-        tracked = criterion.tracked_modules(model)
         # fairseq's trainer sets every gradient to None when an update (or its retry after an
         # fp16 overflow) begins, and micro-batches of the same update (--update-freq) add to them.
         # Read on a trained parameter: a tracked FFN may be frozen (its would-be gradient is measured).
         first_of_update = next(p for p in model.parameters() if p.requires_grad).grad is None
+        if first_of_update:
+            self._probe_micro_batch = 0
+        # the halves' alternation starts at half 0 and 1 in turn over the update's batches, in the
+        # order one process with --update-freq F*W takes them (worker r of W, micro-batch i: batch
+        # i*W + r), so that data-parallel workers split exactly as that process does
+        world = distributed_utils.get_data_parallel_world_size()
+        rank = distributed_utils.get_data_parallel_rank() if world > 1 else 0
+        rows = probe_halves(self._probe_units_of_batch(sample, criterion), sample["id"].cpu(),
+                            first_half=(self._probe_micro_batch * world + rank) % 2)
+        self._probe_micro_batch += 1
+        rows = rows.to(sample["net_input"][LANG_ID_KEY].device)
+        tracked = criterion.tracked_modules(model)
         with PerLanguageGradients(tracked, rows) as capture:
             result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         frozen_blocks = capture.blocks_without_gradient()
