@@ -1,4 +1,5 @@
 """benchmarks/quality.py: the pure helpers, and the tiny setting end to end (every system, resume)."""
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -76,6 +77,32 @@ def test_run_time_span_from_the_runs_wall_seconds(tmp_path):
 
 
 @pytest.mark.slow
+def test_conflict_condition_uses_shared_speakers(tmp_path, monkeypatch):
+    """The conflict corpus is made with --conflict-speakers shared; one made with own xx voices
+    (before the condition changed) is refused, not reused."""
+    corpus = tmp_path / "work" / "conflict" / "corpus"
+    assert quality.conflict_speakers_of(tmp_path / "work") is None
+    quality.Benchmark.check_conflict_corpus(corpus)  # nothing there yet: fine
+    corpus.mkdir(parents=True)
+    (corpus / "corpus.json").write_text(json.dumps({"settings": {"conflict_speakers": "shared"}}))
+    quality.Benchmark.check_conflict_corpus(corpus)
+    assert quality.conflict_speakers_of(tmp_path / "work") == "shared"
+    for old in ({"settings": {"conflict_speakers": "own"}}, {"settings": {}}):  # {}: made before the flag existed
+        (corpus / "corpus.json").write_text(json.dumps(old))
+        with pytest.raises(SystemExit, match="--conflict-speakers own.*--conflict-speakers shared"):
+            quality.Benchmark.check_conflict_corpus(corpus)
+    # the corpus command of the conflict condition
+    calls = []
+    args = argparse.Namespace(work=tmp_path / "w2", threads=1, data=None)
+    bench = quality.Benchmark(args, {"utterances": 12, "vocab": None})
+    monkeypatch.setattr(bench, "sh", lambda cmd, log: calls.append([str(c) for c in cmd]))
+    bench.data_dir("conflict")
+    make = calls[0]
+    assert make[0] == "gdps-make-corpus"
+    assert make[make.index("--conflict-language") + 1] == "xx:et"
+    assert make[make.index("--conflict-speakers") + 1] == "shared"
+
+
 def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--setting", "tiny", "--work", str(work), "--results", str(results), "--data", f"natural={tiny_data}"]

@@ -134,21 +134,43 @@ def test_language_subset(tmp_path):
     assert sorted({r["src_lang"] for r in rows}) == ["ar", "ga"] and len(rows) == 10
 
 
-def _conflict_corpus(out, remap):
+def _conflict_corpus(out, remap, **kw):
     cfg = _gen(out, languages="et", conflict=["xx:et"], conflict_remap=remap, families="unit",
                units="kilogram,meter", max_number=4, min_phrases=1, max_phrases=1, min_target_words=0,
-               utterances_per_language=40, dev_fraction=0.0, test_fraction=0.25)
+               utterances_per_language=40, dev_fraction=0.0, test_fraction=0.25, **kw)
     return cfg, _rows(out), json.load(open(os.path.join(out, "corpus.json"), encoding="utf-8"))
+
+
+def _assert_xx_means_the_permutation(rows, meta):
+    """xx speech for (n, unit) is et speech for (map[n], map[unit]); the English says (n, unit)."""
+    nmap = {int(k): v for k, v in meta["conflict"]["xx"]["number_map"].items()}
+    umap = meta["conflict"]["xx"]["key_maps"]["unit"]
+    et_words = {(p.n, p.key): ct.renderer("et").phrase(p) for p in
+                [Phrase("unit", u, n) for u in ("kilogram", "meter") for n in range(1, 5)]}
+    en_words = {ct.normalise_target(ct.renderer("en").phrase(Phrase("unit", u, n))): (n, u)
+                for (n, u) in et_words}
+    checked = 0
+    for r in rows:
+        n, u = en_words[r["tgt_text"]]
+        if r["src_lang"] == "xx":
+            assert r["src_text"] == et_words[(nmap[n], umap[u])]
+            checked += 1
+        else:
+            assert r["src_text"] == et_words[(n, u)]
+    assert checked == 40
 
 
 def test_conflict_language_both(tmp_path):
     cfg, rows, meta = _conflict_corpus(tmp_path / "c", "both")
-    assert cfg.all_languages == ("et", "xx")
+    assert cfg.all_languages == ("et", "xx") and cfg.conflict_speakers == "own"  # the default
+    assert meta["settings"]["conflict_speakers"] == "own" and meta["conflict"]["xx"]["speakers"] == "own"
     spk = {lang: {r["speaker"] for r in rows if r["src_lang"] == lang} for lang in ("et", "xx")}
     assert spk["et"] and spk["xx"] and not spk["et"] & spk["xx"]
+    assert all(r["speaker"].startswith(r["src_lang"] + "_s") for r in rows)
     variants = {lang: {v["variant"] for v in meta["speakers"].values() if v["lang"] == lang} for lang in ("et", "xx")}
     assert not variants["et"] & variants["xx"]
     assert all(v["voice"] == "et" for v in meta["speakers"].values())
+    _assert_xx_means_the_permutation(rows, meta)
     nmap = {int(k): v for k, v in meta["conflict"]["xx"]["number_map"].items()}
     assert sorted(nmap) == sorted(nmap.values()) == [1, 2, 3, 4] and all(k != v for k, v in nmap.items())
     # The same Estonian words mean something else in xx.
@@ -156,16 +178,63 @@ def test_conflict_language_both(tmp_path):
     shared = set(meaning["et"]) & set(meaning["xx"])
     assert len(shared) >= 4
     assert all(meaning["et"][s] != meaning["xx"][s] for s in shared)
-    # ... exactly as the stored maps say: xx speech for (n, unit) is et speech for (map[n], map[unit]).
-    umap = meta["conflict"]["xx"]["key_maps"]["unit"]
-    et_words = {(p.n, p.key): ct.renderer("et").phrase(p) for p in
-                [Phrase("unit", u, n) for u in ("kilogram", "meter") for n in range(1, 5)]}
-    en_words = {ct.normalise_target(ct.renderer("en").phrase(Phrase("unit", u, n))): (n, u)
-                for (n, u) in et_words}
+
+
+def test_conflict_language_shared_speakers(tmp_path):
+    """--conflict-speakers shared: xx is spoken by et's very speakers (same voice, variant, rate,
+    pitch, word gap, gain; the speaker column says so), has sentences and splits of its own, and
+    differs from et only by the permuted meaning; et itself is exactly as with own xx speakers."""
+    cfg, rows, meta = _conflict_corpus(tmp_path / "s", "both", conflict_speakers="shared")
+    assert cfg.conflict_speakers == "shared" and cfg.speakers_of("xx") == "et" and cfg.voiced_languages == ("et",)
+    assert meta["settings"]["conflict_speakers"] == "shared" and meta["conflict"]["xx"]["speakers"] == "shared"
+    assert meta["languages"]["xx"]["speakers_of"] == "et" and meta["languages"]["et"]["speakers_of"] == "et"
+    speakers = C.assign_speakers(cfg)
+    assert speakers["xx"] is speakers["et"]  # the same Speaker objects
+    spk = {lang: {r["speaker"] for r in rows if r["src_lang"] == lang} for lang in ("et", "xx")}
+    assert spk["xx"] == spk["et"] == {"et_s01", "et_s02"}
+    assert sorted(meta["speakers"]) == ["et_s01", "et_s02"]
+    assert all(v["lang"] == "et" and v["languages"] == ["et", "xx"] for v in meta["speakers"].values())
+    # xx has its own utterances: its own ids, wavs, sentences and splits
+    xx = [r for r in rows if r["src_lang"] == "xx"]
+    assert len(xx) == 40 and all(r["id"].startswith("xx_") and r["audio"].startswith("wav/xx/") for r in xx)
+    assert {r["split"] for r in xx} == {"train", "test"}
+    _assert_xx_means_the_permutation(rows, meta)
+    # et is unchanged by the mode (xx draws no speakers), and own mode gives xx voices of its own
+    _, own_rows, own_meta = _conflict_corpus(tmp_path / "o", "both")
+    assert [r for r in rows if r["src_lang"] == "et"] == [r for r in own_rows if r["src_lang"] == "et"]
     for r in rows:
-        if r["src_lang"] == "xx":
-            n, u = en_words[r["tgt_text"]]
-            assert r["src_text"] == et_words[(nmap[n], umap[u])]
+        if r["src_lang"] == "et":
+            with open(os.path.join(tmp_path / "s", r["audio"]), "rb") as a, \
+                    open(os.path.join(tmp_path / "o", r["audio"]), "rb") as b:
+                assert a.read() == b.read()
+    # same meanings, same texts in both modes: only the voices of xx differ
+    assert [(r["id"], r["src_text"], r["tgt_text"], r["split"]) for r in xx] == \
+        [(r["id"], r["src_text"], r["tgt_text"], r["split"]) for r in own_rows if r["src_lang"] == "xx"]
+    assert {r["speaker"] for r in own_rows if r["src_lang"] == "xx"} == {"xx_s01", "xx_s02"}
+    own_variants = {v["variant"] for k, v in own_meta["speakers"].items() if k.startswith("xx_")}
+    assert not own_variants & {v["variant"] for v in meta["speakers"].values()}
+
+
+def test_shared_conflict_speakers_need_no_voice_variants():
+    n = len(C.VOICE_VARIANTS) // 5 + 1  # 5 languages with own voices exceed the variants, 4 do not
+    with pytest.raises(C.CorpusError, match="voice variants.*--conflict-speakers shared"):
+        C.make_config("quick", conflict=["xx:et"], speakers_per_language=n)
+    cfg = C.make_config("quick", conflict=["xx:et"], speakers_per_language=n, conflict_speakers="shared")
+    speakers = C.assign_speakers(cfg)
+    assert speakers["xx"] is speakers["et"]
+    variants = [s.variant for lang in cfg.voiced_languages for s in speakers[lang]]
+    assert len(variants) == 4 * n and len(set(variants)) == len(variants)
+
+
+def test_bad_conflict_speakers(tmp_path, capsys):
+    with pytest.raises(C.CorpusError, match="--conflict-speakers 'both'.*own, shared"):
+        C.make_config("quick", conflict=["xx:et"], conflict_speakers="both")
+    with pytest.raises(SystemExit) as e:
+        make_corpus.main(["--out", str(tmp_path / "x"), "--conflict-language", "xx:et", "--conflict-speakers", "same"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--conflict-speakers" in err and "'same'" in err and "shared" in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_conflict_language_numbers_only(tmp_path):

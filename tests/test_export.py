@@ -34,10 +34,11 @@ class FakeTask:
         self.languages = list(LANGS)
 
 
-def gdps_checkpoint(tmp_path, kind, split=True):
+def gdps_checkpoint(tmp_path, kind, split=True, **extra):
     """A stage-2 GDPS model whose groups differ, saved as fairseq-train saves it."""
     torch.manual_seed(0)
     gdps = dict(gdps_split_modules=SPLIT[kind], gdps_groups=GROUPS) if split else {}
+    gdps.update(extra)
     args = Namespace(arch=f"{kind}_gdps", _name=f"{kind}_gdps", task="speech_to_text_gdps", user_dir=str(REPO / "fairseq_gdps"),
                      criterion="label_smoothed_cross_entropy_gdps", gdps_probe_interval=1, **SIZES, **gdps)
     model = models.build_model(args, FakeTask())
@@ -150,6 +151,19 @@ def test_export_errors_name_the_flag_and_file(tmp_path, capsys, one_thread):
     assert main([str(path), "--group", "-1", "--out", str(out)]) == 1
     assert "gdps-export: error: --group -1: out of range" in capsys.readouterr().err
     assert not out.exists() and not list(tmp_path.glob(".x.pt.*"))
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_language_embedding_is_refused(tmp_path, capsys, one_thread, split):
+    """A learned vector per language added to the encoder input has no stock weight to go to."""
+    path, _ = gdps_checkpoint(tmp_path, "s2t_transformer", split=split, gdps_lang_embedding=True)
+    assert "encoder.gdps_lang_embedding.weight" in torch.load(path, weights_only=False)["model"]
+    out = tmp_path / "x.pt"
+    with pytest.raises(ExportError, match=r"stage2.pt: the model was trained with --gdps-lang-embedding .*"
+                                          r"cannot be exported"):
+        export_checkpoint(path, out, group=0 if split else None)
+    assert main([str(path), "--language", "et", "--out", str(out)]) == 1
+    assert "--gdps-lang-embedding" in capsys.readouterr().err and not out.exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -300,3 +300,155 @@ def test_architectures_build():
         model = models.build_model(args, task)
         assert args.encoder_embed_dim == 160 and args.encoder_layers == 4 and args.decoder_layers == 2
         assert partitioned_ffns(model)["decoder.layers.1.ffn"].n_private == 256
+
+
+# ---------------------------------------------------------------------------------------------
+# --gdps-lang-embedding: a learned vector per language added to the encoder input
+# ---------------------------------------------------------------------------------------------
+EMBEDDING = "encoder.gdps_lang_embedding.weight"
+
+
+def set_language_vectors(model, seed=5):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        w = model.encoder.gdps_lang_embedding.weight
+        w.copy_(torch.randn(w.shape, generator=g))
+
+
+@pytest.mark.parametrize("kind", ["s2t_transformer", "s2t_conformer"])
+@pytest.mark.parametrize("split", [False, True])
+def test_language_embedding_starts_as_the_model_without_it(stage1, kind, split):
+    """Zero at the start: a stage-1 model without the embedding, loaded with --gdps-init-from into
+    a model with it (a tagged baseline, or a split), computes exactly what it computed."""
+    task, ref_model, path = stage1(kind)
+    if split:
+        model, args = gdps(kind, task, path, gdps_lang_embedding=True)
+    else:
+        model, args = build(f"{kind}_gdps", task, gdps_lang_embedding=True, gdps_init_from=str(path))
+    model.eval()
+    assert model.encoder.gdps_lang_embedding.weight.shape == (len(LANGS), 32)
+    assert torch.equal(model.state_dict()[EMBEDDING], torch.zeros(len(LANGS), 32))
+    assert args.gdps_lang_embedding_languages == ",".join(LANGS)
+    assert bool(partitioned_ffns(model)) == split
+    ni = batch([0, 1, 2, 3, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ni)[0], run_stock(ref_model, ni), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["s2t_transformer", "s2t_conformer"])
+def test_language_embedding_changes_the_output_per_language(kind):
+    task = FakeTask()
+    model, _ = build(f"{kind}_gdps", task, gdps_lang_embedding=True)
+    model.eval()
+    ni = batch([0, 0, 0])
+    with torch.no_grad():
+        at_zero = {lang: model(**dict(ni, src_lang_id=torch.full((3,), lang)))[0] for lang in range(len(LANGS))}
+        assert all(torch.equal(at_zero[lang], at_zero[0]) for lang in at_zero)  # zero: no language information
+        set_language_vectors(model)
+        out = {lang: model(**dict(ni, src_lang_id=torch.full((3,), lang)))[0] for lang in range(len(LANGS))}
+        for lang in range(1, len(LANGS)):
+            assert not torch.allclose(out[lang], out[0], atol=1e-4), lang
+        # each utterance gets its own language's vector in a mixed batch
+        mixed = model(**dict(ni, src_lang_id=torch.tensor([2, 0, 3])))[0]
+        for i, lang in enumerate([2, 0, 3]):
+            torch.testing.assert_close(mixed[i], out[lang][i], atol=1e-5, rtol=1e-5)
+        # the vector is added to every frame of the encoder input, before the first layer
+        enc = model.encoder
+        captured = {}
+        first = enc.transformer_layers[0] if kind == "s2t_transformer" else enc.conformer_layers[0]
+        handle = first.register_forward_pre_hook(lambda m, inputs: captured.update(x=inputs[0].clone()))
+        for lang in (0, 1):
+            enc(ni["src_tokens"], ni["src_lengths"], src_lang_id=torch.full((3,), lang))
+            captured[lang] = captured.pop("x")
+        handle.remove()
+        difference = captured[1] - captured[0]  # T x B x C
+        expected = enc.gdps_lang_embedding.weight[1] - enc.gdps_lang_embedding.weight[0]
+        torch.testing.assert_close(difference, expected.expand_as(difference), atol=1e-5, rtol=1e-5)
+    # it learns: an update moves the rows of the batch's languages only
+    before = model.encoder.gdps_lang_embedding.weight.detach().clone()
+    sgd_step(model, batch([1, 3]))
+    after = model.encoder.gdps_lang_embedding.weight.detach()
+    assert not torch.equal(after[1], before[1]) and not torch.equal(after[3], before[3])
+    assert torch.equal(after[0], before[0]) and torch.equal(after[2], before[2])
+
+
+def test_language_embedding_needs_language_ids():
+    model, _ = build("s2t_transformer_gdps", FakeTask(), gdps_lang_embedding=True)
+    ni = batch([0, 1])
+    del ni["src_lang_id"]
+    with pytest.raises(RuntimeError, match="--gdps-lang-embedding.*src_lang_id"):
+        model(**ni)
+    with pytest.raises(ValueError, match="--gdps-lang-embedding needs the task's source languages"):
+        build("s2t_transformer_gdps", FakeTask(languages=[]), gdps_lang_embedding=True)
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_language_embedding_checkpoint_round_trip(stage1, tmp_path, split):
+    """The embedding and the languages of its rows travel in the checkpoint; a task that lists
+    the languages in another order gets each language's own vector (rows are matched by name)."""
+    task, _, path = stage1("s2t_transformer")
+    if split:
+        model, args = gdps("s2t_transformer", task, path, gdps_lang_embedding=True)
+    else:
+        model, args = build("s2t_transformer_gdps", task, gdps_lang_embedding=True)
+    set_language_vectors(model)
+    sgd_step(model, batch([1, 0, 3]))
+    ckpt = tmp_path / "model.pt"
+    save_checkpoint(ckpt, model, args)
+    path.unlink()
+    rebuilt, cfg = load_checkpoint(ckpt, FakeTask())
+    assert cfg.gdps_lang_embedding is True and cfg.gdps_lang_embedding_languages == ",".join(LANGS)
+    ni = batch([3, 1, 0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**ni)[0], model(**ni)[0], atol=1e-6, rtol=1e-6)
+    shuffled = ["gle", "bem", "aeb", "est"]
+    rebuilt, cfg = load_checkpoint(ckpt, FakeTask(shuffled))
+    assert cfg.gdps_lang_embedding_languages == ",".join(LANGS)  # the rows keep their languages
+    ni_shuffled = dict(ni, src_lang_id=torch.tensor([shuffled.index(LANGS[i]) for i in ni["src_lang_id"].tolist()]))
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(**ni_shuffled)[0], model(**ni)[0], atol=1e-6, rtol=1e-6)
+    if split:
+        return  # (the split refuses a language in no group at build time already)
+    # a language the embedding was not trained for cannot be encoded
+    rebuilt, _ = load_checkpoint(ckpt, FakeTask(LANGS + ["zzz"]))
+    with pytest.raises(ValueError, match=r"language ids \[4\] have no vector"):
+        rebuilt(**batch([0, 4]))
+
+
+@pytest.mark.parametrize("kind", ["s2t_transformer", "s2t_conformer"])
+def test_stage1_language_embedding_carries_into_stage2(stage1, tmp_path, kind):
+    """A stage-1 model trained with the embedding: --gdps-init-from copies its vectors into the
+    split model (a non-split parameter), which then computes what stage 1 computed."""
+    task, _, _ = stage1(kind)
+    first, args = build(f"{kind}_gdps", task, gdps_lang_embedding=True)
+    set_language_vectors(first)
+    sgd_step(first, batch([0, 1, 2, 3]))
+    path = tmp_path / "tagged_stage1.pt"
+    save_checkpoint(path, first, args)
+    model, args2 = gdps(kind, task, path, gdps_lang_embedding=True)
+    model.eval()
+    assert torch.equal(model.state_dict()[EMBEDDING], first.state_dict()[EMBEDDING])
+    assert args2.gdps_lang_embedding_languages == ",".join(LANGS)
+    ni = batch([0, 1, 2, 3, 1])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**ni)[0], first(**ni)[0], atol=1e-5, rtol=1e-5)
+    # stage 2 without the flag would silently drop the learned vectors: refused, naming the flag
+    with pytest.raises(RuntimeError, match="pass --gdps-lang-embedding to stage 2"):
+        gdps(kind, task, path)
+
+
+def test_language_embedding_rows_follow_the_stage1_checkpoint(stage1, tmp_path):
+    """--gdps-init-from: the rows keep the stage-1 languages even when the stage-2 task lists the
+    languages in another order."""
+    task, _, _ = stage1("s2t_transformer")
+    first, args = build("s2t_transformer_gdps", task, gdps_lang_embedding=True)
+    set_language_vectors(first)
+    path = tmp_path / "tagged_stage1.pt"
+    save_checkpoint(path, first, args)
+    shuffled = ["gle", "bem", "aeb", "est"]
+    model, args2 = gdps("s2t_transformer", FakeTask(shuffled), path, gdps_lang_embedding=True)
+    assert args2.gdps_lang_embedding_languages == ",".join(LANGS)
+    ni = batch([0, 1, 2, 3])
+    ni_shuffled = dict(ni, src_lang_id=torch.tensor([shuffled.index(lang) for lang in LANGS]))
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(**ni_shuffled)[0], first.eval()(**ni)[0], atol=1e-5, rtol=1e-5)

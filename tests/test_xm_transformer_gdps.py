@@ -154,6 +154,12 @@ def test_w2v_freezing_updates_is_refused_with_the_freezing_flags(w2v, wave_data,
         build(w2v[0], wave_data, w2v_freezing_updates=10, gdps_freeze="decoder.*")
 
 
+def test_language_embedding_is_refused(w2v, wave_data, one_thread):
+    """--gdps-lang-embedding is for the S2T encoders (their input before the first layer) only."""
+    with pytest.raises(ValueError, match="--gdps-lang-embedding is supported by s2t_transformer_gdps.* only"):
+        build(w2v[0], wave_data, gdps_lang_embedding=True)
+
+
 def test_split_of_a_wav2vec2_ffn_preserves_the_function(w2v, wave_data, one_thread):
     model, _ = build(w2v[0], wave_data, gdps_groups="ar,et;ga,sw")
     model.eval()

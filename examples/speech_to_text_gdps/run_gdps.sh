@@ -11,16 +11,19 @@
 #   run_gdps.sh DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K]
 #               [--seed S] [--analyze-args "..."] [--stage1-from DIR]
 #               [--split-modules M --groups G --shared-ratio R] [--init energy|svd|random]
-#               [--decode-args "..."] [-- extra fairseq-train flags for both stages]
+#               [--lang-embedding] [--decode-args "..."] [-- extra fairseq-train flags for both stages]
 # --stage1-from DIR reuses another run's stage 1 and analysis (DIR/stage1, DIR/analysis) instead of
 # training them again; --split-modules/--groups/--shared-ratio replace the plan's split (e.g. a
-# ratio of 0 for a full split); --decode-args go to decode_and_score.sh.
+# ratio of 0 for a full split); --decode-args go to decode_and_score.sh. --lang-embedding gives both
+# stages --gdps-lang-embedding (a learned vector per language added to the encoder input, carried
+# from stage 1 into stage 2), the information the tagged baseline (run_baseline.sh --tagged) has;
+# a stage 1 reused with --stage1-from must have been trained the same way.
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K] [--seed S]" >&2; exit 2; }
 DATA=$(cd "$1" && pwd); OUT=$2; shift 2
 TOTAL=1600; STAGE1=; PROBE_INTERVAL=1; SEED=1; ANALYZE_ARGS=; EXTRA=(); STAGE1_FROM=
-SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=
+SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=; LANG_EMBEDDING=()
 while [ $# -gt 0 ]; do
   case $1 in
     --max-update) TOTAL=$2; shift 2 ;;
@@ -34,6 +37,7 @@ while [ $# -gt 0 ]; do
     --shared-ratio) SHARED_RATIO=$2; shift 2 ;;
     --init) INIT=$2; shift 2 ;;
     --decode-args) DECODE_ARGS=$2; shift 2 ;;
+    --lang-embedding) LANG_EMBEDDING=(--gdps-lang-embedding); shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -44,7 +48,7 @@ STAGE2=$(( TOTAL - STAGE1 ))
 mkdir -p "$OUT"
 
 COMMON=(--user-dir "$USER_DIR" --task speech_to_text_gdps --train-subset train --valid-subset dev
-  --config-yaml config.yaml --arch "$GDPS_ARCH" "${SIZE_ARGS[@]}" "${DATA_ARGS[@]}" --seed "$SEED"
+  --config-yaml config.yaml --arch "$GDPS_ARCH" "${LANG_EMBEDDING[@]}" "${SIZE_ARGS[@]}" "${DATA_ARGS[@]}" --seed "$SEED"
   --log-format simple --log-interval 50 --no-epoch-checkpoints)
 
 if [ -n "$STAGE1_FROM" ]; then

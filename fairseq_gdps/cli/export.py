@@ -12,7 +12,8 @@ architecture: task ``speech_to_text``, criterion without GDPS options, model arg
     fairseq-generate DATA --task speech_to_text --config-yaml config.yaml --path OUT.pt \
         --gen-subset test_<lang> ...
 
-decodes it without the plugin. ``--language`` picks the group of that language from the plan the
+decodes it without the plugin. A model trained with ``--gdps-lang-embedding`` (a learned vector per
+language added to the encoder input) has no stock equivalent and is refused. ``--language`` picks the group of that language from the plan the
 checkpoint carries (its ``gdps_groups``). A checkpoint without a split (stage 1) needs neither
 flag: its export is the same model for every language.
 
@@ -40,7 +41,12 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import fairseq_gdps  # noqa: E402,F401  (registers the GDPS models)
 from fairseq_gdps.atomic import atomic_write  # noqa: E402
-from fairseq_gdps.models.s2t_gdps import dense_state_dict, parse_groups  # noqa: E402
+from fairseq_gdps.models.s2t_gdps import (  # noqa: E402
+    LANG_EMBEDDING_FLAG,
+    LANG_EMBEDDING_KEY,
+    dense_state_dict,
+    parse_groups,
+)
 
 # GDPS model -> the stock fairseq model (and architecture) its folded weights load into
 STOCK_MODEL = {"s2t_transformer_gdps": "s2t_transformer", "s2t_conformer_gdps": "s2t_conformer"}
@@ -184,6 +190,13 @@ def export_checkpoint(path, out_path, group: Optional[int] = None, language: Opt
         raise ExportError(f"{path}: cannot be read as a fairseq checkpoint: {e}") from e
     args = _model_args(state, path)
     model_name = gdps_model_name(args, path)
+    if getattr(args, "gdps_lang_embedding", False) or LANG_EMBEDDING_KEY in (state.get("model") or {}):
+        # x + e[lang] before the first encoder layer: the subsampler ends in a GLU and the positions
+        # are fixed sinusoids, so no stock weight can absorb a constant added there.
+        raise ExportError(f"{path}: the model was trained with {LANG_EMBEDDING_FLAG} (a learned vector per "
+                          f"language added to the encoder input), which a stock {STOCK_MODEL[model_name]} "
+                          "has no weight for: it cannot be exported; decode it with --user-dir and --task "
+                          "speech_to_text_gdps instead")
     k = resolve_group(args, path, group, language)
     _, groups = checkpoint_groups(args)
     languages = [x for x in (getattr(args, "gdps_route_languages", None) or "").split(",") if x]

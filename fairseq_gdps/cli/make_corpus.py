@@ -4,6 +4,7 @@ Example::
 
     gdps-make-corpus --profile quick --out data/demo --seed 1
     gdps-make-corpus --profile hard --languages et,sw --conflict-language xx:et --out data/hard
+    gdps-make-corpus --conflict-language xx:et --conflict-speakers shared --out data/conflict
 
 Writes ``OUT/wav/<lang>/<id>.wav`` (16 kHz mono PCM16), ``OUT/{train,dev,test}.tsv``
 (id, audio, duration, speaker, src_lang, src_text, tgt_text) and ``OUT/corpus.json``.
@@ -43,10 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="random seed (default 1); same seed -> byte-identical output")
     p.add_argument("--languages", default=None, help=f"comma-separated subset of {','.join(ct.LANGUAGES)} (default: all)")
     p.add_argument("--conflict-language", action="append", default=None, metavar="NAME:BASE",
-                   help="add a controlled-conflict language NAME that sounds like BASE (own speakers) but whose "
+                   help="add a controlled-conflict language NAME that sounds like BASE but whose "
                    "number and/or unit words mean other values; repeatable. E.g. xx:et")
     p.add_argument("--conflict-remap", choices=["numbers", "units", "both"], default=None,
                    help="what a conflict language permutes (default: both)")
+    p.add_argument("--conflict-speakers", choices=["own", "shared"], default=None,
+                   help="who speaks a conflict language: 'own' speakers (default; other voices than BASE's, so "
+                   "NAME differs from BASE by voice as well as by meaning) or BASE's very speakers ('shared': "
+                   "same voices, rates and pitches, so only the meaning differs; NAME keeps its own sentences)")
     p.add_argument("--utterances-per-language", type=int, default=None)
     p.add_argument("--max-number", type=int, default=None, help="numbers are drawn from 1..N")
     p.add_argument("--min-phrases", type=int, default=None, help="phrases per sentence, lower bound")
@@ -78,8 +83,8 @@ def main(argv=None) -> int:
 
     overrides = {
         k: getattr(args, k)
-        for k in ("seed", "languages", "conflict_remap", "utterances_per_language", "max_number", "min_phrases",
-                  "max_phrases", "min_target_words", "families", "units", "rel_units", "speakers_per_language",
+        for k in ("seed", "languages", "conflict_remap", "conflict_speakers", "utterances_per_language", "max_number",
+                  "min_phrases", "max_phrases", "min_target_words", "families", "units", "rel_units", "speakers_per_language",
                   "heldout_test_speakers", "dev_fraction", "test_fraction", "snr_db", "jobs", "tts_backend")
     }
     overrides["conflict"] = args.conflict_language

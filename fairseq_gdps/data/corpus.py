@@ -18,9 +18,16 @@ keeps a little state between utterances) whose chunking does not depend on the
 number of jobs.
 
 A *conflict language* ``NAME:BASE`` sounds like BASE (same espeak-ng voice
-language, its own speakers) but means something else: number words and/or
-unit words are permuted by a fixed derangement (stored in ``corpus.json``), and
-the English target follows the remapped meaning.
+language) but means something else: number words and/or unit words are
+permuted by a fixed derangement (stored in ``corpus.json``), and the English
+target follows the remapped meaning. Its speakers are its own
+(``conflict_speakers="own"``, the default: other voice variants, rates and
+pitches than BASE's, so NAME differs from BASE by voice as well as by meaning)
+or BASE's very speakers (``"shared"``: the same Speaker objects, so the
+speaker column shows BASE's speaker ids and NAME's audio comes from the same
+voices, rates, pitches, word gaps and gains as BASE's; only the meaning of the
+words differs). Either way NAME has its own sentences (sampled with its own
+seed) and its own split into train/dev/test.
 
 Pure Python + numpy/scipy; no fairseq import.
 """
@@ -95,9 +102,13 @@ PROFILES: Dict[str, dict] = {
     ),
 }
 COMMON_DEFAULTS = dict(
-    seed=1, languages=LANGUAGES, conflict=(), conflict_remap="both", heldout_test_speakers=0,
+    seed=1, languages=LANGUAGES, conflict=(), conflict_remap="both", conflict_speakers="own", heldout_test_speakers=0,
     dev_fraction=0.1, test_fraction=0.1, snr_db=None, jobs=2, tts_backend="auto",
 )
+
+
+#: --conflict-speakers: a conflict language's own speakers, or exactly its base language's
+CONFLICT_SPEAKERS = ("own", "shared")
 
 
 class CorpusError(ValueError):
@@ -111,6 +122,7 @@ class CorpusConfig:
     languages: Tuple[str, ...]
     conflict: Tuple[Tuple[str, str], ...]
     conflict_remap: str
+    conflict_speakers: str
     utterances_per_language: int
     max_number: int
     min_phrases: int
@@ -134,6 +146,16 @@ class CorpusConfig:
 
     def base_of(self, lang: str) -> str:
         return dict(self.conflict).get(lang, lang)
+
+    def speakers_of(self, lang: str) -> str:
+        """The language whose speakers ``lang`` uses: itself, or its base language for a
+        conflict language with ``conflict_speakers="shared"``."""
+        return self.base_of(lang) if self.conflict_speakers == "shared" else lang
+
+    @property
+    def voiced_languages(self) -> Tuple[str, ...]:
+        """Languages with speakers of their own (each needs its own voice variants)."""
+        return tuple(lang for lang in self.all_languages if self.speakers_of(lang) == lang)
 
     def to_json(self) -> dict:
         """Settings that shape the output (not --jobs, which does not)."""
@@ -210,6 +232,10 @@ def make_config(profile: str = "quick", **overrides) -> CorpusConfig:
         raise CorpusError("duplicate conflict language name")
     if s["conflict_remap"] not in ("numbers", "units", "both"):
         raise CorpusError(f"bad --conflict-remap {s['conflict_remap']!r} (numbers, units or both)")
+    if s["conflict_speakers"] not in CONFLICT_SPEAKERS:
+        raise CorpusError(f"bad --conflict-speakers {s['conflict_speakers']!r} (choose from "
+                          f"{', '.join(CONFLICT_SPEAKERS)}: a conflict language's own speakers, or its base "
+                          f"language's)")
 
     s["families"] = _split_list(s["families"], "--families")
     for f in s["families"]:
@@ -255,11 +281,14 @@ def make_config(profile: str = "quick", **overrides) -> CorpusConfig:
             raise CorpusError("--snr-db must be finite")
     if s["tts_backend"] not in ("auto", "lib", "cli"):
         raise CorpusError(f"bad --tts-backend {s['tts_backend']!r} (auto, lib or cli)")
-    n_langs = len(s["languages"]) + len(s["conflict"])
+    # conflict languages sharing their base language's speakers need no voice variants of their own
+    n_langs = len(s["languages"]) + (len(s["conflict"]) if s["conflict_speakers"] == "own" else 0)
     need = n_langs * (s["speakers_per_language"] + s["heldout_test_speakers"])
     if need > len(VOICE_VARIANTS):
         raise CorpusError(f"{need} speakers requested but only {len(VOICE_VARIANTS)} espeak-ng voice variants "
-                          f"exist (each speaker needs its own); lower --speakers-per-language/--heldout-test-speakers")
+                          f"exist (each speaker needs its own); lower --speakers-per-language/--heldout-test-speakers"
+                          + (" or use --conflict-speakers shared" if s["conflict"] and s["conflict_speakers"] == "own"
+                             else ""))
     cfg = CorpusConfig(**s)
     if cfg.conflict:
         can_numbers = cfg.conflict_remap in ("numbers", "both") and cfg.max_number >= 2
@@ -312,11 +341,15 @@ class Speaker:
 
 
 def assign_speakers(cfg: CorpusConfig) -> Dict[str, List[Speaker]]:
+    """Speakers per language (regular ones, then held-out test speakers). A conflict language
+    with ``conflict_speakers="shared"`` gets its base language's list itself (the same Speaker
+    objects); it draws nothing from the generator, so every other language's speakers are
+    those of the same corpus without it."""
     rng = _rng(cfg.seed, "speakers")
     variants = [VOICE_VARIANTS[i] for i in rng.permutation(len(VOICE_VARIANTS))]
     out: Dict[str, List[Speaker]] = {}
     pos = 0
-    for lang in cfg.all_languages:
+    for lang in cfg.voiced_languages:
         spk = []
         for k in range(cfg.speakers_per_language + cfg.heldout_test_speakers):
             held = k >= cfg.speakers_per_language
@@ -329,6 +362,9 @@ def assign_speakers(cfg: CorpusConfig) -> Dict[str, List[Speaker]]:
             ))
             pos += 1
         out[lang] = spk
+    for lang in cfg.all_languages:
+        if lang not in out:
+            out[lang] = out[cfg.speakers_of(lang)]
     return out
 
 
@@ -848,14 +884,19 @@ def generate(cfg: CorpusConfig, out: str, progress: bool = True, force: bool = F
         "sample_rate": SAMPLE_RATE,
         "tts_backend": backend,
         "tsv_columns": list(TSV_COLUMNS),
-        "languages": {lang: {"espeak_voice": cfg.base_of(lang), "conflict_base": dict(cfg.conflict).get(lang)}
+        "languages": {lang: {"espeak_voice": cfg.base_of(lang), "conflict_base": dict(cfg.conflict).get(lang),
+                             "speakers_of": cfg.speakers_of(lang)}
                       for lang in cfg.all_languages},
-        "speakers": {s.id: {k: v for k, v in dataclasses.asdict(s).items() if k != "id"}
+        # one entry per speaker; a speaker shared by a conflict language keeps its base language's
+        # "lang" (the languages it speaks: "languages")
+        "speakers": {s.id: {**{k: v for k, v in dataclasses.asdict(s).items() if k != "id"},
+                            "languages": [l for l in cfg.all_languages if s in speakers[l]]}
                      for lang in cfg.all_languages for s in speakers[lang]},
         "conflict": {
             name: {
                 "base": base,
                 "remap": cfg.conflict_remap,
+                "speakers": cfg.conflict_speakers,
                 "number_map": {str(k): v for k, v in info["conflict_maps"][name]["numbers"].items()},
                 "key_maps": info["conflict_maps"][name]["keys"],
                 "meaning": "the speech says number_map[n] / key_maps[group][k] where the English says n / k",

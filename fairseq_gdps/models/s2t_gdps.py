@@ -34,6 +34,21 @@ The split travels in the checkpoint: ``build_model`` resolves ``--gdps-plan`` in
 fields ``gdps_split_modules``, ``gdps_groups``, ``gdps_shared_ratio`` and ``gdps_route_languages``
 of the model args (and keeps the plan's JSON in ``gdps_plan_json``), then clears ``gdps_plan`` and
 ``gdps_init_from``, so ``fairseq-generate`` rebuilds the split model from the checkpoint alone.
+
+Language embedding (``--gdps-lang-embedding``, s2t_transformer_gdps / s2t_conformer_gdps): a learned
+vector per source language, ``encoder.gdps_lang_embedding.weight`` (num_languages x
+encoder_embed_dim), added to every frame of the encoder input after the subsampler and the
+positional embedding (and, in the conformer, after its input projection), just before the dropout
+that precedes the first encoder layer. It works with or without a split: without one the model is
+a "tagged baseline", a shared model that knows each utterance's language as the split models do
+(docs/tagged_baseline.md). The languages its rows stand for are fixed when it is first built (the
+task's languages) and kept in ``gdps_lang_embedding_languages``; later builds map the task's
+language ids onto those rows by name. It starts at zero, so adding it to a trained model changes
+nothing (a stage-1 checkpoint without it loads into a model with it through ``--gdps-init-from``
+and computes the same function), and a model trained from scratch with it starts as the untagged
+model. A stage-1 model trained with it hands its learned vectors (and their Adam moments, through
+``gdps-split-checkpoint``) to stage 2 like any other unsplit parameter, so the split stays
+function-preserving and the tagged baseline and GDPS see the same language information.
 """
 from __future__ import annotations
 
@@ -109,13 +124,18 @@ def add_gdps_args(parser):
                              "parameter (or FFN block) names, e.g. 'decoder.*,*.ffn*'; the rest is frozen")
     parser.add_argument("--gdps-freeze", type=str, metavar="GLOBS",
                         help="freeze the parameters matching these comma-separated globs, e.g. 'encoder.*'")
+    parser.add_argument("--gdps-lang-embedding", action="store_true", default=None,
+                        help="add a learned vector per source language (zero at the start) to the encoder input, "
+                             "before the first encoder layer: with no split, a shared 'tagged baseline' that knows "
+                             "each utterance's language; with a split, GDPS uses the same vectors")
 
 
 def gdps_defaults(args):
     for key, value in (("gdps_plan", None), ("gdps_split_modules", None), ("gdps_groups", None),
                        ("gdps_shared_ratio", None), ("gdps_init", "energy"), ("gdps_init_seed", 1),
                        ("gdps_init_from", None), ("gdps_route_languages", None), ("gdps_plan_json", None),
-                       ("gdps_train_only", None), ("gdps_freeze", None)):
+                       ("gdps_train_only", None), ("gdps_freeze", None), ("gdps_lang_embedding", False),
+                       ("gdps_lang_embedding_languages", None)):
         if getattr(args, key, None) is None:
             _set_arg(args, key, value)
 
@@ -335,8 +355,68 @@ def freeze_parameters(model: nn.Module, args) -> List[str]:
 # ---------------------------------------------------------------------------------------------
 # encoder / decoder / models
 # ---------------------------------------------------------------------------------------------
+LANG_EMBEDDING_FLAG = "--gdps-lang-embedding"
+
+
 class _GDPSEncoderMixin:
-    """Maps ``src_lang_id`` to groups, routes the encoder's split FFNs, hands the ids on."""
+    """Maps ``src_lang_id`` to groups, routes the encoder's split FFNs, hands the ids on; adds the
+    language embedding (``--gdps-lang-embedding``) to the encoder input."""
+
+    def _lang_embedding_site(self) -> Optional[nn.Module]:
+        """The dropout module applied to the encoder input right before the first encoder layer
+        (S2T transformer: ``dropout_module``; S2T conformer: ``dropout``, after ``linear``)."""
+        if isinstance(self, S2TConformerEncoder):
+            return self.dropout
+        if isinstance(self, S2TTransformerEncoder):
+            return self.dropout_module
+        return None
+
+    def add_language_embedding(self, num_languages: int, embed_dim: int):
+        """``gdps_lang_embedding`` (zeros), added to the input of the dropout module that precedes
+        the encoder layers, by a forward pre-hook, for the utterances of every forward pass."""
+        site = self._lang_embedding_site()
+        if site is None:
+            raise ValueError(f"{LANG_EMBEDDING_FLAG} is supported by s2t_transformer_gdps* and s2t_conformer_gdps* "
+                             f"only, not by {type(self).__name__}")
+        if num_languages < 1:
+            raise ValueError(f"{LANG_EMBEDDING_FLAG} needs the task's source languages (--task speech_to_text_gdps)")
+        self.gdps_lang_embedding = nn.Embedding(num_languages, embed_dim)
+        nn.init.zeros_(self.gdps_lang_embedding.weight)
+        self._gdps_lang_vectors = None
+        site.register_forward_pre_hook(self._add_language_vectors)
+
+    def set_language_rows(self, lang_to_row: Optional[List[int]]):
+        """Task language id -> row of the language embedding (-1: a language it has no row for)."""
+        table = None if lang_to_row is None else torch.tensor(lang_to_row, dtype=torch.long)
+        if hasattr(self, "gdps_lang_to_row"):
+            del self.gdps_lang_to_row
+        self.register_buffer("gdps_lang_to_row", table, persistent=False)
+
+    def language_vectors(self, src_lang_id: Optional[Tensor]) -> Optional[Tensor]:
+        """(B, C) language vectors of a batch, or None without a language embedding."""
+        embedding = getattr(self, "gdps_lang_embedding", None)
+        if embedding is None:
+            return None
+        if src_lang_id is None:
+            raise RuntimeError(f"{LANG_EMBEDDING_FLAG}: the model adds a vector per source language to the encoder "
+                               f"input: give the model net_input['{LANG_ID_KEY}'] (--task speech_to_text_gdps)")
+        table = self.gdps_lang_to_row
+        lang = src_lang_id.to(device=table.device, dtype=torch.long).view(-1)
+        if lang.numel() and (int(lang.min()) < 0 or int(lang.max()) >= table.numel()):
+            raise ValueError(f"{LANG_ID_KEY} outside [0, {table.numel()}): {lang.tolist()}")
+        rows = table.index_select(0, lang)
+        if bool((rows < 0).any()):
+            bad = sorted(set(lang[rows < 0].tolist()))
+            raise ValueError(f"language ids {bad} have no vector in the language embedding ({LANG_EMBEDDING_FLAG}), "
+                             "which was trained for other languages")
+        return embedding(rows.to(embedding.weight.device))
+
+    def _add_language_vectors(self, module, inputs):
+        vectors = self._gdps_lang_vectors
+        if vectors is None:
+            return None
+        x = inputs[0]  # T x B x C
+        return (x + vectors.unsqueeze(0).to(x.dtype),) + tuple(inputs[1:])
 
     def set_language_groups(self, lang_to_group: Optional[List[int]]):
         table = None if lang_to_group is None else torch.tensor(lang_to_group, dtype=torch.long)
@@ -360,8 +440,12 @@ class _GDPSEncoderMixin:
     def forward(self, src_tokens, src_lengths, src_lang_id: Optional[Tensor] = None, return_all_hiddens: bool = False):
         groups = self.group_ids(src_lang_id)
         ffns = [m for m in self.modules() if isinstance(m, PartitionedFFN)]
-        with route(ffns, groups):
-            out = super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
+        self._gdps_lang_vectors = self.language_vectors(src_lang_id)
+        try:
+            with route(ffns, groups):
+                out = super().forward(src_tokens, src_lengths, return_all_hiddens=return_all_hiddens)
+        finally:
+            self._gdps_lang_vectors = None
         out[GROUP_IDS_KEY] = [groups] if groups is not None else []
         return out
 
@@ -428,6 +512,62 @@ def _load_pretrained_encoder(encoder, args):
     return encoder
 
 
+def _model_cfg_value(state: dict, key: str):
+    """A model arg of a loaded checkpoint (cfg.model, or legacy args), None when absent."""
+    cfg = state.get("cfg")
+    model_cfg = cfg.get("model") if cfg is not None else state.get("args")
+    if model_cfg is None:
+        return None
+    try:
+        return model_cfg.get(key) if hasattr(model_cfg, "get") else getattr(model_cfg, key, None)
+    except Exception:  # a struct config without the key
+        return None
+
+
+def add_language_embedding(model, args, spec: SplitSpec, init_state: Optional[dict] = None):
+    """--gdps-lang-embedding: one row per language of ``gdps_lang_embedding_languages`` (set here,
+    once: from the stage-1 checkpoint of --gdps-init-from when it has an embedding, else from the
+    task's languages), and the task's language ids mapped onto those rows by name."""
+    stored = [x for x in (getattr(args, "gdps_lang_embedding_languages", None) or "").split(",") if x]
+    if not stored and init_state is not None:
+        stored = [x for x in (_model_cfg_value(init_state, "gdps_lang_embedding_languages") or "").split(",") if x]
+    rows = stored or list(spec.languages)
+    if not rows:
+        raise ValueError(f"{LANG_EMBEDDING_FLAG} needs the task's source languages (--task speech_to_text_gdps "
+                         "with a train manifest, or --gdps-languages)")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"{LANG_EMBEDDING_FLAG}: a language is listed twice: {rows}")
+    missing = [lang for lang in spec.languages if lang not in rows]
+    if missing:
+        logger.warning(f"{LANG_EMBEDDING_FLAG}: languages {missing} of the task have no learned vector (the "
+                       f"embedding holds {rows}); their utterances cannot be encoded")
+    model.encoder.add_language_embedding(len(rows), args.encoder_embed_dim)
+    model.encoder.set_language_rows([rows.index(lang) if lang in rows else -1 for lang in spec.languages])
+    _set_arg(args, "gdps_lang_embedding_languages", ",".join(rows))
+    logger.info(f"GDPS language embedding: {len(rows)} x {args.encoder_embed_dim}, rows {rows}")
+
+
+LANG_EMBEDDING_KEY = "encoder.gdps_lang_embedding.weight"
+
+
+def load_stage1_weights(model, state: dict, args, init_from: str):
+    """--gdps-init-from: the stage-1 weights, strictly, except that a stage-1 model without a
+    language embedding may start one (it stays zero: the function is unchanged)."""
+    weights = state["model"]
+    own = model.state_dict()
+    if LANG_EMBEDDING_KEY in weights and LANG_EMBEDDING_KEY not in own:
+        raise RuntimeError(f"--gdps-init-from {init_from}: the stage-1 model has a language embedding "
+                           f"({LANG_EMBEDDING_FLAG}); pass {LANG_EMBEDDING_FLAG} to stage 2 as well")
+    if LANG_EMBEDDING_KEY in own and LANG_EMBEDDING_KEY not in weights:
+        weights = dict(weights, **{LANG_EMBEDDING_KEY: own[LANG_EMBEDDING_KEY]})
+        logger.info(f"--gdps-init-from {init_from}: no language embedding there; {LANG_EMBEDDING_FLAG} starts at zero")
+    try:
+        model.load_state_dict(weights, strict=True)
+    except RuntimeError as e:
+        raise RuntimeError(f"--gdps-init-from {init_from}: its weights do not fit the unsplit "
+                           f"{args.arch} (same sizes needed): {e}") from e
+
+
 class _GDPSModelMixin:
     encoder_class = None
 
@@ -443,19 +583,17 @@ class _GDPSModelMixin:
     def build_model(cls, args, task):
         gdps_defaults(args)
         spec = resolve_split_spec(args, task)
+        init_from = getattr(args, "gdps_init_from", None)
+        state = checkpoint_utils.load_checkpoint_to_cpu(init_from) if init_from else None
         model = super().build_model(args, task)
         group_of = {lang: k for k, g in enumerate(spec.groups) for lang in g}
         model.encoder.set_language_groups(
             [group_of.get(lang, -1) for lang in spec.languages] if spec.groups else None
         )
-        init_from = getattr(args, "gdps_init_from", None)
+        if getattr(args, "gdps_lang_embedding", False):
+            add_language_embedding(model, args, spec, state)
         if init_from:
-            state = checkpoint_utils.load_checkpoint_to_cpu(init_from)
-            try:
-                model.load_state_dict(state["model"], strict=True)
-            except RuntimeError as e:
-                raise RuntimeError(f"--gdps-init-from {init_from}: its weights do not fit the unsplit "
-                                   f"{args.arch} (same sizes needed): {e}") from e
+            load_stage1_weights(model, state, args, init_from)
             logger.info(f"GDPS stage 2 initialised from {init_from}")
             _set_arg(args, "gdps_init_from", None)  # the checkpoint then holds the weights itself
         if spec.modules:
