@@ -4,10 +4,9 @@ shuffled language labels must give no stable grouping. (The demo-size planted co
 seeds, is benchmarks/planted_truth.py; its records are in benchmarks/results/planted_truth/.)"""
 import sys
 
-import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import BIN, REPO, run
 from gdps_training import run_all, stage1_args
 
 sys.path.insert(0, str(REPO / "benchmarks"))
@@ -20,16 +19,22 @@ UPDATES = 40
 
 
 @pytest.fixture(scope="module")
-def probed(tiny_data, tmp_path_factory):
-    """Stage-1 statistics of a conflict/duplicate derivation and of shuffled labels."""
+def probed(tmp_path_factory):
+    """Stage-1 statistics of a conflict/duplicate derivation and of shuffled labels. The corpus
+    is larger than the suite's tiny one: with a dozen utterances per language every epoch repeats
+    the same few half-batches, and an estimate over probes is an estimate over those few."""
     root = tmp_path_factory.mktemp("planted")
+    corpus, prepared = root / "corpus", root / "data"
+    run([BIN / "gdps-make-corpus", "--profile", "quick", "--utterances-per-language", "150", "--seed", "5",
+         "--out", corpus])
+    run([BIN / "gdps-prep", "--corpus", corpus, "--out", prepared, "--vocab-size", "64"])
     out = {}
     commands = []
     for kind in ("conflict", "shuffled"):
         data = root / f"{kind}_data"
-        assert planted_truth.main(["make-data", "--data", str(tiny_data), "--out", str(data), "--kind", kind]) == 0
+        assert planted_truth.main(["make-data", "--data", str(prepared), "--out", str(data), "--kind", kind]) == 0
         save = root / kind
-        commands.append(stage1_args(data, save, UPDATES, "--gdps-probe-speakers", "--max-tokens", "6000"))
+        commands.append(stage1_args(data, save, UPDATES, "--max-tokens", "6000"))
         out[kind] = save / "stats.pt"
     run_all(commands, timeout=600)
     return {k: GradientStatistics.load(p) for k, p in out.items()}
@@ -43,9 +48,9 @@ def test_duplicate_language_agrees_with_itself_and_stays_together(probed):
     langs = a.languages
     i, j = langs.index("sw"), langs.index("sw2")
     for block, e in a.conflict.estimates.items():
-        assert e.rho[i, j] >= 0.9, (block, e.rho[i, j])
-        # every term at one state: beyond 1 by sampling noise only
-        assert np.nanmax(np.abs(e.rho)) < 1.15, (block, e.rho)
+        # the two halves of one language: ~1 (every term at one state; the summed estimator
+        # had same-update products in its cross term only, and came out far beyond 1)
+        assert 0.9 <= e.rho[i, j] < 1.15, (block, e.rho[i, j])
     assert any({"sw", "sw2"} <= set(g) for g in a.grouping.partition)
     # the same holds in the bootstrap: the two halves of one language are never separated
     if a.grouping.resamples:

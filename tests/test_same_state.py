@@ -114,7 +114,7 @@ def test_records_round_trip_merge_and_errors(tmp_path):
     back.merge_(later)
     assert back.same_state.num_probes == 7 and back.num_steps == 7
     assert list(back.same_state.arrays()[0]) == sorted([0, 1, 2, 3, 4, 0, 1])
-    assert back.same_state.nbytes() == 7 * (8 * (4 + 16) + 8)
+    assert back.same_state.nbytes() == 7 * (8 * (4 + 16) + 16)
     with pytest.raises(ValueError, match="cannot merge"):
         back.merge_(GradientStatistics({"m": D}, subspace_dim=0))
     with pytest.raises(ValueError, match="expected 4 token counts"):

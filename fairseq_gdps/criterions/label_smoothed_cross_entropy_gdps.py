@@ -95,6 +95,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self._update: Optional[PerLanguageUpdate] = None   # the probed update in progress
         self._spare_update: Optional[PerLanguageUpdate] = None   # its buffer, kept between probed updates
         self._reduce_seconds, self._reduced_updates = 0.0, 0
+        self._update_key = 0   # batch_key of the update in progress (this worker's utterances)
 
     @classmethod
     def build_criterion(cls, cfg, task):
@@ -202,17 +203,21 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         return update
 
     def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
-                        first_of_update: bool, loss_scale: float = 1.0) -> None:
+                        first_of_update: bool, loss_scale: float = 1.0, utterance_ids=()) -> None:
         """Add a micro-batch's gradient sums per probe half (``grads[2 * unit + half][block]``)
         and its ``(2U,)`` target-token counts to the update in progress (a new one when
         ``first_of_update``: with ``--update-freq`` an update has several micro-batches).
         ``loss_scale``: the factor the loss was multiplied by before the backward pass (fp16 /
-        AMP), divided out so that steps taken at different loss scales compare."""
+        AMP), divided out so that steps taken at different loss scales compare.
+        ``utterance_ids``: the micro-batch's dataset ids; they identify the update's batch (see
+        ``batch_key``), so that the bootstrap resamples batches, not repeats of one batch."""
         if first_of_update or self._update is None:
             if self._update is not None:   # an update begun again (e.g. after an fp16 overflow)
                 self._spare_update = self._update
             self._update = self._new_update()
+            self._update_key = 0
         self._update.add(grads, tokens, loss_scale)
+        self._update_key = (self._update_key + batch_key(utterance_ids)) & ((1 << 63) - 1)
 
     def record_update(self, update_num: int) -> None:
         """Record the probed update just completed as one step: its per-language gradient sums
@@ -233,7 +238,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         if not bool((tokens > 0).any()):
             return
         statistics = self._statistics_for(self._tracked, update_num)
-        skipped = statistics.add_probe(update_num, tokens.cpu(), rows)
+        skipped = statistics.add_probe(update_num, tokens.cpu(), rows, batch_key=self._update_key)
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
 
@@ -249,6 +254,14 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         if self.statistics is not None and self.cfg.gdps_stats and first_worker:
             self.statistics.save(self.cfg.gdps_stats)
             logger.info(f"GDPS statistics written to {self.cfg.gdps_stats}")
+
+
+def batch_key(utterance_ids) -> int:
+    """An order-independent key of a set of utterances (a sum of mixed ids): every epoch batches
+    the same utterances again, and probes of one batch are not independent draws."""
+    from fairseq_gdps.gdps.stats import _splitmix64
+
+    return sum(_splitmix64(int(i)) for i in utterance_ids) & ((1 << 63) - 1)
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

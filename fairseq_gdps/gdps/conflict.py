@@ -28,7 +28,8 @@ Groups. At the chosen block, a *conflict edge* joins two languages whose conflic
 ``tau`` with an interval lower bound above 0. The languages without an edge form one group; the
 others are placed greedily, most edges first, each into the existing group where it has no edge
 and agrees most (mean rho) with the members, or into a new group: no conflicting pair shares a
-group, and the rest stays together. The
+group, and the rest stays together. Languages that agree like two halves of one language in
+every block (rho >= 0.9 with 1 inside its interval) share their edges and a group. The
 grouping's stability is the share of bootstrap replicates (edges where the replicate's conflict
 exceeds ``tau``) that give the same partition.
 
@@ -74,6 +75,7 @@ class ConflictAnalysis:
     candidates: List[str]            # ranked, highest score first
     estimates: Dict[str, BlockEstimate]
     probes: int
+    batches: int                     # distinct batches among the probes (the bootstrap's draws)
     window: Tuple[Optional[int], Optional[int]]
     updates: Tuple[int, int]         # first and last probed update in the window
     resamples: int
@@ -129,7 +131,7 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
     sel = [all_langs.index(l) for l in langs]
     rows = np.array([[2 * i, 2 * i + 1] for i in sel]).reshape(-1)
     lang_tokens, lang_grams = lang_tokens[:, rows], lang_grams[:, :, rows][:, :, :, rows]
-    counts = SS.bootstrap_counts(P, resamples, seed)
+    counts = SS.bootstrap_counts(P, resamples, seed, clusters=records.batch_keys(start, end))
     self_, cross, both, weight = SS.probe_terms(lang_tokens, lang_grams)
     rho, n_pairs = SS.ratio_of_sums(self_, cross, both, weight)
     rho_b, _ = SS.ratio_of_sums(self_, cross, both, weight, counts) if len(counts) else (rho[None], None)
@@ -207,7 +209,8 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
                       "interval": [float(lo[0]), float(hi[0])], "separated": bool(lo[0] > 0)}
     beyond = {"pairs_beyond_one": int(np.sum(np.abs(rho[:, upper]) > 1)), "pairs": int(np.isfinite(rho[:, upper]).sum())}
     return ConflictAnalysis(languages=langs, blocks=blocks, reference_blocks=ref_blocks, candidates=candidates,
-                            estimates=estimates, probes=P, window=(start, end),
+                            estimates=estimates, probes=P, batches=len(set(records.batch_keys(start, end).tolist())),
+                            window=(start, end),
                             updates=(int(updates[0]), int(updates[-1])), resamples=len(counts), level=level,
                             separation=separation, unit_level=unit_level, beyond_one=beyond,
                             _boot={"rho": np.moveaxis(rho_b, 1, 0), "conflict": np.moveaxis(conflict_b, 1, 0)})
@@ -223,7 +226,8 @@ def conflict_edges(conflict: np.ndarray, conflict_lo: Optional[np.ndarray], tau:
     return edges
 
 
-def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str]) -> Partition:
+def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str],
+                  same: Optional[np.ndarray] = None) -> Partition:
     """Keep conflicting languages apart, the rest together (see the module doc): the languages
     without an edge form the first group; the others join it or another group, most edges first
     (ties: the one agreeing most with the first group first), where they have no edge and agree
@@ -238,6 +242,10 @@ def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str]) 
 
     order = sorted((i for i in range(L) if edges[i].any()), key=lambda i: (-int(edges[i].sum()), -agreement(i), i))
     for i in order:
+        partner = [g for g, members in enumerate(groups) if same is not None and any(same[i, j] for j in members)]
+        if partner:                 # an indistinguishable language is placed already: join it
+            groups[partner[0]].append(i)
+            continue
         best, best_sim = None, -np.inf
         for g, members in enumerate(groups):
             if any(edges[i, j] for j in members):
@@ -267,11 +275,50 @@ class ConflictGrouping:
     resamples: int
 
 
+def indistinguishable(analysis: ConflictAnalysis, min_rho: float = 0.9) -> np.ndarray:
+    """(L, L) bool: pairs that agree like two halves of one language in every block (rho >= min_rho
+    and 1 inside its interval). Such languages are never put apart: nothing measured tells them
+    apart, and a noise edge of one of them must not separate them."""
+    L = len(analysis.languages)
+    same = np.ones((L, L), dtype=bool)
+    for e in analysis.estimates.values():
+        lo, hi = e.rho_interval
+        with np.errstate(invalid="ignore"):
+            same &= np.nan_to_num(e.rho, nan=-1) >= min_rho
+            same &= (np.nan_to_num(lo, nan=2) <= 1) & (np.nan_to_num(hi, nan=-1) >= 1)
+    np.fill_diagonal(same, True)
+    return same
+
+
+def _merged(edges: np.ndarray, same: np.ndarray) -> np.ndarray:
+    """Edges between the connected components of ``same`` (every member of a component gets the
+    component's edges; edges inside a component are dropped)."""
+    L = len(edges)
+    comp = list(range(L))
+    for i in range(L):              # union-find over the indistinguishable pairs
+        for j in range(i + 1, L):
+            if same[i, j]:
+                a, b = comp[i], comp[j]
+                comp = [a if c == b else c for c in comp]
+    comp = np.array(comp)
+    out = np.zeros_like(edges)
+    for c in set(comp.tolist()):
+        members = comp == c
+        row = edges[members].any(0)
+        out[np.ix_(members, np.ones(L, dtype=bool))] |= row[None, :]
+        out[np.ix_(np.ones(L, dtype=bool), members)] |= row[:, None]
+    same_comp = comp[:, None] == comp[None, :]
+    out[same_comp] = False
+    return out
+
+
 def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.15) -> ConflictGrouping:
     """Groups from the conflict edges of ``blocks`` (an edge in any of them counts), with their
-    bootstrap stability."""
+    bootstrap stability. Indistinguishable languages (``indistinguishable``) share their edges and
+    always share a group."""
     langs = analysis.languages
     L = len(langs)
+    same = indistinguishable(analysis)
     edges = np.zeros((L, L), dtype=bool)
     rho = np.mean([analysis.estimates[b].rho for b in blocks], axis=0)
     listed = []
@@ -280,7 +327,7 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.15) 
         eb = conflict_edges(e.conflict, e.conflict_interval[0], tau)
         edges |= eb
         listed += [(langs[i], langs[j], float(e.conflict[i, j])) for i in range(L) for j in range(i + 1, L) if eb[i, j]]
-    partition = greedy_groups(edges, rho, langs)
+    partition = greedy_groups(_merged(edges, same), rho, langs, same)
     rule = (f"conflict edges (conflict > {tau:g}, interval lower bound > 0) at {', '.join(blocks)}: "
             + (", ".join(f"{a}-{b} {c:.2f}" for a, b, c in listed) if listed else "none, so one group"))
     counts: Counter = Counter()
@@ -290,7 +337,7 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.15) 
         for b in blocks:
             er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau)
         rr = np.mean([analysis.rho_boot(b)[r] for b in blocks], axis=0)
-        counts[greedy_groups(er, rr, langs)] += 1
+        counts[greedy_groups(_merged(er, same), rr, langs, same)] += 1
     total = max(1, sum(counts.values()))
     freqs = sorted(((p, c / total) for p, c in counts.items()), key=lambda pc: (-pc[1], pc[0]))
     co = np.zeros((L, L))

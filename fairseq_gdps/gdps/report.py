@@ -122,7 +122,7 @@ class Analysis:
         if self.conflict is not None:
             ca = self.conflict
             provenance["same_state"] = {
-                "probes": ca.probes, "window": list(ca.window), "probed_updates": list(ca.updates),
+                "probes": ca.probes, "batches": ca.batches, "window": list(ca.window), "probed_updates": list(ca.updates),
                 "reference_blocks": ca.reference_blocks, "candidates": ca.candidates,
                 "separation": ca.separation, "resamples": ca.resamples, "interval_level": ca.level,
                 "unit_level": ca.unit_level, "rho_beyond_one": ca.beyond_one,
@@ -386,8 +386,9 @@ def _same_state_markdown(a: Analysis) -> List[str]:
     langs = ca.languages
     lvl = f"{int(round(100 * ca.level))}%"
     out = ["## Same-state analysis (what decides)", "",
-           f"- {ca.probes} probes, updates {ca.updates[0]}-{ca.updates[1]} (window {ca.window[0]}..{ca.window[1]}); "
-           f"{ca.resamples} bootstrap resamples of the probes, {lvl} percentile intervals",
+           f"- {ca.probes} probes of {ca.batches} distinct batches, updates {ca.updates[0]}-{ca.updates[1]} "
+           f"(window {ca.window[0]}..{ca.window[1]}); {ca.resamples} bootstrap resamples of the batches, {lvl} "
+           "percentile intervals",
            f"- reference (input-side) blocks: {', '.join(f'`{b}`' for b in ca.reference_blocks)}; "
            "conflict(i, j) at a block = agreement on the reference minus agreement at the block",
            f"- estimates beyond +-1: {ca.beyond_one['pairs_beyond_one']} of {ca.beyond_one['pairs']} pair-blocks "

@@ -32,7 +32,9 @@ every probe weighs the same: without it the large gradients of early training wo
 Two random halves of one language reach rho ~ 1 (the duplicate control).
 
 Bootstrap. Probes are resampled with replacement (the same draws for every block and every
-pair, so differences between blocks and pairs are paired); percentile intervals follow.
+pair, so differences between blocks and pairs are paired); percentile intervals follow. Every
+epoch batches the same utterances again, so probes are resampled by batch: the probes of one
+batch key (the set of the update's utterances) are drawn together.
 
 Units to languages. Where units are (language, speaker) pairs, a language's half is the
 token-weighted mean of its speakers' halves, so the language-level Gram matrices follow exactly
@@ -72,6 +74,7 @@ class SameStateRecords:
         self._updates: List[int] = []
         self._tokens: List[torch.Tensor] = []   # (2U,) per probe
         self._grams: List[torch.Tensor] = []    # (M, 2U, 2U) per probe
+        self._keys: List[int] = []              # the probe's batch (utterances) key
 
     @property
     def num_probes(self) -> int:
@@ -82,8 +85,9 @@ class SameStateRecords:
         """The units' languages, in order of first appearance."""
         return list(dict.fromkeys(self.unit_languages))
 
-    def add(self, update: int, tokens: torch.Tensor, grams: torch.Tensor) -> None:
-        """Record one probe: ``tokens`` (2U,) target tokens per half, ``grams`` (M, 2U, 2U)."""
+    def add(self, update: int, tokens: torch.Tensor, grams: torch.Tensor, batch_key: Optional[int] = None) -> None:
+        """Record one probe: ``tokens`` (2U,) target tokens per half, ``grams`` (M, 2U, 2U);
+        ``batch_key`` identifies its batch of utterances (default: the update, a batch of its own)."""
         R = 2 * len(self.units)
         tokens = torch.as_tensor(tokens).detach().to("cpu", torch.float64).reshape(-1)
         grams = torch.as_tensor(grams).detach().to("cpu", torch.float64)
@@ -93,6 +97,7 @@ class SameStateRecords:
         self._updates.append(int(update))
         self._tokens.append(tokens)
         self._grams.append(grams)
+        self._keys.append(int(update) if batch_key is None else int(batch_key))
 
     def arrays(self, start: Optional[int] = None, end: Optional[int] = None,
                blocks: Optional[Sequence[str]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -109,6 +114,11 @@ class SameStateRecords:
         grams = torch.stack([self._grams[i] for i in keep])[:, sel].numpy()
         return updates, tokens, grams
 
+    def batch_keys(self, start: Optional[int] = None, end: Optional[int] = None) -> np.ndarray:
+        """(P,) batch keys of the probes of ``arrays(start, end)``."""
+        return np.array([k for u, k in zip(self._updates, self._keys)
+                         if (start is None or u >= start) and (end is None or u < end)], dtype=np.int64)
+
     def settings(self) -> dict:
         return {"units": list(self.units), "unit_languages": list(self.unit_languages), "blocks": list(self.blocks)}
 
@@ -118,16 +128,18 @@ class SameStateRecords:
             raise ValueError("cannot merge same-state probes of other units or blocks "
                              f"(theirs: {other.units} / {other.blocks}; ours: {self.units} / {self.blocks})")
         entries = sorted(zip(self._updates + other._updates, self._tokens + other._tokens,
-                             self._grams + other._grams), key=lambda e: e[0])
+                             self._grams + other._grams, self._keys + other._keys), key=lambda e: e[0])
         self._updates = [e[0] for e in entries]
         self._tokens = [e[1] for e in entries]
         self._grams = [e[2] for e in entries]
+        self._keys = [e[3] for e in entries]
         return self
 
     def state_dict(self) -> dict:
         R, M = 2 * len(self.units), len(self.blocks)
         return {"kind": KIND, **self.settings(),
                 "updates": torch.tensor(self._updates, dtype=torch.int64),
+                "batch_keys": torch.tensor(self._keys, dtype=torch.int64),
                 "tokens": torch.stack(self._tokens) if self._tokens else torch.zeros(0, R, dtype=torch.float64),
                 "grams": torch.stack(self._grams) if self._grams else torch.zeros(0, M, R, R, dtype=torch.float64)}
 
@@ -138,17 +150,18 @@ class SameStateRecords:
         try:
             rec = cls(d["units"], d["unit_languages"], d["blocks"])
             updates, tokens, grams = d["updates"], d["tokens"], d["grams"]
-            if not (len(updates) == len(tokens) == len(grams)):
-                raise ValueError("updates, tokens and grams differ in length")
-            for u, t, g in zip(updates.tolist(), tokens, grams):
-                rec.add(u, t, g)
+            keys = d["batch_keys"].tolist() if "batch_keys" in d else updates.tolist()
+            if not (len(updates) == len(tokens) == len(grams) == len(keys)):
+                raise ValueError("updates, batch keys, tokens and grams differ in length")
+            for u, t, g, k in zip(updates.tolist(), tokens, grams, keys):
+                rec.add(u, t, g, k)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source}: malformed same-state probe records ({exc})") from None
         return rec
 
     def nbytes(self) -> int:
-        """Bytes of the recorded probes (grows by ``8 * (2U + M (2U)^2)`` per probe)."""
-        return sum(t.numel() * 8 + g.numel() * 8 + 8 for t, g in zip(self._tokens, self._grams))
+        """Bytes of the recorded probes (grows by ``8 * (2U + M (2U)^2 + 2)`` per probe)."""
+        return sum(t.numel() * 8 + g.numel() * 8 + 16 for t, g in zip(self._tokens, self._grams))
 
 
 # ------------------------------------------------------------------------ estimation
@@ -242,12 +255,20 @@ def self_cosine(tokens: np.ndarray, grams: np.ndarray) -> np.ndarray:
         return np.nanmean(c, axis=0) if P else np.full((M, U), np.nan)
 
 
-def bootstrap_counts(num_probes: int, resamples: int, seed: int = 0) -> np.ndarray:
-    """(resamples, P) multinomial counts: probes drawn with replacement."""
+def bootstrap_counts(num_probes: int, resamples: int, seed: int = 0,
+                     clusters: Optional[Sequence[int]] = None) -> np.ndarray:
+    """(resamples, P) counts: probes drawn with replacement, or with ``clusters`` (a key per
+    probe) whole clusters drawn with replacement, every probe counted as often as its cluster
+    (probes of one batch of utterances, repeated epoch after epoch, are one draw, not several)."""
     rng = np.random.default_rng(seed)
     if num_probes == 0 or resamples <= 0:
         return np.zeros((0, num_probes))
-    return rng.multinomial(num_probes, np.full(num_probes, 1.0 / num_probes), size=int(resamples)).astype(np.float64)
+    if clusters is None:
+        return rng.multinomial(num_probes, np.full(num_probes, 1.0 / num_probes), size=int(resamples)).astype(np.float64)
+    keys, inverse = np.unique(np.asarray(clusters), return_inverse=True)
+    K = len(keys)
+    drawn = rng.multinomial(K, np.full(K, 1.0 / K), size=int(resamples)).astype(np.float64)   # (R, K)
+    return drawn[:, inverse]
 
 
 def interval(samples: np.ndarray, level: float = 0.9) -> Tuple[np.ndarray, np.ndarray]:

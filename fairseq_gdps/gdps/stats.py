@@ -322,14 +322,17 @@ class GradientStatistics:
         return self._record(step, langs, modules)
 
     @torch.no_grad()
-    def add_probe(self, step: int, tokens: torch.Tensor, rows: Mapping[str, torch.Tensor]) -> List[str]:
+    def add_probe(self, step: int, tokens: torch.Tensor, rows: Mapping[str, torch.Tensor],
+                  batch_key: Optional[int] = None) -> List[str]:
         """Record one probed update given per probe-unit half (see ``same_state.py``).
 
         ``tokens``: (2U,) target tokens of every half (row ``2u + h``: unit u, half h);
         ``rows[module]``: (2U, d) per-target-token gradient of every half (zero rows where a half
         has no tokens). Keeps the halves' Gram matrices (the same-state records) and records
         each present language's per-token gradient (its halves' token-weighted mean) as one
-        step of the summed statistics (norms, buckets, subspace moments). Returns the languages
+        step of the summed statistics (norms, buckets, subspace moments). ``batch_key``
+        identifies the probe's batch (probes of one batch are resampled together; default: the
+        step, i.e. every probe its own batch). Returns the languages
         skipped for non-finite gradients (a probe with any non-finite row keeps no Gram matrix)."""
         if self.same_state is None:
             raise ValueError("add_probe: these statistics have no probe units (construct with probe_units)")
@@ -360,7 +363,7 @@ class GradientStatistics:
             lang_rows[m] = mix[present].to(Y.device) @ Y
         grams = torch.stack(grams).cpu()
         if bool(torch.isfinite(grams).all()):
-            rec.add(step, tokens, grams)
+            rec.add(step, tokens, grams, batch_key)
         return self.add_step_rows(step, [languages[i] for i in present.tolist()], lang_rows)
 
     def _record(self, step: int, langs: List[str], modules) -> List[str]:

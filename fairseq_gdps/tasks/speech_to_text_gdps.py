@@ -290,7 +290,7 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         tokens = torch.zeros(2 * len(criterion.probe_units), dtype=torch.float64).index_add_(
             0, rows.cpu(), sample["target_lengths"].cpu().double())
         criterion.add_micro_batch(capture.gradients(criterion.tracked_modules(model)), tokens, first_of_update,
-                                  loss_scale_of(optimizer))
+                                  loss_scale_of(optimizer), sample["id"].tolist())
         return result
 
     def optimizer_step(self, optimizer, model, update_num):
