@@ -17,7 +17,7 @@ Systems (every one trained from scratch on the same prepared corpus, ``--max-upd
 The three split controls continue the very stage-1 checkpoint GDPS continues (run_gdps.sh
 --stage1-from), so they differ from GDPS only in the split. Language information: the split
 systems route by the language tag of each utterance; the shared systems see no tag, but every
-language has its own speakers and sounds, so the audio identifies the language (see README).
+language has its own speakers and sounds, so the audio identifies the language (see docs/benchmarks.md).
 
 Conditions: ``natural`` (the quick demo corpus) and ``conflict`` (the same plus a controlled-
 conflict language ``xx`` that sounds like Estonian but whose numbers and units are permuted; the

@@ -3,7 +3,7 @@ and the statistics cost, measured against the budgets GDPS is held to (``TARGETS
 
     python benchmarks/speed.py [--setting default|tiny] [--data DATA] [--work DIR] [--out DIR]
                                [--threads N]
-    python benchmarks/speed.py --markdown [benchmarks/results/speed.json]   # print the README table
+    python benchmarks/speed.py --markdown [benchmarks/results/speed.json]   # print the docs/benchmarks.md table
 
 Everything is measured in one process, on one machine and one data set, so that the ratios
 compare like with like:
@@ -24,7 +24,8 @@ compare like with like:
   and number of languages grow (these two need no model: ``benchmarks/statistics_cost.py``).
 
 Results go to ``<out>/speed.json`` and ``<out>/speed.md`` (both written atomically); the markdown
-is also what ``--markdown`` prints, for the README.
+is also what ``--markdown`` prints; ``scripts/publish_benchmark_results.sh`` copies it into
+docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -502,7 +503,7 @@ def _load_text(m: dict) -> str:
 
 
 def markdown(results: dict) -> str:
-    """The results as markdown (the README's speed section is generated from this)."""
+    """The results as markdown (docs/benchmarks.md's speed section is generated from this)."""
     m, v, u, dec = results["machine"], results["versions"], results["updates"], results["decoding"]
     targets = {t["name"]: t for t in results["targets"]}
     lines = [f"### Speed and memory ({results['setting']} setting)", "",
