@@ -11,10 +11,14 @@ WORK=${1:-work/demo_quick}
 mkdir -p docs
 cp "$WORK/results.md" docs/demo_results.md
 cp "$WORK/learning_curve.png" docs/demo_learning_curve.png
-for png in similarity dendrogram layer_profile; do
-  [ -f "$WORK/gdps/analysis/$png.png" ] && cp "$WORK/gdps/analysis/$png.png" "docs/demo_analysis_$png.png"
-done
 cp "$WORK/gdps/analysis/report.md" docs/demo_analysis_report.md
+# the report's plots sit beside it in docs/ under demo_analysis_<name>.png: rename its links alike
+for png in similarity dendrogram layer_profile stability; do
+  if [ -f "$WORK/gdps/analysis/$png.png" ]; then
+    cp "$WORK/gdps/analysis/$png.png" "docs/demo_analysis_$png.png"
+    sed -i "s|]($png.png)|](demo_analysis_$png.png)|g" docs/demo_analysis_report.md
+  fi
+done
 python3 - "$WORK/results.md" <<'PY'
 import re
 import sys
