@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Copy a finished demo run's results into docs/ and between the README's result markers, so the
-# numbers in the README are the ones the run wrote (never typed by hand).
+# Copy a finished demo run's results into docs/: its results.md between the demo-results markers of
+# docs/benchmarks.md, its plots and analysis report beside it, and its one-line summary between the
+# demo-summary markers of the README, so that the published numbers are the ones the run wrote
+# (never typed by hand).
 #   bash scripts/publish_demo_results.sh [WORK_DIR]   (default: work/demo_quick)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,20 +11,50 @@ WORK=${1:-work/demo_quick}
 mkdir -p docs
 cp "$WORK/results.md" docs/demo_results.md
 cp "$WORK/learning_curve.png" docs/demo_learning_curve.png
-for png in similarity dendrogram layer_profile; do
-  [ -f "$WORK/gdps/analysis/$png.png" ] && cp "$WORK/gdps/analysis/$png.png" "docs/demo_analysis_$png.png"
-done
 cp "$WORK/gdps/analysis/report.md" docs/demo_analysis_report.md
+# the report's plots sit beside it in docs/ under demo_analysis_<name>.png: rename its links alike
+for png in similarity dendrogram layer_profile stability; do
+  if [ -f "$WORK/gdps/analysis/$png.png" ]; then
+    cp "$WORK/gdps/analysis/$png.png" "docs/demo_analysis_$png.png"
+    sed -i "s|]($png.png)|](demo_analysis_$png.png)|g" docs/demo_analysis_report.md
+  fi
+done
 python3 - "$WORK/results.md" <<'PY'
-import re, sys
-results = open(sys.argv[1]).read().replace("# Demo results", "### Demo results", 1).replace("\n## ", "\n#### ")
-readme = open("README.md").read()
-begin, end = "<!-- demo-results:begin -->", "<!-- demo-results:end -->"
-if begin not in readme:
-    sys.exit("README.md has no demo-results markers")
-head, rest = readme.split(begin, 1)
-_, tail = rest.split(end, 1)
-open("README.md.tmp", "w").write(head + begin + "\n" + results + "\n![learning curve](docs/demo_learning_curve.png)\n" + end + tail)
+import re
+import sys
+from pathlib import Path
+
+source = Path(sys.argv[1]).read_text()
+
+
+def replace_between(path, name, text):
+    """Replace what lies between <!-- NAME:begin --> and <!-- NAME:end --> in path (atomically)."""
+    page = path.read_text()
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    if begin not in page or end not in page:
+        sys.exit(f"{path} has no {name} markers")
+    head, rest = page.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(head + begin + "\n" + text.rstrip("\n") + "\n" + end + tail)
+    tmp.replace(path)
+
+
+# docs/benchmarks.md: the whole results, headings one level down (the page's section is "##")
+results = source.replace("# Demo results", "### Demo results", 1).replace("\n## ", "\n#### ")
+replace_between(Path("docs/benchmarks.md"), "demo-results",
+                results.rstrip("\n") + "\n\n![learning curve](demo_learning_curve.png)\n")
+
+# README: one line, from the title, the wall time and the average row of the comparison table
+title = re.search(r"^# Demo results \((.*)\)$", source, re.M)
+wall = re.search(r"total wall time of run_demo.sh (\d+) s", source)
+cores = re.search(r"^Measured on (\d+) CPU cores", source, re.M)
+table = source.split("## Test scores per language", 1)[1].split("\n## ", 1)[0]
+rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in table.splitlines() if line.startswith("|")]
+header, average = rows[0], next(r for r in rows if r[0] == "average")
+bleu = {system: average[header.index(f"{system} BLEU")] for system in ("baseline", "gdps")}
+replace_between(Path("README.md"), "demo-summary",
+                f"Last published run ({title.group(1)}; {wall.group(1)} s on {cores.group(1)} CPU cores): "
+                f"baseline **{bleu['baseline']}**, GDPS **{bleu['gdps']}** average test BLEU.")
 PY
-mv README.md.tmp README.md
-echo "published $WORK/results.md into README.md and docs/"
+echo "published $WORK/results.md into docs/benchmarks.md, README.md and docs/"

@@ -1,5 +1,8 @@
 #!/usr/bin/env bash
-# Run the test suite in the environment made by scripts/setup.sh. Extra arguments go to pytest.
+# Run the test suite in the environment made by scripts/setup.sh. Extra arguments go to pytest:
+#   bash scripts/test.sh                  the full suite (CI)
+#   bash scripts/test.sh -m "not slow"    the fast developer run: no fairseq-train/-generate
+#                                         subprocesses, no benchmarks (tests marked slow)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then

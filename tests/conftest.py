@@ -39,6 +39,13 @@ def one_thread():
 def tiny_corpus(tmp_path_factory):
     if os.environ.get("GDPS_TEST_CORPUS"):  # development shortcut: reuse a corpus folder
         return Path(os.environ["GDPS_TEST_CORPUS"])
+    from fairseq_gdps.data.speech_synthesis import SynthesisUnavailable, resolve_backend
+
+    try:
+        resolve_backend("auto")
+    except SynthesisUnavailable as e:  # the corpus is synthesised: without espeak-ng there is none
+        pytest.skip(f"tiny_corpus needs espeak-ng to synthesise speech: {e} "
+                    "(or set GDPS_TEST_CORPUS to an existing corpus folder)")
     out = tmp_path_factory.mktemp("tiny") / "corpus"
     run([BIN / "gdps-make-corpus", "--profile", "quick", "--utterances-per-language", "30",
          "--seed", "3", "--out", out])

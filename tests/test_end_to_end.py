@@ -3,7 +3,11 @@ of every test utterance, per-language scores."""
 import csv
 import json
 
+import pytest
+
 from conftest import BIN, REPO, run
+
+pytestmark = pytest.mark.slow  # every test here runs fairseq-train / fairseq-generate
 
 TINY_MODEL = ["--arch", "s2t_transformer_s", "--encoder-layers", "1", "--decoder-layers", "1",
               "--encoder-embed-dim", "32", "--decoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",

@@ -10,7 +10,7 @@ from fairseq import checkpoint_utils, models
 from fairseq.data import Dictionary
 
 from conftest import BIN, REPO, run
-from fairseq_gdps.cli.export import ExportError, export_checkpoint, main
+from fairseq_gdps.cli.export import ExportError, ExportMismatch, export_checkpoint, main
 from fairseq_gdps.models.s2t_gdps import partitioned_ffns
 
 FEAT = 8
@@ -164,6 +164,38 @@ def test_language_embedding_is_refused(tmp_path, capsys, one_thread, split):
         export_checkpoint(path, out, group=0 if split else None)
     assert main([str(path), "--language", "et", "--out", str(out)]) == 1
     assert "--gdps-lang-embedding" in capsys.readouterr().err and not out.exists()
+
+
+def test_export_beyond_the_tolerance_is_refused_and_nothing_written(tmp_path, capsys, one_thread):
+    """The check compares the folded model with the split one; a fold that differs by more than
+    --check-tolerance is refused. The fold only reorders sums, so the two differ by rounding: more
+    than a tolerance of 0 allows."""
+    path, _ = gdps_checkpoint(tmp_path, "s2t_transformer")
+    rounding = export_checkpoint(path, tmp_path / "ok.pt", group=1)["max_logit_difference"]
+    assert 0 < rounding < 1e-5
+    out = tmp_path / "x.pt"
+    with pytest.raises(ExportMismatch, match=r"stage2.pt: the exported model differs from the GDPS model by "
+                                             r"[\d.e-]+ in the logits \(group 1; allowed 0, --check-tolerance 0\); not written"):
+        export_checkpoint(path, out, group=1, check_rtol=0.0)
+    assert main([str(path), "--language", "et", "--out", str(out), "--check-tolerance", "0"]) == 1
+    assert "gdps-export: error: " in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".x.pt.*"))
+    with pytest.raises(ExportError, match="--check-tolerance -1.0: must be a finite number >= 0"):
+        export_checkpoint(path, out, group=1, check_rtol=-1.0)
+
+
+def test_export_of_non_finite_weights_is_refused(tmp_path, one_thread):
+    """A NaN in one group's private weights (a diverged run): that group's export is refused (a
+    NaN difference would pass any tolerance), the other group's is not affected."""
+    path, _ = gdps_checkpoint(tmp_path, "s2t_transformer")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    state["model"]["decoder.layers.0.ffn.fc1_private_weight"][1, 0, 0] = float("nan")  # group 1: et, sw
+    torch.save(state, path)
+    out = tmp_path / "x.pt"
+    with pytest.raises(ExportMismatch, match=r"the GDPS model's logits \(group 1\) are not finite .*not written"):
+        export_checkpoint(path, out, language="sw")
+    assert not out.exists()
+    assert export_checkpoint(path, out, language="ar")["group"] == 0
 
 
 # --------------------------------------------------------------------------------------------

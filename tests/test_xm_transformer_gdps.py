@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from omegaconf import OmegaConf, open_dict
 
@@ -19,6 +18,7 @@ from fairseq.dataclass.configs import FairseqConfig
 from fairseq.models.wav2vec.wav2vec2 import Wav2Vec2Config, Wav2Vec2Model
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig
 
+from fairseq_gdps.cli.export import ExportError, export_checkpoint, main as export_main
 from fairseq_gdps.data.manifest import read_manifest
 from fairseq_gdps.data.waveform_data import WAVEFORM_ZIP, prepare_waveform_data
 from fairseq_gdps.gdps.stats import GradientStatistics
@@ -107,7 +107,7 @@ def real_batch(data: Path, n_per_lang=1, split="dev"):
 # ------------------------------------------------------------------------------------- data
 def test_fairseq_reads_no_wav_without_torchaudio_but_reads_waveform_npy_in_zip(wave_data, tiny_corpus, tmp_path):
     """Why the waveform folder stores .npy in a zip: pins fairseq-fixed's behaviour here."""
-    pytest.importorskip("soundfile")
+    sf = pytest.importorskip("soundfile")
     try:
         import torchaudio  # noqa: F401
         pytest.skip("torchaudio is installed: fairseq can read .wav manifest entries directly")
@@ -182,6 +182,29 @@ def test_split_of_a_wav2vec2_ffn_preserves_the_function(w2v, wave_data, one_thre
         changed, _ = model(**batch)
     moved = (changed - before).abs().amax(dim=(1, 2))
     assert moved[:2].max() < 1e-5 and moved[2:].min() > 1e-3  # ar, et (group 0) untouched; ga, sw moved
+
+
+def test_gdps_export_refuses_an_xm_transformer_gdps_checkpoint(w2v, wave_data, tmp_path, capsys, one_thread):
+    """gdps-export folds only the s2t models; a split xm_transformer_gdps checkpoint (saved as
+    fairseq-train saves one) is refused with a message that says so, and nothing is written."""
+    model, args = build(w2v[0], wave_data, gdps_split_modules=W2V_FFNS[1], gdps_groups="ar,et;ga,sw")
+    assert list(partitioned_ffns(model)) == [W2V_FFNS[1]]
+    cfg = {"_name": None, "common": {"user_dir": str(REPO / "fairseq_gdps"), "seed": 1}, "model": args,
+           "task": {"_name": "speech_to_text_gdps", "data": str(wave_data), "config_yaml": "config.yaml"},
+           "criterion": {"_name": "label_smoothed_cross_entropy_gdps", "label_smoothing": 0.1}}
+    path = tmp_path / "xm_stage2.pt"
+    torch.save({"args": None, "cfg": cfg, "model": model.state_dict(), "criterion": None,
+                "optimizer_history": [{"criterion_name": "LabelSmoothedCrossEntropyGDPSCriterion",
+                                       "optimizer_name": "FairseqAdam", "lr_scheduler_state": {}, "num_updates": 3}],
+                "extra_state": {"train_iterator": {"epoch": 1}}}, path)
+    out = tmp_path / "ar.pt"
+    with pytest.raises(ExportError, match=r"xm_stage2.pt: a xm_transformer_gdps checkpoint; gdps-export folds only "
+                                          r"s2t_conformer_gdps, s2t_transformer_gdps checkpoints"):
+        export_checkpoint(path, out, language="ar")
+    assert export_main([str(path), "--language", "ar", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "gdps-export: error: " in err and "xm_transformer_gdps checkpoint" in err
+    assert not out.exists() and not list(tmp_path.glob(".ar.pt.*"))
 
 
 # --------------------------------------------------------------------------- fairseq-train

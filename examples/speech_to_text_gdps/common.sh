@@ -1,6 +1,6 @@
 # Shared settings of the recipes in this folder (sourced, not run).
 # The model size and optimisation settings are chosen to learn the demo corpus on 2 CPU cores;
-# see README.md ("Demo: how the quick profile was tuned").
+# see docs/benchmarks.md ("The demo": how the quick profile was tuned).
 RECIPE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO_ROOT=$(cd "$RECIPE_DIR/../.." && pwd)
 USER_DIR="$REPO_ROOT/fairseq_gdps"

@@ -36,12 +36,15 @@ if [ ! -f "$WORK/data/config.yaml" ]; then
   gdps-prep --corpus "$WORK/corpus" --out "$WORK/data"
 fi
 # The baseline and GDPS train at the same time, one thread each: on 2 cores two single-threaded
-# runs of this small model finish sooner than the same two runs one after the other.
+# runs of this small model finish sooner than the same two runs one after the other. The thread
+# count is part of the result: on one thread training is bit-identical from run to run, another
+# count changes the floating-point sums (results.md records it).
+TRAIN_THREADS=1
 stamp "training the shared baseline and GDPS ($MAX_UPDATE updates each, in parallel) and decoding"
-OMP_NUM_THREADS=1 bash "$RECIPE_DIR/run_baseline.sh" "$WORK/data" "$WORK/baseline" --max-update "$MAX_UPDATE" --seed "$SEED" \
+OMP_NUM_THREADS=$TRAIN_THREADS bash "$RECIPE_DIR/run_baseline.sh" "$WORK/data" "$WORK/baseline" --max-update "$MAX_UPDATE" --seed "$SEED" \
   > "$WORK/baseline.log" 2>&1 &
 baseline_pid=$!
-OMP_NUM_THREADS=1 bash "$RECIPE_DIR/run_gdps.sh" "$WORK/data" "$WORK/gdps" --max-update "$MAX_UPDATE" --seed "$SEED" \
+OMP_NUM_THREADS=$TRAIN_THREADS bash "$RECIPE_DIR/run_gdps.sh" "$WORK/data" "$WORK/gdps" --max-update "$MAX_UPDATE" --seed "$SEED" \
   --probe-interval 8 > "$WORK/gdps.log" 2>&1 &
 gdps_pid=$!
 wait $baseline_pid || { tail -n 30 "$WORK/baseline.log"; echo "[demo] baseline failed: $WORK/baseline.log" >&2; exit 1; }
@@ -57,6 +60,7 @@ gdps-score --data "$WORK/data" --decode-dir "$WORK/gdps/decode" --baseline-decod
   --out "$WORK/gdps/scores_vs_baseline" > /dev/null
 echo "GDPS against the baseline, paired bootstrap: $WORK/gdps/scores_vs_baseline.md"
 
-printf 'PROFILE=%s\nSEED=%s\nMAX_UPDATE=%s\nWALL_S=%s\n' "$PROFILE" "$SEED" "$MAX_UPDATE" "$(( $(date +%s) - t0 ))" > "$WORK/run.env"
+printf 'PROFILE=%s\nSEED=%s\nMAX_UPDATE=%s\nWALL_S=%s\nTRAIN_THREADS=%s\n' "$PROFILE" "$SEED" "$MAX_UPDATE" \
+  "$(( $(date +%s) - t0 ))" "$TRAIN_THREADS" > "$WORK/run.env"
 bash "$RECIPE_DIR/write_demo_results.sh" "$WORK"
 stamp "results: $WORK/results.md, learning curve: $WORK/learning_curve.png"

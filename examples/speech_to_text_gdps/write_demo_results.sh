@@ -5,7 +5,10 @@ set -euo pipefail
 source "$(dirname "$0")/common.sh"
 WORK=$1
 # shellcheck disable=SC1091
-source "$WORK/run.env"   # PROFILE SEED MAX_UPDATE WALL_S, written by run_demo.sh
+source "$WORK/run.env"   # PROFILE SEED MAX_UPDATE WALL_S TRAIN_THREADS, written by run_demo.sh
+# what a reader needs to compare two runs: hashes of the corpus and features, versions, CPU, threads
+python -m fairseq_gdps.data.fingerprint --corpus "$WORK/corpus" --data "$WORK/data" \
+  --train-threads "${TRAIN_THREADS:-1}" --json "$WORK/fingerprint.json" --markdown > "$WORK/fingerprint.md"
 python -m fairseq_gdps.cli.learning_curve "$WORK/baseline/train.log" "$WORK/gdps/stage1.log" "$WORK/gdps/stage2.log" \
   --labels baseline,gdps-stage1,gdps-stage2 --update-offsets 0,0,0 --out "$WORK/learning_curve" > /dev/null
 {
@@ -35,4 +38,13 @@ python -m fairseq_gdps.cli.learning_curve "$WORK/baseline/train.log" "$WORK/gdps
   echo "| system | updates | wall s | dev loss | dev accuracy % |"
   echo "|---|---:|---:|---:|---:|"
   tail -n +2 "$WORK/learning_curve.tsv" | awk -F'\t' '{printf "| %s | %s | %s | %s | %s |\n", $1, $2, $3, $4, $6}'
+  echo
+  echo "## What this run used (compare these before comparing two runs' scores)"
+  echo
+  echo "Same hashes, versions, CPU kernels and threads: the scores should match to the last digit."
+  echo "Anything different (another espeak-ng changes the audio; another CPU or thread count changes"
+  echo "the floating-point sums) and differences of a few BLEU are expected: see docs/benchmarks.md,"
+  echo "\"Reproducibility\". Full hashes: fingerprint.json."
+  echo
+  cat "$WORK/fingerprint.md"
 } > "$WORK/results.md"

@@ -19,12 +19,16 @@ flag: its export is the same model for every language.
 
 Before writing, the stock model is built from the exported args, loads the folded weights
 strictly and is compared with the GDPS model on a random input routed to the group (the largest
-logit difference is printed). The output is written atomically.
+logit difference is printed). The export is refused, and nothing is written, when the logits are
+not finite or differ by more than ``--check-tolerance`` (relative to the largest logit; default
+1e-4: the fold only reorders sums, so the two differ by rounding). The output is written
+atomically.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import math
 import os
 import sys
 from argparse import Namespace
@@ -62,6 +66,10 @@ CHECK_RTOL = 1e-4
 
 class ExportError(ValueError):
     """Bad input to gdps-export (names the flag and the file)."""
+
+
+class ExportMismatch(RuntimeError):
+    """The folded model does not compute what the GDPS model computes: the export is refused."""
 
 
 class _ModelShape:
@@ -179,8 +187,15 @@ def _random_batch(args, vocab: int, lang_id: int, seed: int = 0):
             "src_lang_id": torch.full((2,), lang_id, dtype=torch.long)}
 
 
-def export_checkpoint(path, out_path, group: Optional[int] = None, language: Optional[str] = None) -> dict:
-    """Write the stock checkpoint; returns a summary (group, languages, arch, largest logit difference)."""
+def export_checkpoint(path, out_path, group: Optional[int] = None, language: Optional[str] = None,
+                      check_rtol: float = CHECK_RTOL) -> dict:
+    """Write the stock checkpoint; returns a summary (group, languages, arch, largest logit difference).
+
+    ``check_rtol``: the largest logit difference allowed between the folded and the GDPS model,
+    relative to the largest logit (1 + max |logit|); beyond it, or with non-finite logits, nothing
+    is written (``ExportMismatch``)."""
+    if not (check_rtol >= 0 and math.isfinite(check_rtol)):
+        raise ExportError(f"--check-tolerance {check_rtol}: must be a finite number >= 0")
     path = str(path)
     if not Path(path).is_file():
         raise ExportError(f"checkpoint {path} not found")
@@ -227,10 +242,15 @@ def export_checkpoint(path, out_path, group: Optional[int] = None, language: Opt
     with torch.no_grad():
         expected = gdps_model(**net_input)[0]
         got = stock(*(net_input[x] for x in ("src_tokens", "src_lengths", "prev_output_tokens")))[0]
+    if not (bool(torch.isfinite(expected).all()) and bool(torch.isfinite(got).all())):
+        raise ExportMismatch(f"{path}: the GDPS model's logits (group {k}) are not finite (NaN or inf in its "
+                             "weights?); not written")
     max_diff = float((expected - got).abs().max())
-    if max_diff > CHECK_RTOL * (1.0 + float(expected.abs().max())):
-        raise RuntimeError(f"{path}: the exported model differs from the GDPS model by {max_diff:.3g} "
-                           f"in the logits (group {k}); not written")
+    allowed = check_rtol * (1.0 + float(expected.abs().max()))
+    if max_diff > allowed:
+        raise ExportMismatch(f"{path}: the exported model differs from the GDPS model by {max_diff:.3g} "
+                             f"in the logits (group {k}; allowed {allowed:.3g}, --check-tolerance {check_rtol:g}); "
+                             "not written")
 
     source_dtypes = {v.dtype for v in state["model"].values() if torch.is_floating_point(v)}
     if len(source_dtypes) == 1:  # keep a half-precision checkpoint in half precision
@@ -266,9 +286,13 @@ def main(argv=None) -> int:
     which.add_argument("--group", type=int, metavar="G", help="language group index (order of the plan's groups)")
     which.add_argument("--language", metavar="L", help="source language whose group is exported")
     parser.add_argument("--out", required=True, help="stock fairseq checkpoint to write")
+    parser.add_argument("--check-tolerance", type=float, default=CHECK_RTOL, metavar="RTOL",
+                        help="largest logit difference allowed between the exported and the GDPS model, relative "
+                             "to the largest logit (default %(default)g); the export is refused beyond it")
     args = parser.parse_args(argv)
     try:
-        summary = export_checkpoint(args.checkpoint, args.out, group=args.group, language=args.language)
+        summary = export_checkpoint(args.checkpoint, args.out, group=args.group, language=args.language,
+                                    check_rtol=args.check_tolerance)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"gdps-export: error: {e}", file=sys.stderr)
         return 1

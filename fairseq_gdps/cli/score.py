@@ -22,8 +22,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from fairseq_gdps.data.generate_output import pair_with_manifest, read_hypotheses, read_manifest
-from fairseq_gdps.gdps.comet_scores import CometUnavailable, comet_scores
-from fairseq_gdps.gdps.translation_scores import paired_bootstrap, score_corpus
+from fairseq_gdps.scoring.comet_scores import CometUnavailable, comet_scores
+from fairseq_gdps.scoring.translation_scores import paired_bootstrap, score_corpus
 from fairseq_gdps.atomic import atomic_write
 
 METRICS = ("bleu", "chrf", "chrf++", "ter", "exact_match")
