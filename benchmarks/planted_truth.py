@@ -206,11 +206,13 @@ def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
                                                                    float(e.rho_interval[1][i, j])],
                            "conflict": float(e.conflict[i, j])} for b, e in ca.estimates.items()}
         out[f"{kind}_apart"] = not any(x in g and y in g for g in groups)
+        co = a.grouping.coassignment
+        out[f"{kind}_apart_in_resamples"] = None if co is None else float(1 - co[i, j])
     out["pairs"] = pairs
     others = [float(e.rho[i, j]) for e in ca.estimates.values() for i in range(len(langs))
               for j in range(i + 1, len(langs))]
     out["rho_all_pairs_range"] = [min(others), max(others)]
-    out["identifiable"] = {b: (e.identifiability or {}).get("identifiable") for b, e in ca.estimates.items()}
+    out["identifiable"] = {b: e.identifiability_state for b, e in ca.estimates.items()}
     out["block_scores"] = {b: [e.score, *e.score_interval] for b, e in ca.estimates.items()}
     if "duplicate" in pairs:
         out["duplicate_min_rho"] = min(v["rho"] for v in pairs["duplicate"].values())
@@ -266,10 +268,11 @@ def report(args) -> int:
                                             if t["kind"] == "conflict" else "") +
                   f". Stage-1 probe: {r0['updates']} updates, probed every {r0['probe_interval']} from update "
                   f"{r0['probe_start']}, units {'(language, speaker)' if r0['speakers'] else 'languages'}.", ""]
-        for window in ("second_half", "first_half"):
+        for window in ("all", "second_half", "first_half"):
             lines += [f"Window `{window}`:", "",
-                      "| seed | probes | split | groups (stability) | top vs next separated | conflict pair apart | "
-                      "duplicate apart | min rho(duplicate) | rho(conflict pair) per block | dev acc. at end |",
+                      "| seed | probes | split | groups (stability) | top vs next separated | conflict pair apart "
+                      "(in resamples) | duplicate apart (in resamples) | min rho(duplicate) | rho(conflict pair) per "
+                      "block | dev acc. at end |",
                       "|---|---|---|---|---|---|---|---|---|---|"]
             for r in rows:
                 d = r["decisions"][window]
@@ -278,8 +281,9 @@ def report(args) -> int:
                 sep = d.get("separation") or {}
                 acc = r["dev_curve"][-1][2] if r["dev_curve"] else float("nan")
                 lines.append(f"| {r['seed']} | {d.get('probes', '-')} | {', '.join(d['split'])} | {_groups(d['groups'])} "
-                             f"({_pct(d['stability'])}) | {sep.get('separated', '-')} | {d.get('conflict_apart', '-')} | "
-                             f"{d.get('duplicate_apart', '-')} | {d.get('duplicate_min_rho', float('nan')):.2f} | {rho_c} | "
+                             f"({_pct(d['stability'])}) | {sep.get('separated', '-')} | {d.get('conflict_apart', '-')} "
+                             f"({_pct(d.get('conflict_apart_in_resamples'))}) | {d.get('duplicate_apart', '-')} "
+                             f"({_pct(d.get('duplicate_apart_in_resamples'))}) | {d.get('duplicate_min_rho', float('nan')):.2f} | {rho_c} | "
                              f"{acc:.1f} |")
             if t["kind"] == "conflict":
                 apart = sum(bool(r["decisions"][window].get("conflict_apart")) and

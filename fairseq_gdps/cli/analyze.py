@@ -3,7 +3,7 @@
     gdps-analyze STATS --out DIR [--groups K | --distance-threshold T] [--top-k N]
                  [--select top1|topk | --modules M [M ...]]
                  [--window-start U] [--window-end U] [--reference-blocks GLOBS]
-                 [--conflict-tau 0.15] [--identifiability-margin 0.05] [--interval-level 0.9]
+                 [--conflict-tau 0.1] [--identifiability-margin 0.05] [--interval-level 0.9]
                  [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--resamples 200] [--seed 0]
 
 The decision comes from the same-state probe records (``fairseq_gdps.gdps.same_state``: the
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--reference-blocks", default="encoder.*",
                    help="comma-separated globs of the input-side blocks whose agreement is the reference (none or "
                    "all matching: the lower half of the blocks)")
-    w.add_argument("--conflict-tau", type=float, default=0.15,
+    w.add_argument("--conflict-tau", type=float, default=0.1,
                    help="a pair conflicts at a block when its agreement there is below its reference agreement by "
                    "more than this (and the interval's lower bound is above 0)")
     w.add_argument("--identifiability-margin", type=float, default=0.05,

@@ -20,18 +20,23 @@ block is separated from the next one (the score difference's interval excludes 0
 
 Languages told apart from speakers. When probe units are (language, speaker) pairs, per block
 the within-language agreement (pairs of one language's different speakers) is compared with the
-cross-language agreement (pairs of units of different languages). A block where the former does
-not exceed the latter by ``identifiability_margin`` (interval lower bound) groups voices, not
-languages: it is not split along languages, and the report says so.
+cross-language agreement (pairs of units of different languages). A block where the former
+exceeds the latter by ``identifiability_margin`` (interval lower bound above it) tells languages
+apart. A block where the whole interval lies below the margin groups voices, not languages: it
+is not split along languages, and the report says so. In between, the speaker-level estimates
+are too thin to tell (each unit has few utterances per batch): the block is reported as
+undetermined and not vetoed.
 
 Groups. At the chosen block, a *conflict edge* joins two languages whose conflict exceeds
-``tau`` with an interval lower bound above 0. The languages without an edge form one group; the
+``tau`` with an interval lower bound above 0, and whose similarity interval there lies below 1
+(measurably not one language). The languages without an edge form one group; the
 others are placed greedily, most edges first, each into the existing group where it has no edge
 and agrees most (mean rho) with the members, or into a new group: no conflicting pair shares a
 group, and the rest stays together. Languages that agree like two halves of one language in
 every block (rho >= 0.9 with 1 inside its interval) share their edges and a group. The
-grouping's stability is the share of bootstrap replicates (edges where the replicate's conflict
-exceeds ``tau``) that give the same partition.
+grouping's stability is the share of bootstrap replicates that give the same partition (a
+replicate's edges: its conflict above ``tau``, among the pairs whose similarity interval lies
+below 1).
 
 This file imports no fairseq.
 """
@@ -64,7 +69,18 @@ class BlockEstimate:
 
     @property
     def identifiable(self) -> bool:
-        return self.identifiability is None or bool(self.identifiability["identifiable"])
+        """False only where the data show that the block does not tell languages apart from
+        speakers (the margin's whole interval below the required margin); where the interval
+        straddles it, the block is undetermined (``identifiability_undetermined``), not vetoed."""
+        return self.identifiability is None or not self.identifiability["not_identifiable"]
+
+    @property
+    def identifiability_state(self) -> str:
+        if self.identifiability is None:
+            return "not measured"
+        if self.identifiability["identifiable"]:
+            return "yes"
+        return "no" if self.identifiability["not_identifiable"] else "undetermined"
 
 
 @dataclass
@@ -185,7 +201,8 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
                 ident[k] = {"within_language": float(w[k]), "within_interval": [float(w_lo[k]), float(w_hi[k])],
                             "cross_language": float(x[k]), "cross_interval": [float(x_lo[k]), float(x_hi[k])],
                             "margin": float(w[k] - x[k]), "margin_interval": [float(m_lo[k]), float(m_hi[k])],
-                            "identifiable": bool(m_lo[k] > identifiability_margin)}
+                            "identifiable": bool(m_lo[k] > identifiability_margin),
+                            "not_identifiable": bool(m_hi[k] < identifiability_margin)}
 
     estimates = {}
     for k, b in enumerate(blocks):
@@ -216,11 +233,15 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
                             _boot={"rho": np.moveaxis(rho_b, 1, 0), "conflict": np.moveaxis(conflict_b, 1, 0)})
 
 
-def conflict_edges(conflict: np.ndarray, conflict_lo: Optional[np.ndarray], tau: float) -> np.ndarray:
-    """(L, L) bool: pairs whose conflict exceeds ``tau`` (and whose interval lower bound > 0)."""
+def conflict_edges(conflict: np.ndarray, conflict_lo: Optional[np.ndarray], tau: float,
+                   rho_hi: Optional[np.ndarray] = None) -> np.ndarray:
+    """(L, L) bool: pairs whose conflict exceeds ``tau`` (and, where given, whose conflict
+    interval lies above 0 and whose similarity interval lies below 1: measurably not one language)."""
     edges = np.nan_to_num(conflict, nan=-np.inf) > tau
     if conflict_lo is not None:
         edges &= np.nan_to_num(conflict_lo, nan=-np.inf) > 0
+    if rho_hi is not None:
+        edges &= np.nan_to_num(rho_hi, nan=np.inf) < 1
     edges = edges & edges.T
     np.fill_diagonal(edges, False)
     return edges
@@ -312,7 +333,7 @@ def _merged(edges: np.ndarray, same: np.ndarray) -> np.ndarray:
     return out
 
 
-def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.15) -> ConflictGrouping:
+def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1) -> ConflictGrouping:
     """Groups from the conflict edges of ``blocks`` (an edge in any of them counts), with their
     bootstrap stability. Indistinguishable languages (``indistinguishable``) share their edges and
     always share a group."""
@@ -324,18 +345,20 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.15) 
     listed = []
     for b in blocks:
         e = analysis.estimates[b]
-        eb = conflict_edges(e.conflict, e.conflict_interval[0], tau)
+        eb = conflict_edges(e.conflict, e.conflict_interval[0], tau, e.rho_interval[1])
         edges |= eb
         listed += [(langs[i], langs[j], float(e.conflict[i, j])) for i in range(L) for j in range(i + 1, L) if eb[i, j]]
     partition = greedy_groups(_merged(edges, same), rho, langs, same)
-    rule = (f"conflict edges (conflict > {tau:g}, interval lower bound > 0) at {', '.join(blocks)}: "
+    rule = (f"conflict edges (conflict > {tau:g} with its interval above 0, similarity interval below 1) at "
+            f"{', '.join(blocks)}: "
             + (", ".join(f"{a}-{b} {c:.2f}" for a, b, c in listed) if listed else "none, so one group"))
     counts: Counter = Counter()
     R = analysis.resamples
     for r in range(R):
         er = np.zeros((L, L), dtype=bool)
         for b in blocks:
-            er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau)
+            # a replicate's edges: conflict above tau among the pairs measurably not one language
+            er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau, analysis.estimates[b].rho_interval[1])
         rr = np.mean([analysis.rho_boot(b)[r] for b in blocks], axis=0)
         counts[greedy_groups(_merged(er, same), rr, langs, same)] += 1
     total = max(1, sum(counts.values()))

@@ -92,7 +92,7 @@ class Analysis:
                       "same_state_rank": rank if b in ca.candidates else None,
                       "reference_block": b in ca.reference_blocks,
                       "same_state_rho_mean": M._mean_upper(e.rho),
-                      "identifiable": e.identifiable if e.identifiability is not None else None}
+                      "identifiable": e.identifiability_state}
             if e.identifiability is not None:
                 out[b]["identifiability"] = e.identifiability
         return out
@@ -154,7 +154,7 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
             ratio_min: float = 0.25, ratio_max: float = 0.75, ratio_step: float = 0.125, resamples: int = 200,
             seed: int = 0, subspace_rank: int = 8, ridge: float = 0.1, alignment_weight: float = 0.5,
             silhouette_min: float = 0.25, min_split_distance: float = 0.1, window_start: Optional[int] = None,
-            window_end: Optional[int] = None, reference: str = "encoder.*", conflict_tau: float = 0.15,
+            window_end: Optional[int] = None, reference: str = "encoder.*", conflict_tau: float = 0.1,
             identifiability_margin: float = 0.05, interval_level: float = 0.9) -> Analysis:
     if select not in ("top1", "topk"):
         raise ValueError(f"select must be 'top1' or 'topk', got {select!r}")
@@ -248,6 +248,11 @@ def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_group
                      f"{sep['difference']:.3f}, {int(100 * ca.level)}% interval [{sep['interval'][0]:.3f}, "
                      f"{sep['interval'][1]:.3f}] includes 0")
     unidentified = [b for b in split if not ca.estimates[b].identifiable]
+    undetermined = [b for b in split if ca.estimates[b].identifiability_state == "undetermined"]
+    if undetermined:
+        notes.append(f"whether {', '.join(undetermined)} tells languages apart from speakers is undetermined: the "
+                     "speaker-level estimates are too thin (few utterances per speaker and batch); the split is "
+                     "not vetoed, and it rests on the language-level estimates alone")
     rho = np.mean([ca.estimates[b].rho for b in split], axis=0)
     if n_groups is not None:
         D = np.clip(np.nan_to_num(np.mean([ca.estimates[b].conflict for b in split], axis=0), nan=0.0), 0, 2)
@@ -258,7 +263,8 @@ def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_group
     elif unidentified:
         partition = (tuple(langs),)
         info = {"rule": (f"languages are not told apart from speakers in {', '.join(unidentified)} (within-language "
-                         "cross-speaker agreement not above cross-language agreement): no split along languages")}
+                         "cross-speaker agreement below cross-language agreement plus the margin, over the whole "
+                         "interval): no split along languages")}
         notes.append(info["rule"])
         cg = None
     else:
@@ -405,7 +411,8 @@ def _same_state_markdown(a: Analysis) -> List[str]:
         idf = e.identifiability
         cells = ([_f(idf["within_language"]), _f(idf["cross_language"]),
                   f"[{_f(idf['margin_interval'][0])}, {_f(idf['margin_interval'][1])}]",
-                  "yes" if idf["identifiable"] else "**no**"] if idf else ["-", "-", "-", "(no speaker units)"])
+                  {"yes": "yes", "no": "**no**"}.get(e.identifiability_state, e.identifiability_state)]
+                 if idf else ["-", "-", "-", "(no speaker units)"])
         out.append(f"| {rank if b in ca.candidates else 'ref'} | `{b}` | {_f(e.score)} | "
                    f"[{_f(e.score_interval[0])}, {_f(e.score_interval[1])}] | {_f(M._mean_upper(e.rho))} | "
                    + " | ".join(cells) + " |")
