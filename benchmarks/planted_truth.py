@@ -14,7 +14,7 @@ completed over several sittings and re-reported without the run folders:
     python benchmarks/planted_truth.py make-data --data PREPARED --out DIR --kind conflict|shuffled
     python benchmarks/planted_truth.py run --data DIR --work WORK --seeds 1 2 3 4 5
     python benchmarks/planted_truth.py record --data DIR --work WORK --name conflict
-    python benchmarks/planted_truth.py report
+    python benchmarks/planted_truth.py report [--publish]
 
 The checks (the analysis' decision per seed): the duplicate pair is never put in different groups
 and agrees at rho >= 0.9 in every block; the conflict pair is put in different groups at a block
@@ -300,7 +300,31 @@ def report(args) -> int:
     out = Path(args.records) / "planted_truth.md"
     out.write_text(text)
     print(text)
+    if args.publish:
+        # the README gets the primary window (all probes) of every condition; docs/analysis.md all of it
+        short, keep = [], True
+        for line in lines:
+            if line.startswith("Window `"):
+                keep = line.startswith("Window `all`")
+            if keep:
+                short.append(line)
+        publish(REPO / "README.md", "planted-truth", "\n".join(short[2:]))
+        publish(REPO / "docs" / "analysis.md", "planted-truth", "\n".join(lines[2:]).replace("### Condition", "#### Condition"))
     return 0
+
+
+def publish(page: Path, name: str, text: str) -> None:
+    """Replace the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` of ``page``."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    content = page.read_text()
+    if begin not in content or end not in content:
+        sys.exit(f"{page} has no {name} markers")
+    head, rest = content.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    tmp = page.with_name(page.name + ".tmp")
+    tmp.write_text(head + begin + "\n" + text.strip("\n") + "\n" + end + tail)
+    os.replace(tmp, page)
+    print(f"published into {page}")
 
 
 def main(argv=None) -> int:
@@ -331,6 +355,8 @@ def main(argv=None) -> int:
     rec.add_argument("--resamples", type=int, default=200)
     rep = sub.add_parser("report")
     rep.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
+    rep.add_argument("--publish", action="store_true",
+                     help="also write the tables between the planted-truth markers of README.md and docs/analysis.md")
     args = p.parse_args(argv)
     return {"make-data": make_data, "run": run, "record": record_runs, "report": report}[args.cmd](args)
 
