@@ -8,7 +8,8 @@ Everything is measured in one process, on one machine and one data set, so that 
 compare like with like:
 
 * update time: every variant (stock shared model; stage 1 with the probe off, on every update,
-  every 10 updates; stage 2 with 2 FFNs split, every FFN split, every FFN split one group per
+  every 10 updates, and on every update with ``--gdps-probe-speakers`` (a probe unit per
+  (language, speaker) pair: more units, for information); stage 2 with 2 FFNs split, every FFN split, every FFN split one group per
   language) is a fairseq ``Trainer`` built through fairseq's API with the recipes' model size and
   optimiser. Each round runs one block of ``block`` updates per variant on the same fixed batches,
   variants interleaved (order reversed every other round), so that load from other processes hits
@@ -18,7 +19,9 @@ compare like with like:
   same number of steps: the ratio is the cost of the split alone); sentences/s as fairseq-generate
   reports it (generation only, model loading excluded), runs interleaved, medians.
 * statistics memory: bytes of the sums held by ``GradientStatistics`` as model width and number of
-  languages grow, exact and count-sketched, and after 0..N recorded updates (it must not grow);
+  languages grow, exact and count-sketched, and after 0..N probed updates: the summed statistics
+  must not grow; the same-state records (every probe's Gram matrices of the probe units' halves,
+  kept so that the bootstrap over probes is exact) grow by a fixed number of bytes per probe;
 * ``gdps-analyze`` time on synthetic statistics (random gradients through ``add_step``) as width
   and number of languages grow.
 
@@ -177,8 +180,8 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
     def split(modules, groups):
         return ["--gdps-split-modules", ",".join(modules), "--gdps-groups", groups, "--gdps-shared-ratio", "0.5"]
 
-    def probe(interval):
-        return ["--gdps-probe-interval", str(interval), "--gdps-stats", str(work / f"stats_every{interval}.pt")]
+    def probe(interval, tag=""):
+        return ["--gdps-probe-interval", str(interval), "--gdps-stats", str(work / f"stats_every{interval}{tag}.pt")]
 
     return {
         "shared": [*common, "--task", "speech_to_text", "--arch", "s2t_transformer_s",
@@ -186,6 +189,7 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
         "stage1_off": gdps,
         "stage1_probe_every": [*gdps, *probe(1)],
         "stage1_probe_10": [*gdps, *probe(10)],
+        "stage1_probe_every_speakers": [*gdps, *probe(1, "_speakers"), "--gdps-probe-speakers"],
         "stage2_plan": [*gdps, *split(plan_blocks, two_groups)],
         "stage2_all": [*gdps, *split(blocks, two_groups)],
         "stage2_all_per_language": [*gdps, *split(blocks, per_language)],
@@ -195,8 +199,11 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
 VARIANT_DESCRIPTIONS = {
     "shared": "shared model: stock `speech_to_text` task, `s2t_transformer_s`, stock criterion",
     "stage1_off": "stage 1, probe off (GDPS task and criterion, unsplit model)",
-    "stage1_probe_every": "stage 1, probe on every update (`--gdps-probe-interval 1`, every FFN tracked)",
+    "stage1_probe_every": "stage 1, probe on every update (`--gdps-probe-interval 1`, every FFN tracked; "
+                          "a probe unit per language, each split into two halves)",
     "stage1_probe_10": "stage 1, `--gdps-probe-interval 10`",
+    "stage1_probe_every_speakers": "stage 1, probe on every update with `--gdps-probe-speakers` "
+                                   "(a probe unit per (language, speaker) pair)",
     "stage2_plan": "stage 2, 2 FFNs split (last encoder and last decoder FFN), 2 groups, ratio 0.5",
     "stage2_all": "stage 2, every FFN split, 2 groups, ratio 0.5",
     "stage2_all_per_language": "stage 2, every FFN split, one group per language, ratio 0.5",
@@ -205,6 +212,7 @@ VARIANT_DESCRIPTIONS = {
 UPDATE_RATIOS = {
     "stage1_probe_every": ("stage1_probe_every", "stage1_off"),
     "stage1_probe_10": ("stage1_probe_10", "stage1_off"),
+    "stage1_probe_every_speakers": ("stage1_probe_every_speakers", "stage1_off"),
     "stage1_off_vs_shared": ("stage1_off", "shared"),
     "stage2_plan": ("stage2_plan", "shared"),
     "stage2_all": ("stage2_all", "shared"),
@@ -275,6 +283,8 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
         task, trainer = build_trainer(data, f)
         if batches is None and name != "shared":
             batches = fixed_batches(task, trainer, setting)
+        elif name != "shared":
+            task.load_dataset("train")   # --gdps-probe-speakers reads its utterances' speakers
         trainers[name] = trainer
     stock_batches = [without_language_ids(b) for b in batches]
     n_updates = {name: 0 for name in trainers}
@@ -305,6 +315,10 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
         statistics = getattr(trainers[name].criterion, "statistics", None)
         return statistics.num_steps if statistics is not None else 0
 
+    def probe_units(name):
+        statistics = getattr(trainers[name].criterion, "statistics", None)
+        return len(statistics.same_state.units) if statistics is not None and statistics.same_state else 0
+
     return {
         "languages": languages,
         "clock": "process CPU time (primary); wall time alongside",
@@ -314,7 +328,8 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
                             "median_wall_s_per_update": pystats.median(wall_times[name]),
                             "cpu_s_per_update_by_round": cpu_times[name],
                             "wall_s_per_update_by_round": wall_times[name],
-                            "updates": n_updates[name], "probed_updates": probed(name)}
+                            "updates": n_updates[name], "probed_updates": probed(name),
+                            "probe_units": probe_units(name)}
                      for name in order},
         "ratios": {key: {**paired_summary(cpu_times, *pair),
                          "wall_ratio": paired_summary(wall_times, *pair)["ratio"]}
@@ -472,16 +487,21 @@ def statistics_bytes(stats) -> int:
     return sum(t.numel() * t.element_size() for t in stats.to_tensors().values())
 
 
-def random_step(stats, step: int, generator) -> None:
+def random_probe(stats, step: int, generator) -> None:
+    """One probed update as the criterion records it: random (2U, d) half-gradient rows."""
     import torch
 
-    stats.add_step(step, {lang: {m: torch.randn(d, generator=generator) for m, d in stats.module_sizes.items()}
-                          for lang in stats.languages})
+    R = 2 * len(stats.same_state.units)
+    tokens = torch.full((R,), 50.0, dtype=torch.float64)
+    stats.add_probe(step, tokens, {m: torch.randn(R, d, generator=generator, dtype=torch.float64)
+                                   for m, d in stats.module_sizes.items()})
 
 
 def measure_statistics_memory(setting: Setting, work: Path) -> dict:
     """Bytes of the sums GradientStatistics holds, as width and languages grow (exact and
-    sketched), and as recorded updates accumulate."""
+    sketched), and as probed updates accumulate: the summed statistics (fixed size) and the
+    same-state records (a fixed number of bytes per probe: every probe's Gram matrices are kept,
+    so that the bootstrap over probes is exact)."""
     import torch
 
     from fairseq_gdps.gdps.stats import GradientStatistics
@@ -500,27 +520,36 @@ def measure_statistics_memory(setting: Setting, work: Path) -> dict:
     by_steps = []
     generator = torch.Generator().manual_seed(0)
     n_lang = 4 if 4 in setting.memory_languages else setting.memory_languages[-1]
+    languages = [f"l{i}" for i in range(n_lang)]
     for sketch in (None, setting.sketch_dim):
-        stats = GradientStatistics(block_sizes(demo_width, demo_ffn, setting),
-                                   languages=[f"l{i}" for i in range(n_lang)], sketch_dim=sketch)
-        recorded, add_step_s = 0, []
+        stats = GradientStatistics(block_sizes(demo_width, demo_ffn, setting), languages=languages,
+                                   sketch_dim=sketch, probe_units=languages)
+        recorded, add_probe_s = 0, []
         for target in setting.memory_steps:
             while recorded < target:
                 start = time.process_time()
-                random_step(stats, recorded, generator)
-                add_step_s.append(time.process_time() - start)
+                random_probe(stats, recorded, generator)
+                add_probe_s.append(time.process_time() - start)
                 recorded += 1
             path = work / f"stats_steps_{sketch}.pt"
             stats.save(path)
             by_steps.append({"width": demo_width, "ffn": demo_ffn, "languages": n_lang, "sketch_dim": sketch,
-                             "recorded_updates": stats.num_steps, "bytes": statistics_bytes(stats),
+                             "probe_units": len(languages), "blocks": len(stats.module_names),
+                             "recorded_updates": stats.num_steps, "probes_kept": stats.same_state.num_probes,
+                             "bytes": statistics_bytes(stats), "same_state_bytes": stats.same_state.nbytes(),
                              "file_bytes": path.stat().st_size})
-        if add_step_s:
-            by_steps[-1]["median_add_step_cpu_ms"] = 1000 * pystats.median(add_step_s)
+        if add_probe_s:
+            by_steps[-1]["median_add_probe_cpu_ms"] = 1000 * pystats.median(add_probe_s)
+    grown = [r for r in by_steps if r["probes_kept"]]
+    per_probe = sorted({r["same_state_bytes"] / r["probes_kept"] for r in grown})
     return {"by_size": rows, "by_recorded_updates": by_steps,
-            "note": "bytes of every float64 sum GradientStatistics keeps (what is saved and reduced); "
-                    "the count-sketch hashes (16 bytes per gradient element of a sketched block, rebuilt "
-                    "from the seed, never saved) come on top when sketching"}
+            "same_state_bytes_per_probe": per_probe[0] if len(per_probe) == 1 else per_probe,
+            "note": "bytes: every float64 sum GradientStatistics keeps (what is saved and reduced), of a size fixed "
+                    "by the blocks, languages and settings; same_state_bytes: the same-state records, every "
+                    "probe's (2U)^2 Gram matrix per block and 2U token counts, kept whole so that the bootstrap "
+                    "over probes is exact (8 * (2U + M (2U)^2) + 8 bytes per probe). The count-sketch hashes "
+                    "(16 bytes per gradient element of a sketched block, rebuilt from the seed, never saved) come "
+                    "on top when sketching"}
 
 
 def measure_analyze_time(setting: Setting, work: Path) -> dict:
@@ -581,6 +610,10 @@ def evaluate_targets(results: dict) -> List[dict]:
         sizes.setdefault(row["sketch_dim"], set()).add(row["bytes"])
     out.append({"name": "statistics_memory_independent_of_updates", "target": "constant",
                 "met": all(len(v) == 1 for v in sizes.values())})
+    per_probe = results["statistics_memory"]["same_state_bytes_per_probe"]
+    out.append({"name": "same_state_bytes_fixed_per_probe", "target": "linear in probes",
+                "met": isinstance(per_probe, (int, float)) and all(
+                    r["same_state_bytes"] == per_probe * r["probes_kept"] for r in steps)})
     return out
 
 
@@ -591,6 +624,7 @@ def _mib(n: int) -> str:
 RATIO_LABELS = {
     "stage1_probe_every": "stage-1 update, probe on every update / probe off",
     "stage1_probe_10": "stage-1 update, `--gdps-probe-interval 10` / probe off",
+    "stage1_probe_every_speakers": "stage-1 update, probe on every update, `--gdps-probe-speakers` / probe off",
     "stage1_off_vs_shared": "stage-1 update, probe off / shared model",
     "stage2_plan": "stage-2 update, 2 FFNs split / shared model",
     "stage2_all": "stage-2 update, every FFN split / shared model",
@@ -624,10 +658,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {RATIO_LABELS.get(key, key)} | {r['ratio']:.3f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
                      f"{wall:.3f} |")
         lines[-1] += f" {'<= %.2f' % t['target'] if t else ''} | {('yes' if t['met'] else '**no**') if t else ''} |"
-    lines += ["", "| variant | CPU ms / update | wall ms / update | probed updates |", "|---|---:|---:|---:|"]
+    lines += ["", "| variant | CPU ms / update | wall ms / update | probed updates | probe units |",
+              "|---|---:|---:|---:|---:|"]
     for name, var in u["variants"].items():
         lines.append(f"| {var['description']} | {1000 * var['median_cpu_s_per_update']:.0f} | "
-                     f"{1000 * var['median_wall_s_per_update']:.0f} | {var['probed_updates']} of {var['updates']} |")
+                     f"{1000 * var['median_wall_s_per_update']:.0f} | {var['probed_updates']} of {var['updates']} | "
+                     f"{var.get('probe_units') or ''} |")
     prof = results.get("probe_profile")
     if prof:
         lines += ["", f"Where a probed update's extra time goes (cProfile, CPU time, {prof['updates']} probed updates "
@@ -656,14 +692,21 @@ def markdown(results: dict) -> str:
     for w, f in widths:
         lines.append(f"| {w} / {f} | " + " | ".join(
             f"{_mib(cell[w, f, n, None])} / {_mib(cell[w, f, n, results['settings']['sketch_dim']])}" for n in langs) + " |")
-    lines += ["", "Against the number of recorded updates (the sums do not grow):", "",
-              "| sketch | " + " | ".join(f"{r['recorded_updates']} updates" for r in mem["by_recorded_updates"]
+    steps = mem["by_recorded_updates"]
+    first = steps[0]
+    lines += ["", f"Against the number of probed updates ({first['languages']} languages as probe units, "
+              f"{first['blocks']} blocks, width {first['width']}): the summed statistics do not grow; the same-state "
+              f"records grow by a fixed {mem['same_state_bytes_per_probe']:,.0f} bytes per probe (every probe's "
+              "Gram matrices of the halves are kept, so that the bootstrap over probes is exact):", "",
+              "| sketch | " + " | ".join(f"{r['recorded_updates']} probes" for r in steps
                                         if r["sketch_dim"] is None) + " |",
-              "|---|" + "---:|" * sum(r["sketch_dim"] is None for r in mem["by_recorded_updates"])]
+              "|---|" + "---:|" * sum(r["sketch_dim"] is None for r in steps)]
     for sketch in (None, results["settings"]["sketch_dim"]):
-        rows = [r for r in mem["by_recorded_updates"] if r["sketch_dim"] == sketch]
-        lines.append(f"| {sketch or 'exact'} | " + " | ".join(
-            f"{r['bytes']:,} B (file {r['file_bytes']:,} B)" for r in rows) + " |")
+        rows = [r for r in steps if r["sketch_dim"] == sketch]
+        lines.append(f"| {sketch or 'exact'}: summed | " + " | ".join(f"{r['bytes']:,} B" for r in rows) + " |")
+        lines.append(f"| {sketch or 'exact'}: same-state records | " + " | ".join(
+            f"{r['same_state_bytes']:,} B" for r in rows) + " |")
+        lines.append(f"| {sketch or 'exact'}: file | " + " | ".join(f"{r['file_bytes']:,} B" for r in rows) + " |")
     lines += ["", f"`gdps-analyze` (load, analysis, {results['settings']['analyze_resamples']} bootstrap resamples, "
               f"plots, plan and report) on synthetic statistics of {results['settings']['analyze_steps']} updates:", "",
               "| width / FFN | languages | sketch | CPU s | wall s |", "|---|---:|---|---:|---:|"]

@@ -5,7 +5,9 @@ The loss is the stock one. The per-language gradients come from the ``speech_to_
 task, which asks :meth:`probe_due` whether to split the batch by language, hands every
 micro-batch's per-language gradient sums to :meth:`add_micro_batch` and, once per update (from
 the task's ``optimizer_step``), calls :meth:`record_update`: the update's sums are reduced across
-data-parallel workers and recorded as one step, the same on every worker.
+data-parallel workers and recorded as one step, the same on every worker. An update of one
+micro-batch on one worker is recorded block by block from the task's capture instead, without the
+buffer of every tracked gradient per probe half (``per_language_update.record_blockwise``).
 """
 import fnmatch
 import logging
@@ -24,7 +26,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from omegaconf import II
 
-from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate
+from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate, record_blockwise
 from fairseq_gdps.gdps.stats import GradientStatistics
 from fairseq_gdps.models.s2t_gdps import ffn_module_names
 
@@ -94,6 +96,8 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self._block_sizes: Optional[Dict[str, int]] = None
         self._update: Optional[PerLanguageUpdate] = None   # the probed update in progress
         self._spare_update: Optional[PerLanguageUpdate] = None   # its buffer, kept between probed updates
+        # (PerLanguageGradients, tokens, loss scale): a probed update's only micro-batch so far, not yet copied
+        self._pending = None
         self._reduce_seconds, self._reduced_updates = 0.0, 0
 
     @classmethod
@@ -135,7 +139,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         are left out with a warning; blocks the user named are an error, and so is a block that
         stops getting gradients once its statistics have begun."""
         names = ", ".join(blocks)
-        if self.statistics is not None or self._update is not None:
+        if self.statistics is not None or self._update is not None or self._pending is not None:
             raise RuntimeError(f"GDPS probe: FFN block(s) {names} got no gradient after their statistics had begun")
         if self.cfg.gdps_track.strip() != "*":
             raise ValueError(f"--gdps-track {self.cfg.gdps_track!r}: FFN block(s) {names} get no gradient (they and "
@@ -201,29 +205,66 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         update.reset()
         return update
 
-    def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
-                        first_of_update: bool, loss_scale: float = 1.0) -> None:
-        """Add a micro-batch's gradient sums per probe half (``grads[2 * unit + half][block]``)
-        and its ``(2U,)`` target-token counts to the update in progress (a new one when
-        ``first_of_update``: with ``--update-freq`` an update has several micro-batches).
+    def add_micro_batch(self, grads, tokens: torch.Tensor, first_of_update: bool, loss_scale: float = 1.0) -> None:
+        """Add a micro-batch's gradient sums per probe half and its ``(2U,)`` target-token counts
+        to the update in progress (a new one when ``first_of_update``: with ``--update-freq`` an
+        update has several micro-batches). ``grads``: ``{2 * unit + half: {block: gradient}}``,
+        or the micro-batch's ``PerLanguageGradients`` capture itself (read block by block).
         ``loss_scale``: the factor the loss was multiplied by before the backward pass (fp16 /
-        AMP), divided out so that steps taken at different loss scales compare."""
-        if first_of_update or self._update is None:
+        AMP), divided out so that steps taken at different loss scales compare.
+
+        A capture is held as it is until a second micro-batch of the update arrives: an update of
+        one micro-batch on one worker (the common case) is then recorded block by block from the
+        capture (:meth:`record_update`), without the ``PerLanguageUpdate`` buffer of 2U rows x
+        every tracked parameter in float64 (26 GB for 4 languages at SeamlessM4T-Medium's encoder
+        shape); only several micro-batches or workers, whose sums must be complete before any
+        block's Gram matrix is formed, need that buffer."""
+        if first_of_update or (self._update is None and self._pending is None):
             if self._update is not None:   # an update begun again (e.g. after an fp16 overflow)
                 self._spare_update = self._update
+            self._update, self._pending = None, None
+            if hasattr(grads, "gradients"):
+                self._pending = (grads, tokens, loss_scale)
+                return
             self._update = self._new_update()
-        self._update.add(grads, tokens, loss_scale)
+        elif self._pending is not None:   # the update's second micro-batch: its sums need the buffer
+            self._materialize_pending()
+        self._add_to_update(grads, tokens, loss_scale)
+
+    def _add_to_update(self, grads, tokens: torch.Tensor, loss_scale: float) -> None:
+        if not hasattr(grads, "gradients"):
+            self._update.add(grads, tokens, loss_scale)
+            return
+        for name in self.block_sizes():   # block by block, each block's shares freed once added
+            self._update.add_gradients(grads.gradients([name]), loss_scale)
+            grads.release([name])
+        self._update.add_tokens(tokens)
+
+    def _materialize_pending(self) -> None:
+        capture, tokens, loss_scale = self._pending
+        self._pending = None
+        self._update = self._new_update()
+        self._add_to_update(capture, tokens, loss_scale)
 
     def record_update(self, update_num: int) -> None:
         """Record the probed update just completed as one step: its per-language gradient sums
         and token counts are summed over the data-parallel workers (one all_reduce; a worker with
         nothing of this update, e.g. a padding batch, adds zeros), then divided per language, so
         that every worker records the same step a single process would record on all of the
-        update's utterances. Every worker must call this for every probed update."""
+        update's utterances. Every worker must call this for every probed update.
+
+        One micro-batch on one worker: recorded block by block from the capture (the same
+        numbers, bit for bit: the rows are formed as the buffer would form them)."""
+        single_worker = distributed_utils.get_data_parallel_world_size() <= 1
+        if self._pending is not None and single_worker:
+            self._record_streamed(update_num)
+            return
+        if self._pending is not None:
+            self._materialize_pending()
         update, self._update = self._update, None
         if update is None:   # this worker had no probed micro-batch in the update
             update = self._new_update()
-        if distributed_utils.get_data_parallel_world_size() > 1:
+        if not single_worker:
             start = time.perf_counter()
             distributed_utils.all_reduce(update.buffer, distributed_utils.get_data_parallel_group())
             self._reduce_seconds += time.perf_counter() - start
@@ -234,6 +275,22 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
             return
         statistics = self._statistics_for(self._tracked, update_num)
         skipped = statistics.add_probe(update_num, tokens.cpu(), rows)
+        self._warn_skipped(update_num, skipped)
+
+    def _record_streamed(self, update_num: int) -> None:
+        """Record a one-micro-batch update from its capture, one block at a time
+        (``per_language_update.record_blockwise``: the buffer path's numbers, one block's rows
+        in memory at a time)."""
+        capture, tokens, loss_scale = self._pending
+        self._pending = None
+        if not bool((tokens > 0).any()):
+            return
+        statistics = self._statistics_for(self._tracked, update_num)
+        self._warn_skipped(update_num, record_blockwise(statistics, update_num, capture, tokens,
+                                                        self.block_sizes(), loss_scale))
+
+    @staticmethod
+    def _warn_skipped(update_num: int, skipped) -> None:
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
 
