@@ -169,6 +169,7 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
     tokens = torch.zeros(R, dtype=torch.float64).index_add_(0, rows, torch.full((utterances,), 20.0, dtype=torch.float64))
     stats = GradientStatistics(sizes, languages=languages, sketch_dim=4096, probe_units=languages, seed=1)
     update = PerLanguageUpdate(sizes, R) if mode == "buffer" else None
+    work = [None]   # record_blockwise's rows buffer, kept between probes as the criterion keeps it
 
     def step(probed: bool, step_num: int):
         for m in modules.values():
@@ -181,6 +182,7 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
             loss = sum((m(x) * target).sum() for m in modules.values())
             loss.backward()
         capture.complete()
+        start = time.process_time()
         if mode == "buffer":
             update.reset()
             update.add(capture.gradients(list(sizes)), tokens)
@@ -188,17 +190,19 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
             t, halves = update.per_token_halves()
             stats.add_probe(step_num, t, halves)
         else:
-            record_blockwise(stats, step_num, capture, tokens, sizes)
-        return None
+            work[0] = record_blockwise(stats, step_num, capture, tokens, sizes, work=work[0])[1]
+        return time.process_time() - start
 
     step(False, 0)
     step(True, 0)              # first probe: the sketches' hashes are built here
-    cpu = {"unprobed": [], "probed": []}
+    cpu = {"unprobed": [], "probed": [], "record": []}
     for i in range(probes):    # paired, interleaved
         for kind in (("unprobed", "probed") if i % 2 == 0 else ("probed", "unprobed")):
             start = time.process_time()
-            step(kind == "probed", i + 1)
+            record = step(kind == "probed", i + 1)
             cpu[kind].append(time.process_time() - start)
+            if record is not None:
+                cpu["record"].append(record)
     # transient memory of one probed update above the state before it
     before = _rss()["VmRSS"]
     can_reset = _reset_peak()
@@ -209,18 +213,19 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
     step(False, probes + 2)
     peak_unprobed = _rss()["VmHWM"]
     return {"mode": mode, "blocks": blocks, "utterances": utterances, "frames": frames, "probes": probes,
-            "cpu_s_unprobed": cpu["unprobed"], "cpu_s_probed": cpu["probed"],
+            "cpu_s_unprobed": cpu["unprobed"], "cpu_s_probed": cpu["probed"], "cpu_s_record": cpu["record"],
             "ratio_by_pair": [p / u for p, u in zip(cpu["probed"], cpu["unprobed"])],
             "peak_reset_supported": can_reset,
             "transient_bytes_probed": peak - before, "transient_bytes_unprobed": peak_unprobed - before_unprobed,
             "resident_bytes_before": before,
-            "buffer_bytes": update.buffer.numel() * 8 if update is not None else 0,
+            # kept between probed updates (allocated before the measured one): the buffer, or the rows buffer
+            "persistent_bytes": (update.buffer.numel() * 8 if update is not None else work[0].numel() * 8),
             "same_state_probes": stats.same_state.num_probes}
 
 
-def run_worker(mode: str, args) -> dict:
+def run_worker(mode: str, args, blocks: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--worker", mode, "--measured-blocks", str(args.measured_blocks),
+    cmd = [sys.executable, __file__, "--worker", mode, "--measured-blocks", str(blocks),
            "--utterances", str(args.utterances), "--frames", str(args.frames), "--probes", str(args.probes)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -229,17 +234,31 @@ def run_worker(mode: str, args) -> dict:
 
 
 def summarize(stats: dict, ways: dict) -> dict:
-    scale = stats["blocks"] / ways["blockwise"]["blocks"]
-    out = {"scale_factor": scale}
-    for name, w in ways.items():
-        out[name] = {
-            "ratio_median": pystats.median(w["ratio_by_pair"]),
-            "ratio_min": min(w["ratio_by_pair"]), "ratio_max": max(w["ratio_by_pair"]),
-            "probe_cpu_s_per_update_measured": pystats.median(w["cpu_s_probed"]) - pystats.median(w["cpu_s_unprobed"]),
-            "probe_cpu_s_per_update_48_blocks": scale * (pystats.median(w["cpu_s_probed"]) - pystats.median(w["cpu_s_unprobed"])),
-            "transient_bytes_measured": w["transient_bytes_probed"] - w["transient_bytes_unprobed"],
-            "transient_bytes_48_blocks": scale * (w["transient_bytes_probed"] - w["transient_bytes_unprobed"]),
-        }
+    """Per way of recording: measured figures at each block count, and the 48-block figures from
+    the straight line through the two block counts (cost = fixed + per block x blocks: a block's
+    cost does not depend on the other blocks; the fixed part is e.g. one block's rows)."""
+    out = {}
+    for name, runs in ways.items():
+        rows = []
+        for w in runs:
+            med = pystats.median
+            rows.append({"blocks": w["blocks"], "ratio_median": med(w["ratio_by_pair"]),
+                         "ratio_min": min(w["ratio_by_pair"]), "ratio_max": max(w["ratio_by_pair"]),
+                         "unprobed_cpu_s": med(w["cpu_s_unprobed"]),
+                         "probe_cpu_s": med(w["cpu_s_probed"]) - med(w["cpu_s_unprobed"]),
+                         "record_cpu_s": med(w["cpu_s_record"]),
+                         "memory_bytes": w["persistent_bytes"] + w["transient_bytes_probed"] - w["transient_bytes_unprobed"],
+                         "persistent_bytes": w["persistent_bytes"],
+                         "transient_bytes": w["transient_bytes_probed"] - w["transient_bytes_unprobed"]})
+        (k1, r1), (k2, r2) = [(r["blocks"], r) for r in rows[:1]] + [(r["blocks"], r) for r in rows[-1:]]
+
+        def at(key, blocks=stats["blocks"]):
+            slope = (r2[key] - r1[key]) / (k2 - k1)
+            return r1[key] + slope * (blocks - k1)
+
+        out[name] = {"measured": rows, "blocks": stats["blocks"],
+                     **{f"{key}_48_blocks": at(key) for key in ("probe_cpu_s", "record_cpu_s", "unprobed_cpu_s",
+                                                                "memory_bytes", "persistent_bytes", "transient_bytes")}}
     return out
 
 
@@ -277,23 +296,29 @@ def markdown(results: dict) -> str:
                      + " | ".join(_mb(r["bytes_after"][k]) for k in ("10", "100", "1000")) + " |")
     lines += ["", f"While recording with a sketch, the CountSketch hashes (16 bytes per gradient element, rebuilt from "
               f"the seed, never saved) take {_mb(st['countsketch_hash_bytes'])} of memory.", ""]
-    w = ways["blockwise"]
-    lines += [f"Probe time and transient memory: {w['blocks']} full-size Conformer FFN blocks (fairseq's "
-              f"`FeedForwardModule`), a batch of {w['utterances']} utterances x {w['frames']} frames (one utterance "
-              f"per half), `--gdps-sketch-dim 4096`, {w['probes']} probed and unprobed updates interleaved; "
-              f"48-block figures = measured x {summ['scale_factor']:.0f} (every block's cost is independent of the others). "
-              "Transient: peak resident memory of a probed update above the state before it, less the same for an "
-              "unprobed update.", "",
-              "| recording | probed / unprobed update (CPU) | probe CPU s per update, measured | ... 48 blocks | "
-              "transient memory, measured | ... 48 blocks |", "|---|---:|---:|---:|---:|---:|"]
+    w = ways["blockwise"][0]
+    counts = " and ".join(str(r["blocks"]) for r in ways["blockwise"])
+    lines += [f"Probe time and memory: {counts} full-size Conformer FFN blocks (fairseq's `FeedForwardModule`) in "
+              f"fresh processes, a batch of {w['utterances']} utterances x {w['frames']} frames (one utterance per "
+              f"half), `--gdps-sketch-dim 4096`, {w['probes']} probed and unprobed updates interleaved, CPU time, one "
+              "thread. 48 blocks: the line through the two block counts (a block's cost does not depend on the other "
+              "blocks; the fixed part is e.g. one block's rows). Probe memory: what the probe holds between probed "
+              "updates (the buffer it reuses) plus the peak resident memory of a probed update above the state before "
+              "it, less the same for an unprobed update.", "",
+              "| recording | blocks | probed / unprobed update | probe CPU s per update | of which recording | "
+              "probe memory (kept + transient) |", "|---|---:|---:|---:|---:|---:|"]
     labels = {"buffer": "`PerLanguageUpdate` buffer (2U rows x every tracked parameter, float64; several "
                         "micro-batches or workers)",
               "blockwise": "block by block from the capture (`record_blockwise`; one micro-batch, one worker)"}
     for name in ("buffer", "blockwise"):
-        s = summ[name]
-        lines.append(f"| {labels[name]} | {s['ratio_median']:.2f} ({s['ratio_min']:.2f}-{s['ratio_max']:.2f}) | "
-                     f"{s['probe_cpu_s_per_update_measured']:.2f} | {s['probe_cpu_s_per_update_48_blocks']:.1f} | "
-                     f"{_mb(s['transient_bytes_measured'])} | {_mb(s['transient_bytes_48_blocks'])} |")
+        s_ = summ[name]
+        for r in s_["measured"]:
+            lines.append(f"| {labels[name]} | {r['blocks']} | {r['ratio_median']:.2f} ({r['ratio_min']:.2f}-"
+                         f"{r['ratio_max']:.2f}) | {r['probe_cpu_s']:.2f} | {r['record_cpu_s']:.2f} | "
+                         f"{_mb(r['persistent_bytes'])} + {_mb(r['transient_bytes'])} |")
+        lines.append(f"| {labels[name]} | **48** (line) | {(s_['unprobed_cpu_s_48_blocks'] + s_['probe_cpu_s_48_blocks']) / s_['unprobed_cpu_s_48_blocks']:.1f} | "
+                     f"{s_['probe_cpu_s_48_blocks']:.1f} | {s_['record_cpu_s_48_blocks']:.1f} | "
+                     f"{_mb(s_['persistent_bytes_48_blocks'])} + {_mb(s_['transient_bytes_48_blocks'])} |")
     lines += ["", results["conclusion"]]
     return "\n".join(lines) + "\n"
 
@@ -304,17 +329,17 @@ def conclusion(results: dict) -> str:
     fits = [r for r in st["summed"] if r["summed_bytes"] + ss["bytes_after"]["1000"] <= GOAL_BYTES]
     best = min(fits, key=lambda r: (-(r["sketch_dim"] or 10**9), -r["subspace_dim"])) if fits else None
     capture = 2 * LANGUAGES * st["parameters"] * 4
-    text = (f"Statistics: exact sums are {_mb(st['summed'][0]['summed_bytes'])}; "
+    buf, blk = summ["buffer"], summ["blockwise"]
+    return (f"Statistics: exact sums are {_mb(st['summed'][0]['summed_bytes'])}; "
             + (f"the largest setting within 100 MB after 1,000 probes is `--gdps-sketch-dim {best['sketch_dim']} "
                f"--gdps-subspace-dim {best['subspace_dim']}` ({_mb(best['summed_bytes'] + ss['bytes_after']['1000'])}). "
                if best else "no measured setting stays within 100 MB. ")
-            + f"Transient memory: the buffer path needs about {_mb(summ['buffer']['transient_bytes_48_blocks'])} at 48 "
-            f"blocks, block-by-block recording about {_mb(summ['blockwise']['transient_bytes_48_blocks'])}, of which the "
-            f"capture's per-half shares (2U x 403M in float32 = {_mb(capture)}, held from the backward pass until each "
-            "block is recorded) are the bulk: with a GPU of 80 GB the block-by-block path fits beside the model and "
-            "its optimiser state; forming the shares block by block inside the backward pass would remove the rest. "
-            "Fewer tracked blocks (`--gdps-track`) reduce every figure in proportion.")
-    return text
+            + f"Probe memory at 48 blocks: the buffer path about {_mb(buf['memory_bytes_48_blocks'])}, block by block "
+            f"about {_mb(blk['memory_bytes_48_blocks'])}; the bulk of the latter is the capture's per-half shares "
+            f"(2U x 403M in float32 = {_mb(capture)}, formed in the backward pass and freed block by block as they are "
+            "recorded); forming and recording the shares block by block inside the backward pass would remove it. "
+            "Fewer tracked blocks (`--gdps-track`) reduce every per-block figure in proportion. Probe time is CPU time "
+            "on one thread and does not depend on the batch: with this small batch it is many times the update itself.")
 
 
 def write_results(results: dict, out_dir: Path):
@@ -330,7 +355,8 @@ def write_results(results: dict, out_dir: Path):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--measured-blocks", type=int, default=4, help="full-size FFN blocks in the timing processes")
+    p.add_argument("--measured-blocks", type=int, nargs="+", default=[1, 3],
+                   help="full-size FFN blocks in the timing processes: two counts (a line through them gives 48 blocks)")
     p.add_argument("--utterances", type=int, default=8, help="utterances per batch (>= 8: one per half row)")
     p.add_argument("--frames", type=int, default=100, help="frames per utterance after subsampling")
     p.add_argument("--probes", type=int, default=3, help="timed probed (and unprobed) updates per process")
@@ -343,7 +369,7 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(1)
     if args.worker:
-        print(json.dumps(worker(args.worker, args.measured_blocks, args.utterances, args.frames, args.probes)))
+        print(json.dumps(worker(args.worker, args.measured_blocks[0], args.utterances, args.frames, args.probes)))
         return 0
     if args.markdown:
         sys.stdout.write(markdown(json.loads(Path(args.markdown).read_text())))
@@ -358,7 +384,8 @@ def main(argv=None) -> int:
                "command": command, "machine": {**machine_details(), "description": machine()},
                "versions": {"torch": torch.__version__, "fairseq": fairseq.__version__}}
     results["statistics"] = measure_statistics(args.statistics_probes)
-    results["ways"] = {name: run_worker(name, args) for name in ("blockwise", "buffer")}
+    results["ways"] = {name: [run_worker(name, args, blocks) for blocks in args.measured_blocks]
+                       for name in ("blockwise", "buffer")}
     results["summary"] = summarize(results["statistics"], results["ways"])
     results["conclusion"] = conclusion(results)
     results["wall_seconds"] = time.perf_counter() - started

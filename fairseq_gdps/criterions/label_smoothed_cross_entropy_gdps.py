@@ -98,6 +98,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self._spare_update: Optional[PerLanguageUpdate] = None   # its buffer, kept between probed updates
         # (PerLanguageGradients, tokens, loss scale): a probed update's only micro-batch so far, not yet copied
         self._pending = None
+        self._block_rows: Optional[torch.Tensor] = None   # record_blockwise's rows buffer, kept between probes
         self._reduce_seconds, self._reduced_updates = 0.0, 0
 
     @classmethod
@@ -150,7 +151,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
                              "train at least one FFN block or a layer below one (--gdps-train-only / --gdps-freeze)")
         logger.warning(f"GDPS probe: {len(blocks)} FFN block(s) get no gradient (frozen, with everything below them) "
                        f"and are not tracked: {names}")
-        self._tracked, self._block_sizes, self._spare_update = remaining, None, None
+        self._tracked, self._block_sizes, self._spare_update, self._block_rows = remaining, None, None, None
         logger.info(f"GDPS probe tracks {len(remaining)} FFN blocks: {', '.join(remaining)}")
 
     def _resumed_statistics(self, update_num: int) -> Optional[GradientStatistics]:
@@ -286,8 +287,9 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         if not bool((tokens > 0).any()):
             return
         statistics = self._statistics_for(self._tracked, update_num)
-        self._warn_skipped(update_num, record_blockwise(statistics, update_num, capture, tokens,
-                                                        self.block_sizes(), loss_scale))
+        skipped, self._block_rows = record_blockwise(statistics, update_num, capture, tokens, self.block_sizes(),
+                                                     loss_scale, self._block_rows)
+        self._warn_skipped(update_num, skipped)
 
     @staticmethod
     def _warn_skipped(update_num: int, skipped) -> None:

@@ -21,7 +21,7 @@ backward pass ends, skips it: ``record_blockwise`` records such an update block 
 from the capture, one block's rows in memory at a time (same numbers, bit for bit). This file
 imports no fairseq.
 """
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -129,7 +129,7 @@ class PerLanguageUpdate:
 
 
 def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes: Mapping[str, int],
-                     loss_scale: float = 1.0) -> List[str]:
+                     loss_scale: float = 1.0, work: Optional[Tensor] = None) -> Tuple[List[str], Tensor]:
     """Record one probed update of ONE micro-batch on ONE worker straight from its capture
     (``PerLanguageGradients``, shares completed), block by block, without a ``PerLanguageUpdate``.
 
@@ -152,24 +152,24 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     tokens (clamped at 1), in float64, as ``add`` and ``per_token_halves`` form them.
 
     ``tokens``: (2U,) target tokens per row; ``block_sizes``: the blocks to record, in the
-    statistics' module order. Returns the languages skipped for non-finite gradients."""
+    statistics' module order; ``work``: the float64 rows buffer returned by the previous call
+    (reused: a fresh 2U x block buffer per block would be paid for page by page). Returns the
+    languages skipped for non-finite gradients and the rows buffer (2U x the largest block)."""
     if not loss_scale > 0:
         raise ValueError(f"loss_scale must be positive, got {loss_scale}")
     tokens = tokens.to(torch.float64)
     probe = statistics.begin_probe(step, tokens.cpu())
     divisor = tokens.clamp(min=1.0)[:, None]
+    R = len(tokens)
     for name, size in block_sizes.items():
         shares = capture.gradients([name])
-        rows = None
+        device = next(iter(shares.values()))[name].device if shares else torch.device("cpu")
+        if work is None or work.device != device or work.numel() < R * max(block_sizes.values()):
+            work = torch.empty(R * max(block_sizes.values()), dtype=torch.float64, device=device)
+        rows = work[: R * size].view(R, size).zero_()
         for row, blocks in shares.items():
-            grad = blocks[name].detach().reshape(-1)
-            if rows is None:
-                rows = torch.zeros(len(tokens), size, dtype=torch.float64, device=grad.device)
-            rows[int(row)].add_(grad, alpha=1.0 / loss_scale)
+            rows[int(row)].add_(blocks[name].detach().reshape(-1), alpha=1.0 / loss_scale)
         del shares
         capture.release([name])
-        if rows is None:
-            rows = torch.zeros(len(tokens), size, dtype=torch.float64)
         probe.add_block(name, rows.div_(divisor.to(rows.device)))
-        del rows
-    return probe.finish()
+    return probe.finish(), work
