@@ -9,7 +9,8 @@ Everything is measured in one process, on one machine and one data set, so that 
 compare like with like:
 
 * update time: every variant (stock shared model; stage 1 with the probe off, on every update,
-  every 10 updates; stage 2 with 2 FFNs split, every FFN split, every FFN split one group per
+  every 10 updates, and on every update with ``--gdps-probe-speakers`` (a probe unit per
+  (language, speaker) pair: more units, for information); stage 2 with 2 FFNs split, every FFN split, every FFN split one group per
   language) is a fairseq ``Trainer`` built through fairseq's API with the recipes' model size and
   optimiser. Each round runs one block of ``block`` updates per variant on the same fixed batches,
   variants interleaved (order reversed every other round), so that load from other processes hits
@@ -19,7 +20,9 @@ compare like with like:
   same number of steps: the ratio is the cost of the split alone); sentences/s as fairseq-generate
   reports it (generation only, model loading excluded), runs interleaved, medians.
 * statistics memory: bytes of the sums held by ``GradientStatistics`` as model width and number of
-  languages grow, exact and count-sketched, and after 0..N recorded updates (it must not grow);
+  languages grow, exact and count-sketched, and after 0..N probed updates: the summed statistics
+  must not grow; the same-state records (every probe's Gram matrices of the probe units' halves,
+  kept so that the bootstrap over probes is exact) grow by a fixed number of bytes per probe;
 * ``gdps-analyze`` time on synthetic statistics (random gradients through ``add_step``) as width
   and number of languages grow (these two need no model: ``benchmarks/statistics_cost.py``).
 
@@ -183,8 +186,8 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
     def split(modules, groups):
         return ["--gdps-split-modules", ",".join(modules), "--gdps-groups", groups, "--gdps-shared-ratio", "0.5"]
 
-    def probe(interval):
-        return ["--gdps-probe-interval", str(interval), "--gdps-stats", str(work / f"stats_every{interval}.pt")]
+    def probe(interval, tag=""):
+        return ["--gdps-probe-interval", str(interval), "--gdps-stats", str(work / f"stats_every{interval}{tag}.pt")]
 
     return {
         "shared": [*common, "--task", "speech_to_text", "--arch", "s2t_transformer_s",
@@ -192,6 +195,7 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
         "stage1_off": gdps,
         "stage1_probe_every": [*gdps, *probe(1)],
         "stage1_probe_10": [*gdps, *probe(10)],
+        "stage1_probe_every_speakers": [*gdps, *probe(1, "_speakers"), "--gdps-probe-speakers"],
         "stage2_plan": [*gdps, *split(plan_blocks, two_groups)],
         "stage2_all": [*gdps, *split(blocks, two_groups)],
         "stage2_all_per_language": [*gdps, *split(blocks, per_language)],
@@ -201,8 +205,11 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
 VARIANT_DESCRIPTIONS = {
     "shared": "shared model: stock `speech_to_text` task, `s2t_transformer_s`, stock criterion",
     "stage1_off": "stage 1, probe off (GDPS task and criterion, unsplit model)",
-    "stage1_probe_every": "stage 1, probe on every update (`--gdps-probe-interval 1`, every FFN tracked)",
+    "stage1_probe_every": "stage 1, probe on every update (`--gdps-probe-interval 1`, every FFN tracked; "
+                          "a probe unit per language, each split into two halves)",
     "stage1_probe_10": "stage 1, `--gdps-probe-interval 10`",
+    "stage1_probe_every_speakers": "stage 1, probe on every update with `--gdps-probe-speakers` "
+                                   "(a probe unit per (language, speaker) pair)",
     "stage2_plan": "stage 2, 2 FFNs split (last encoder and last decoder FFN), 2 groups, ratio 0.5",
     "stage2_all": "stage 2, every FFN split, 2 groups, ratio 0.5",
     "stage2_all_per_language": "stage 2, every FFN split, one group per language, ratio 0.5",
@@ -211,6 +218,7 @@ VARIANT_DESCRIPTIONS = {
 UPDATE_RATIOS = {
     "stage1_probe_every": ("stage1_probe_every", "stage1_off"),
     "stage1_probe_10": ("stage1_probe_10", "stage1_off"),
+    "stage1_probe_every_speakers": ("stage1_probe_every_speakers", "stage1_off"),
     "stage1_off_vs_shared": ("stage1_off", "shared"),
     "stage2_plan": ("stage2_plan", "shared"),
     "stage2_all": ("stage2_all", "shared"),
@@ -281,6 +289,8 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
         task, trainer = build_trainer(data, f)
         if batches is None and name != "shared":
             batches = fixed_batches(task, trainer, setting)
+        elif name != "shared":
+            task.load_dataset("train")   # --gdps-probe-speakers reads its utterances' speakers
         trainers[name] = trainer
     stock_batches = [without_language_ids(b) for b in batches]
     n_updates = {name: 0 for name in trainers}
@@ -311,6 +321,10 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
         statistics = getattr(trainers[name].criterion, "statistics", None)
         return statistics.num_steps if statistics is not None else 0
 
+    def probe_units(name):
+        statistics = getattr(trainers[name].criterion, "statistics", None)
+        return len(statistics.same_state.units) if statistics is not None and statistics.same_state else 0
+
     return {
         "languages": languages,
         "clock": "process CPU time (primary); wall time alongside",
@@ -320,7 +334,8 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
                             "median_wall_s_per_update": pystats.median(wall_times[name]),
                             "cpu_s_per_update_by_round": cpu_times[name],
                             "wall_s_per_update_by_round": wall_times[name],
-                            "updates": n_updates[name], "probed_updates": probed(name)}
+                            "updates": n_updates[name], "probed_updates": probed(name),
+                            "probe_units": probe_units(name)}
                      for name in order},
         "ratios": {key: {**paired_summary(cpu_times, *pair),
                          "wall_ratio": paired_summary(wall_times, *pair)["ratio"]}
@@ -482,12 +497,17 @@ def evaluate_targets(results: dict) -> List[dict]:
         sizes.setdefault(row["sketch_dim"], set()).add(row["bytes"])
     out.append({"name": "statistics_memory_independent_of_updates", "target": "constant",
                 "met": all(len(v) == 1 for v in sizes.values())})
+    per_probe = results["statistics_memory"]["same_state_bytes_per_probe"]
+    out.append({"name": "same_state_bytes_fixed_per_probe", "target": "linear in probes",
+                "met": isinstance(per_probe, (int, float)) and all(
+                    r["same_state_bytes"] == per_probe * r["probes_kept"] for r in steps)})
     return out
 
 
 RATIO_LABELS = {
     "stage1_probe_every": "stage-1 update, probe on every update / probe off",
     "stage1_probe_10": "stage-1 update, `--gdps-probe-interval 10` / probe off",
+    "stage1_probe_every_speakers": "stage-1 update, probe on every update, `--gdps-probe-speakers` / probe off",
     "stage1_off_vs_shared": "stage-1 update, probe off / shared model",
     "stage2_plan": "stage-2 update, 2 FFNs split / shared model",
     "stage2_all": "stage-2 update, every FFN split / shared model",
@@ -521,10 +541,12 @@ def markdown(results: dict) -> str:
         lines.append(f"| {RATIO_LABELS.get(key, key)} | {r['ratio']:.3f} | {r['ratio_min']:.2f}-{r['ratio_max']:.2f} | "
                      f"{wall:.3f} |")
         lines[-1] += f" {'<= %.2f' % t['target'] if t else ''} | {('yes' if t['met'] else '**no**') if t else ''} |"
-    lines += ["", "| variant | CPU ms / update | wall ms / update | probed updates |", "|---|---:|---:|---:|"]
+    lines += ["", "| variant | CPU ms / update | wall ms / update | probed updates | probe units |",
+              "|---|---:|---:|---:|---:|"]
     for name, var in u["variants"].items():
         lines.append(f"| {var['description']} | {1000 * var['median_cpu_s_per_update']:.0f} | "
-                     f"{1000 * var['median_wall_s_per_update']:.0f} | {var['probed_updates']} of {var['updates']} |")
+                     f"{1000 * var['median_wall_s_per_update']:.0f} | {var['probed_updates']} of {var['updates']} | "
+                     f"{var.get('probe_units') or ''} |")
     prof = results.get("probe_profile")
     if prof:
         lines += ["", f"Where a probed update's extra time goes (cProfile, CPU time, {prof['updates']} probed updates "

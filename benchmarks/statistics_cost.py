@@ -36,16 +36,21 @@ def statistics_bytes(stats) -> int:
     return sum(t.numel() * t.element_size() for t in stats.to_tensors().values())
 
 
-def random_step(stats, step: int, generator) -> None:
+def random_probe(stats, step: int, generator) -> None:
+    """One probed update as the criterion records it: random (2U, d) half-gradient rows."""
     import torch
 
-    stats.add_step(step, {lang: {m: torch.randn(d, generator=generator) for m, d in stats.module_sizes.items()}
-                          for lang in stats.languages})
+    R = 2 * len(stats.same_state.units)
+    tokens = torch.full((R,), 50.0, dtype=torch.float64)
+    stats.add_probe(step, tokens, {m: torch.randn(R, d, generator=generator, dtype=torch.float64)
+                                   for m, d in stats.module_sizes.items()})
 
 
 def measure_statistics_memory(setting, work: Path) -> dict:
     """Bytes of the sums GradientStatistics holds, as width and languages grow (exact and
-    sketched), and as recorded updates accumulate."""
+    sketched), and as probed updates accumulate: the summed statistics (fixed size) and the
+    same-state records (a fixed number of bytes per probe: every probe's Gram matrices are kept,
+    so that the bootstrap over probes is exact)."""
     import torch
 
     from fairseq_gdps.gdps.stats import GradientStatistics
@@ -64,27 +69,36 @@ def measure_statistics_memory(setting, work: Path) -> dict:
     by_steps = []
     generator = torch.Generator().manual_seed(0)
     n_lang = 4 if 4 in setting.memory_languages else setting.memory_languages[-1]
+    languages = [f"l{i}" for i in range(n_lang)]
     for sketch in (None, setting.sketch_dim):
-        stats = GradientStatistics(block_sizes(demo_width, demo_ffn, setting),
-                                   languages=[f"l{i}" for i in range(n_lang)], sketch_dim=sketch)
-        recorded, add_step_s = 0, []
+        stats = GradientStatistics(block_sizes(demo_width, demo_ffn, setting), languages=languages,
+                                   sketch_dim=sketch, probe_units=languages)
+        recorded, add_probe_s = 0, []
         for target in setting.memory_steps:
             while recorded < target:
                 start = time.process_time()
-                random_step(stats, recorded, generator)
-                add_step_s.append(time.process_time() - start)
+                random_probe(stats, recorded, generator)
+                add_probe_s.append(time.process_time() - start)
                 recorded += 1
             path = work / f"stats_steps_{sketch}.pt"
             stats.save(path)
             by_steps.append({"width": demo_width, "ffn": demo_ffn, "languages": n_lang, "sketch_dim": sketch,
-                             "recorded_updates": stats.num_steps, "bytes": statistics_bytes(stats),
+                             "probe_units": len(languages), "blocks": len(stats.module_names),
+                             "recorded_updates": stats.num_steps, "probes_kept": stats.same_state.num_probes,
+                             "bytes": statistics_bytes(stats), "same_state_bytes": stats.same_state.nbytes(),
                              "file_bytes": path.stat().st_size})
-        if add_step_s:
-            by_steps[-1]["median_add_step_cpu_ms"] = 1000 * pystats.median(add_step_s)
+        if add_probe_s:
+            by_steps[-1]["median_add_probe_cpu_ms"] = 1000 * pystats.median(add_probe_s)
+    grown = [r for r in by_steps if r["probes_kept"]]
+    per_probe = sorted({r["same_state_bytes"] / r["probes_kept"] for r in grown})
     return {"by_size": rows, "by_recorded_updates": by_steps,
-            "note": "bytes of every float64 sum GradientStatistics keeps (what is saved and reduced); "
-                    "the count-sketch hashes (16 bytes per gradient element of a sketched block, rebuilt "
-                    "from the seed, never saved) come on top when sketching"}
+            "same_state_bytes_per_probe": per_probe[0] if len(per_probe) == 1 else per_probe,
+            "note": "bytes: every float64 sum GradientStatistics keeps (what is saved and reduced), of a size fixed "
+                    "by the blocks, languages and settings; same_state_bytes: the same-state records, every "
+                    "probe's (2U)^2 Gram matrix per block and 2U token counts, kept whole so that the bootstrap "
+                    "over probes is exact (8 * (2U + M (2U)^2) + 8 bytes per probe). The count-sketch hashes "
+                    "(16 bytes per gradient element of a sketched block, rebuilt from the seed, never saved) come "
+                    "on top when sketching"}
 
 
 def measure_analyze_time(setting, work: Path) -> dict:
@@ -147,14 +161,21 @@ def statistics_markdown(results: dict) -> List[str]:
     for w, f in widths:
         lines.append(f"| {w} / {f} | " + " | ".join(
             f"{_mib(cell[w, f, n, None])} / {_mib(cell[w, f, n, results['settings']['sketch_dim']])}" for n in langs) + " |")
-    lines += ["", "Against the number of recorded updates (the sums do not grow):", "",
-              "| sketch | " + " | ".join(f"{r['recorded_updates']} updates" for r in mem["by_recorded_updates"]
+    steps = mem["by_recorded_updates"]
+    first = steps[0]
+    lines += ["", f"Against the number of probed updates ({first['languages']} languages as probe units, "
+              f"{first['blocks']} blocks, width {first['width']}): the summed statistics do not grow; the same-state "
+              f"records grow by a fixed {mem['same_state_bytes_per_probe']:,.0f} bytes per probe (every probe's "
+              "Gram matrices of the halves are kept, so that the bootstrap over probes is exact):", "",
+              "| sketch | " + " | ".join(f"{r['recorded_updates']} probes" for r in steps
                                         if r["sketch_dim"] is None) + " |",
-              "|---|" + "---:|" * sum(r["sketch_dim"] is None for r in mem["by_recorded_updates"])]
+              "|---|" + "---:|" * sum(r["sketch_dim"] is None for r in steps)]
     for sketch in (None, results["settings"]["sketch_dim"]):
-        rows = [r for r in mem["by_recorded_updates"] if r["sketch_dim"] == sketch]
-        lines.append(f"| {sketch or 'exact'} | " + " | ".join(
-            f"{r['bytes']:,} B (file {r['file_bytes']:,} B)" for r in rows) + " |")
+        rows = [r for r in steps if r["sketch_dim"] == sketch]
+        lines.append(f"| {sketch or 'exact'}: summed | " + " | ".join(f"{r['bytes']:,} B" for r in rows) + " |")
+        lines.append(f"| {sketch or 'exact'}: same-state records | " + " | ".join(
+            f"{r['same_state_bytes']:,} B" for r in rows) + " |")
+        lines.append(f"| {sketch or 'exact'}: file | " + " | ".join(f"{r['file_bytes']:,} B" for r in rows) + " |")
     lines += ["", f"`gdps-analyze` (load, analysis, {results['settings']['analyze_resamples']} bootstrap resamples, "
               f"plots, plan and report) on synthetic statistics of {results['settings']['analyze_steps']} updates:", "",
               "| width / FFN | languages | sketch | CPU s | wall s |", "|---|---:|---|---:|---:|"]

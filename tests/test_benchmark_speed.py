@@ -33,16 +33,22 @@ def test_results_file_structure_and_ratios(tiny_results):
 
     updates = results["updates"]
     assert set(updates["variants"]) == {"shared", "stage1_off", "stage1_probe_every", "stage1_probe_10",
-                                        "stage2_plan", "stage2_all", "stage2_all_per_language"}
+                                        "stage1_probe_every_speakers", "stage2_plan", "stage2_all",
+                                        "stage2_all_per_language"}
     for name, variant in updates["variants"].items():
         assert len(variant["cpu_s_per_update_by_round"]) == updates["rounds"], name
         assert all(finite_positive(t) for t in variant["cpu_s_per_update_by_round"]), name
     probed = {name: v["probed_updates"] for name, v in updates["variants"].items()}
     # the probe ran on every update, on one in ten, and nowhere else
     assert probed["stage1_probe_every"] == updates["variants"]["stage1_probe_every"]["updates"]
+    assert probed["stage1_probe_every_speakers"] == updates["variants"]["stage1_probe_every_speakers"]["updates"]
+    # a probe unit per language, and more with --gdps-probe-speakers (a unit per (language, speaker))
+    units = {name: v["probe_units"] for name, v in updates["variants"].items()}
+    assert units["stage1_probe_every"] == units["stage1_probe_10"] == len(updates["languages"])
+    assert units["stage1_probe_every_speakers"] > units["stage1_probe_every"]
     assert probed["stage1_probe_10"] == updates["variants"]["stage1_probe_10"]["updates"] // 10
     assert probed["stage1_off"] == probed["stage2_all"] == probed["shared"] == 0
-    for key in ("stage1_probe_every", "stage1_probe_10", "stage2_plan", "stage2_all"):
+    for key in ("stage1_probe_every", "stage1_probe_10", "stage1_probe_every_speakers", "stage2_plan", "stage2_all"):
         r = updates["ratios"][key]
         assert all(finite_positive(r[k]) for k in ("ratio", "ratio_min", "ratio_max", "wall_ratio")), key
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
@@ -69,10 +75,18 @@ def test_results_file_structure_and_ratios(tiny_results):
     steps = [r for r in memory["by_recorded_updates"] if r["sketch_dim"] is None]
     assert [r["recorded_updates"] for r in steps] == results["settings"]["memory_steps"]
     assert len({r["bytes"] for r in steps}) == 1               # not with the number of updates
+    # the same-state records: a fixed number of bytes per probe, every probe kept
+    per_probe = memory["same_state_bytes_per_probe"]
+    U, M = steps[0]["probe_units"], steps[0]["blocks"]
+    assert per_probe == 8 * (2 * U + M * (2 * U) ** 2) + 8
+    for r in memory["by_recorded_updates"]:
+        assert r["probes_kept"] == r["recorded_updates"]
+        assert r["same_state_bytes"] == per_probe * r["probes_kept"]
 
     assert all(finite_positive(r["cpu_s"]) and r["split"] for r in results["analyze_time"]["runs"])
     targets = {t["name"]: t for t in results["targets"]}
     assert targets["statistics_memory_independent_of_updates"]["met"] is True
+    assert targets["same_state_bytes_fixed_per_probe"]["met"] is True
     assert all(isinstance(t["met"], bool) for t in targets.values())
 
 
@@ -80,6 +94,8 @@ def test_markdown_table_and_markdown_option(tiny_results):
     md = (tiny_results / "speed.md").read_text()
     assert md.startswith("### Speed and memory (tiny setting)")
     assert "| stage-1 update, probe on every update / probe off |" in md
+    assert "| stage-1 update, probe on every update, `--gdps-probe-speakers` / probe off |" in md
+    assert "bytes per probe" in md
     assert "| stage-2 update, every FFN split / shared model |" in md
     printed = run([sys.executable, REPO / "benchmarks" / "speed.py", "--markdown", tiny_results / "speed.json"])
     assert printed.stdout == md

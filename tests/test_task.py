@@ -146,3 +146,51 @@ def test_temperature_resampled_train_set_keeps_language_ids(tiny_data):
     batch = dataset.collater(items)
     langs = dataset.s2t_dataset.src_langs
     assert batch["net_input"][LANG_ID_KEY].tolist() == [task.languages.index(langs[i]) for i in batch["id"].tolist()]
+
+
+class ScalingStep(PlainBackward):
+    """An optimizer whose step scales every gradient in place (as fairseq's trainer scales and
+    clips ``.grad`` in place before the update), after the probe captured the shares."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def step(self):
+        for p in self.model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(0.5)
+
+
+def test_block_by_block_recording_equals_the_buffer_path(tiny_data, tmp_path):
+    """One micro-batch on one worker is recorded block by block from the capture (no buffer of
+    every tracked gradient per half): the same statistics and same-state records, bit for bit,
+    as the PerLanguageUpdate buffer path, even though the step scales the gradients in place."""
+    built = {}
+    for name in ("streamed", "buffered"):
+        built[name] = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
+                            ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / f"{name}.pt"),
+                             "--gdps-probe-speakers"])
+    built["buffered"][1].load_state_dict(built["streamed"][1].state_dict())
+    criterion = built["buffered"][2]
+    add = criterion.add_micro_batch
+
+    def as_dict(grads, *args):   # hand the shares over as a dict: the buffer path
+        assert hasattr(grads, "gradients")
+        return add(grads.gradients(list(criterion.block_sizes())), *args)
+
+    criterion.add_micro_batch = as_dict
+    batch = first_multilingual_batch(built["streamed"][0])
+    built["buffered"][0].load_dataset("train")
+    for name, (task, model, crit) in built.items():
+        step = ScalingStep(model)
+        task.train_step(copy.deepcopy(batch), model, crit, step, 0)
+        task.optimizer_step(step, model, 0)
+    streamed, buffered = built["streamed"][2].statistics, built["buffered"][2].statistics
+    assert built["streamed"][2]._spare_update is None   # no buffer was made
+    assert streamed.num_steps == buffered.num_steps == 1
+    for key, tensor in streamed.to_tensors().items():
+        assert torch.equal(tensor, buffered.to_tensors()[key]), key
+    s_arrays, b_arrays = streamed.same_state.arrays(), buffered.same_state.arrays()
+    assert len(s_arrays[0]) == 1 and len(streamed.same_state.units) > 4   # speaker units
+    for s, b in zip(s_arrays, b_arrays):
+        assert np.array_equal(s, b)

@@ -5,7 +5,9 @@ The loss is the stock one. The per-language gradients come from the ``speech_to_
 task, which asks :meth:`probe_due` whether to split the batch by language, hands every
 micro-batch's per-language gradient sums to :meth:`add_micro_batch` and, once per update (from
 the task's ``optimizer_step``), calls :meth:`record_update`: the update's sums are reduced across
-data-parallel workers and recorded as one step, the same on every worker.
+data-parallel workers and recorded as one step, the same on every worker. An update of one
+micro-batch on one worker is recorded block by block from the task's capture instead, without the
+buffer of every tracked gradient per probe half (``per_language_update.record_blockwise``).
 """
 import fnmatch
 import logging
@@ -24,7 +26,7 @@ from fairseq.criterions.label_smoothed_cross_entropy import (
 )
 from omegaconf import II
 
-from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate
+from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate, record_blockwise
 from fairseq_gdps.gdps.stats import GradientStatistics
 from fairseq_gdps.models.s2t_gdps import ffn_module_names
 
@@ -94,6 +96,9 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self._block_sizes: Optional[Dict[str, int]] = None
         self._update: Optional[PerLanguageUpdate] = None   # the probed update in progress
         self._spare_update: Optional[PerLanguageUpdate] = None   # its buffer, kept between probed updates
+        # (PerLanguageGradients, tokens, loss scale): a probed update's only micro-batch so far, not yet copied
+        self._pending = None
+        self._block_rows: Optional[torch.Tensor] = None   # record_blockwise's rows buffer, kept between probes
         self._reduce_seconds, self._reduced_updates = 0.0, 0
         self._update_key = 0   # batch_key of the update in progress (this worker's utterances)
 
@@ -136,7 +141,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         are left out with a warning; blocks the user named are an error, and so is a block that
         stops getting gradients once its statistics have begun."""
         names = ", ".join(blocks)
-        if self.statistics is not None or self._update is not None:
+        if self.statistics is not None or self._update is not None or self._pending is not None:
             raise RuntimeError(f"GDPS probe: FFN block(s) {names} got no gradient after their statistics had begun")
         if self.cfg.gdps_track.strip() != "*":
             raise ValueError(f"--gdps-track {self.cfg.gdps_track!r}: FFN block(s) {names} get no gradient (they and "
@@ -147,7 +152,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
                              "train at least one FFN block or a layer below one (--gdps-train-only / --gdps-freeze)")
         logger.warning(f"GDPS probe: {len(blocks)} FFN block(s) get no gradient (frozen, with everything below them) "
                        f"and are not tracked: {names}")
-        self._tracked, self._block_sizes, self._spare_update = remaining, None, None
+        self._tracked, self._block_sizes, self._spare_update, self._block_rows = remaining, None, None, None
         logger.info(f"GDPS probe tracks {len(remaining)} FFN blocks: {', '.join(remaining)}")
 
     def _resumed_statistics(self, update_num: int) -> Optional[GradientStatistics]:
@@ -202,35 +207,80 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         update.reset()
         return update
 
-    def add_micro_batch(self, grads: Dict[int, Dict[str, torch.Tensor]], tokens: torch.Tensor,
-                        first_of_update: bool, loss_scale: float = 1.0, utterance_ids=()) -> None:
-        """Add a micro-batch's gradient sums per probe half (``grads[2 * unit + half][block]``)
-        and its ``(2U,)`` target-token counts to the update in progress (a new one when
-        ``first_of_update``: with ``--update-freq`` an update has several micro-batches).
+    def add_micro_batch(self, grads, tokens: torch.Tensor, first_of_update: bool, loss_scale: float = 1.0,
+                        utterance_ids=()) -> None:
+        """Add a micro-batch's gradient sums per probe half and its ``(2U,)`` target-token counts
+        to the update in progress (a new one when ``first_of_update``: with ``--update-freq`` an
+        update has several micro-batches). ``grads``: ``{2 * unit + half: {block: gradient}}``,
+        or the micro-batch's ``PerLanguageGradients`` capture itself (read block by block).
         ``loss_scale``: the factor the loss was multiplied by before the backward pass (fp16 /
         AMP), divided out so that steps taken at different loss scales compare.
         ``utterance_ids``: the micro-batch's dataset ids; they identify the update's batch (see
-        ``batch_key``), so that the bootstrap resamples batches, not repeats of one batch."""
-        if first_of_update or self._update is None:
+        ``batch_key``), so that the bootstrap resamples batches, not repeats of one batch.
+
+        A capture is held as it is until a second micro-batch of the update arrives: an update of
+        one micro-batch on one worker (the common case) is then recorded block by block from the
+        capture (:meth:`record_update`), without the ``PerLanguageUpdate`` buffer of 2U rows x
+        every tracked parameter in float64 (26 GB for 4 languages at SeamlessM4T-Medium's encoder
+        shape); only several micro-batches or workers, whose sums must be complete before any
+        block's Gram matrix is formed, need that buffer."""
+        key = batch_key(utterance_ids)
+        if first_of_update or (self._update is None and self._pending is None):
+            self._update_key = key
             if self._update is not None:   # an update begun again (e.g. after an fp16 overflow)
                 self._spare_update = self._update
+            self._update, self._pending = None, None
+            if hasattr(grads, "gradients"):
+                self._pending = (grads, tokens, loss_scale)
+                return
             self._update = self._new_update()
-            self._update_key = 0
-        self._update.add(grads, tokens, loss_scale)
-        self._update_key = (self._update_key + batch_key(utterance_ids)) & ((1 << 63) - 1)
+        else:
+            self._update_key = (self._update_key + key) & KEY_MASK
+            if self._pending is not None:   # the update's second micro-batch: its sums need the buffer
+                self._materialize_pending()
+        self._add_to_update(grads, tokens, loss_scale)
+
+    def _add_to_update(self, grads, tokens: torch.Tensor, loss_scale: float) -> None:
+        if not hasattr(grads, "gradients"):
+            self._update.add(grads, tokens, loss_scale)
+            return
+        for name in self.block_sizes():   # block by block, each block's shares freed once added
+            self._update.add_gradients(grads.gradients([name]), loss_scale)
+            grads.release([name])
+        self._update.add_tokens(tokens)
+
+    def _materialize_pending(self) -> None:
+        capture, tokens, loss_scale = self._pending
+        self._pending = None
+        self._update = self._new_update()
+        self._add_to_update(capture, tokens, loss_scale)
 
     def record_update(self, update_num: int) -> None:
         """Record the probed update just completed as one step: its per-language gradient sums
         and token counts are summed over the data-parallel workers (one all_reduce; a worker with
         nothing of this update, e.g. a padding batch, adds zeros), then divided per language, so
         that every worker records the same step a single process would record on all of the
-        update's utterances. Every worker must call this for every probed update."""
+        update's utterances. Every worker must call this for every probed update.
+
+        One micro-batch on one worker: recorded block by block from the capture (the same
+        numbers, bit for bit: the rows are formed as the buffer would form them)."""
+        single_worker = distributed_utils.get_data_parallel_world_size() <= 1
+        if self._pending is not None and single_worker:
+            self._record_streamed(update_num)
+            return
+        if self._pending is not None:
+            self._materialize_pending()
         update, self._update = self._update, None
         if update is None:   # this worker had no probed micro-batch in the update
             update = self._new_update()
-        if distributed_utils.get_data_parallel_world_size() > 1:
+            self._update_key = 0
+        if not single_worker:
             start = time.perf_counter()
             distributed_utils.all_reduce(update.buffer, distributed_utils.get_data_parallel_group())
+            # the batch key: the workers' utterances together (40-bit terms: the int64 sum cannot wrap)
+            key = torch.tensor([self._update_key], dtype=torch.int64, device=update.buffer.device)
+            distributed_utils.all_reduce(key, distributed_utils.get_data_parallel_group())
+            self._update_key = int(key.item()) & KEY_MASK
             self._reduce_seconds += time.perf_counter() - start
             self._reduced_updates += 1
         tokens, rows = update.per_token_halves()   # divides the buffer in place
@@ -239,6 +289,23 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
             return
         statistics = self._statistics_for(self._tracked, update_num)
         skipped = statistics.add_probe(update_num, tokens.cpu(), rows, batch_key=self._update_key)
+        self._warn_skipped(update_num, skipped)
+
+    def _record_streamed(self, update_num: int) -> None:
+        """Record a one-micro-batch update from its capture, one block at a time
+        (``per_language_update.record_blockwise``: the buffer path's numbers, one block's rows
+        in memory at a time)."""
+        capture, tokens, loss_scale = self._pending
+        self._pending = None
+        if not bool((tokens > 0).any()):
+            return
+        statistics = self._statistics_for(self._tracked, update_num)
+        skipped, self._block_rows = record_blockwise(statistics, update_num, capture, tokens, self.block_sizes(),
+                                                     loss_scale, self._block_rows, self._update_key)
+        self._warn_skipped(update_num, skipped)
+
+    @staticmethod
+    def _warn_skipped(update_num: int, skipped) -> None:
         for lang in skipped:
             logger.warning(f"update {update_num}: non-finite gradient for language {lang}; left out of its statistics")
 
@@ -256,12 +323,16 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
             logger.info(f"GDPS statistics written to {self.cfg.gdps_stats}")
 
 
+KEY_MASK = (1 << 62) - 1
+
+
 def batch_key(utterance_ids) -> int:
-    """An order-independent key of a set of utterances (a sum of mixed ids): every epoch batches
-    the same utterances again, and probes of one batch are not independent draws."""
+    """An order-independent key of a set of utterances (a sum of 40-bit mixes of their ids, so
+    that data-parallel workers' keys add up in int64 to the key one process computes): every
+    epoch batches the same utterances again, and probes of one batch are not independent draws."""
     from fairseq_gdps.gdps.stats import _splitmix64
 
-    return sum(_splitmix64(int(i)) for i in utterance_ids) & ((1 << 63) - 1)
+    return sum(_splitmix64(int(i)) & ((1 << 40) - 1) for i in utterance_ids) & KEY_MASK
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

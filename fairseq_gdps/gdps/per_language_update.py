@@ -12,9 +12,16 @@ which is what a single process would measure on all of the update's utterances a
 that buffer across workers (``torch.distributed.all_reduce``) completes them; a mean of
 per-worker means would weigh one worker's few tokens of a language like another's many. The
 statistics themselves cannot be reduced instead: their squared norms and moments are not
-linear in the step's gradient. This file imports no fairseq.
+linear in the step's gradient.
+
+The buffer holds every tracked gradient element per row in float64, so its size is 2U rows x
+the tracked parameters x 8 bytes (26 GB for 4 languages and an encoder of SeamlessM4T-Medium's
+shape). An update of one micro-batch on one worker, whose sums are complete as soon as its
+backward pass ends, skips it: ``record_blockwise`` records such an update block by block straight
+from the capture, one block's rows in memory at a time (same numbers, bit for bit). This file
+imports no fairseq.
 """
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -59,13 +66,22 @@ class PerLanguageUpdate:
         """Add one micro-batch: ``grads[lang_id][block]`` is the block's gradient summed over
         that language's utterances (any shape, any floating dtype: it is added in float64),
         ``tokens`` the ``(L,)`` target-token counts. ``loss_scale``: the factor the loss was
-        multiplied by before the backward pass (mixed precision); the gradients are divided by it."""
+        multiplied by before the backward pass (mixed precision); the gradients are divided by it.
+        The same as :meth:`add_gradients` (possibly a few blocks at a time) then :meth:`add_tokens`."""
+        self.add_gradients(grads, loss_scale)
+        self.add_tokens(tokens)
+
+    def add_gradients(self, grads: Mapping[int, Mapping[str, Tensor]], loss_scale: float = 1.0) -> None:
+        """Add gradient sums of some blocks of the micro-batch in progress (see :meth:`add`)."""
         if not loss_scale > 0:
             raise ValueError(f"loss_scale must be positive, got {loss_scale}")
         for lang, blocks in grads.items():
             for name, grad in blocks.items():
                 self.blocks[name][int(lang)].add_(grad.detach().reshape(-1).to(self.buffer.device),
                                                   alpha=1.0 / loss_scale)
+
+    def add_tokens(self, tokens: Tensor) -> None:
+        """Add the micro-batch's ``(L,)`` target-token counts; completes the micro-batch."""
         self.tokens += tokens.to(self.buffer)
         self.micro_batches += 1
 
@@ -110,3 +126,51 @@ class PerLanguageUpdate:
     def _check_names(self, languages: Sequence[str]) -> None:
         if len(languages) != self.num_languages:
             raise ValueError(f"expected {self.num_languages} language names, got {len(languages)}")
+
+
+def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes: Mapping[str, int],
+                     loss_scale: float = 1.0, work: Optional[Tensor] = None,
+                     batch_key: Optional[int] = None) -> Tuple[List[str], Tensor]:
+    """Record one probed update of ONE micro-batch on ONE worker straight from its capture
+    (``PerLanguageGradients``, shares completed), block by block, without a ``PerLanguageUpdate``.
+
+    Why. The buffer holds 2U rows x every tracked gradient element in float64: for an encoder of
+    SeamlessM4T-Medium's shape (48 FFN blocks of 8.4M parameters, 403M in all) and 4 languages,
+    8 x 403M x 8 B = 26 GB, on top of the capture's shares (2U x 403M in the gradients' dtype).
+    A block's Gram matrix needs only that block's rows, and its languages' rows go to the
+    (sketched) sums at once (``GradientStatistics.begin_probe``), so here each block's (2U, d)
+    float64 rows are formed, recorded and dropped, and the capture's shares of the block are
+    freed, before the next block: the transient memory is one block's rows (8 x 8.4M x 8 B =
+    0.5 GB at that shape) and the capture, which shrinks as blocks are recorded.
+
+    The trade-off. Only an update whose sums are complete after one micro-batch on one worker can
+    be recorded this way: with ``--update-freq`` > 1 or data-parallel workers every block's sums
+    must be complete (summed over micro-batches, reduced over workers) before any Gram matrix
+    is formed, which needs the buffer (kept in float64 so that sums and the all_reduce add no
+    rounding; sketching before the reduction is not an option either: the Gram matrices need the
+    exact rows). Those runs keep the buffer's memory. The numbers are the buffer path's, bit for
+    bit: each row is zeros plus the share divided by the loss scale, then divided by the row's
+    tokens (clamped at 1), in float64, as ``add`` and ``per_token_halves`` form them.
+
+    ``tokens``: (2U,) target tokens per row; ``block_sizes``: the blocks to record, in the
+    statistics' module order; ``work``: the float64 rows buffer returned by the previous call
+    (reused: a fresh 2U x block buffer per block would be paid for page by page). Returns the
+    languages skipped for non-finite gradients and the rows buffer (2U x the largest block)."""
+    if not loss_scale > 0:
+        raise ValueError(f"loss_scale must be positive, got {loss_scale}")
+    tokens = tokens.to(torch.float64)
+    probe = statistics.begin_probe(step, tokens.cpu(), batch_key)
+    divisor = tokens.clamp(min=1.0)[:, None]
+    R = len(tokens)
+    for name, size in block_sizes.items():
+        shares = capture.gradients([name])
+        device = next(iter(shares.values()))[name].device if shares else torch.device("cpu")
+        if work is None or work.device != device or work.numel() < R * max(block_sizes.values()):
+            work = torch.empty(R * max(block_sizes.values()), dtype=torch.float64, device=device)
+        rows = work[: R * size].view(R, size).zero_()
+        for row, blocks in shares.items():
+            rows[int(row)].add_(blocks[name].detach().reshape(-1), alpha=1.0 / loss_scale)
+        del shares
+        capture.release([name])
+        probe.add_block(name, rows.div_(divisor.to(rows.device)))
+    return probe.finish(), work

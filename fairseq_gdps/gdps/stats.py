@@ -332,64 +332,58 @@ class GradientStatistics:
         each present language's per-token gradient (its halves' token-weighted mean) as one
         step of the summed statistics (norms, buckets, subspace moments). ``batch_key``
         identifies the probe's batch (probes of one batch are resampled together; default: the
-        step, i.e. every probe its own batch). Returns the languages
-        skipped for non-finite gradients (a probe with any non-finite row keeps no Gram matrix)."""
-        if self.same_state is None:
-            raise ValueError("add_probe: these statistics have no probe units (construct with probe_units)")
-        rec = self.same_state
-        R = 2 * len(rec.units)
-        tokens = torch.as_tensor(tokens, dtype=torch.float64).reshape(-1)
-        if tokens.numel() != R:
-            raise ValueError(f"add_probe: expected {R} token counts (2 halves x {len(rec.units)} units), got {tokens.numel()}")
+        step, i.e. every probe its own batch). Returns the languages skipped for non-finite
+        gradients (a probe with any non-finite row keeps no Gram matrix).
+
+        The same as ``begin_probe(step, tokens, batch_key)``, ``add_block`` for every module and
+        ``finish`` (which records the same numbers block by block, see :class:`ProbeRecording`)."""
+        probe = self.begin_probe(step, tokens, batch_key)
         missing = [m for m in self.module_names if m not in rows]
         if missing:
             raise ValueError(f"add_probe: no rows for modules {missing}")
-        languages = self.same_state.languages
-        # language row = sum over its halves of (tokens_r / tokens_language) * row_r
-        member = torch.zeros(len(languages), R, dtype=torch.float64)
-        for u, lang in enumerate(rec.unit_languages):
-            member[languages.index(lang), 2 * u: 2 * u + 2] = 1.0
-        lang_tokens = member @ tokens
-        present = torch.nonzero(lang_tokens > 0).flatten()
-        if present.numel() == 0:
-            return []
-        mix = (member * tokens[None]) / lang_tokens.clamp(min=1e-30)[:, None]
-        grams, lang_rows = [], {}
         for m in self.module_names:
-            Y = rows[m].detach().to(torch.float64)
-            if tuple(Y.shape) != (R, self.module_sizes[m]):
-                raise ValueError(f"add_probe: rows of {m!r} have shape {tuple(Y.shape)}, expected ({R}, {self.module_sizes[m]})")
-            grams.append(Y @ Y.T)
-            lang_rows[m] = mix[present].to(Y.device) @ Y
-        grams = torch.stack(grams).cpu()
-        if bool(torch.isfinite(grams).all()):
-            rec.add(step, tokens, grams, batch_key)
-        return self.add_step_rows(step, [languages[i] for i in present.tolist()], lang_rows)
+            probe.add_block(m, rows[m])
+        return probe.finish()
+
+    def begin_probe(self, step: int, tokens: torch.Tensor, batch_key: Optional[int] = None) -> "ProbeRecording":
+        """Start recording a probed update block by block (see :class:`ProbeRecording`)."""
+        return ProbeRecording(self, step, tokens, batch_key)
+
+    def _prepare(self, m: str, rows: List[str], G: torch.Tensor):
+        """One module's per-step quantities of ``_record``: (module index, module, its languages,
+        Y (stored space), Z (aux space), X (subspace), (n, 3) squared norms). Reads nothing that
+        another module's preparation writes, so modules may be prepared one at a time."""
+        mi = self.module_names.index(m)
+        r = self.subspace_dim
+        # float64 throughout; a float64 input is used as it is (no copy)
+        G = G.to(torch.float64)
+        main, aux, _, _ = self._projections(m)
+        # the element-wise temporaries go to one reused scratch buffer: a fresh allocation
+        # of this size is paid for page by page at every step
+        work = self._work(G.shape, G.device)
+        q_exact = torch.mul(G, G, out=work).sum(1)
+        Y = main(G, work) if main is not None else G
+        q = (Y * Y).sum(1) if main is not None else q_exact
+        Z = aux(Y, self._work(Y.shape, Y.device)) if aux is not None else Y
+        qz = (Z * Z).sum(1) if aux is not None else q
+        X = Z @ self._gauss_on(m, Z.device).T if r else None
+        return (mi, m, rows, Y, Z, X, torch.stack([q_exact, q, qz], 1))
 
     def _record(self, step: int, langs: List[str], modules) -> List[str]:
         """Record ``modules``, a list of (module, its languages, (n, d) gradients), in module order."""
         if not langs or not modules:
             return []
         self._ensure_languages(langs)
+        return self._commit(step, langs, [self._prepare(m, rows, G) for m, rows, G in modules])
+
+    def _commit(self, step: int, langs: List[str], results) -> List[str]:
+        """Add prepared modules (``_prepare``) to the sums: a language with a non-finite value in
+        any module is skipped in all of them. Returns the skipped languages."""
+        if not langs or not results:
+            return []
+        self._ensure_languages(langs)
         L, r = len(self.languages), self.subspace_dim
-        module_index = {m: i for i, m in enumerate(self.module_names)}
-        results = []
         finite = {}
-        for m, rows, G in modules:
-            mi = module_index[m]
-            # float64 throughout; a float64 input is used as it is (no copy)
-            G = G.to(torch.float64)
-            main, aux, _, _ = self._projections(m)
-            # the element-wise temporaries go to one reused scratch buffer: a fresh allocation
-            # of this size is paid for page by page at every step
-            work = self._work(G.shape, G.device)
-            q_exact = torch.mul(G, G, out=work).sum(1)
-            Y = main(G, work) if main is not None else G
-            q = (Y * Y).sum(1) if main is not None else q_exact
-            Z = aux(Y, self._work(Y.shape, Y.device)) if aux is not None else Y
-            qz = (Z * Z).sum(1) if aux is not None else q
-            X = Z @ self._gauss_on(m, Z.device).T if r else None
-            results.append((mi, m, rows, Y, Z, X, torch.stack([q_exact, q, qz], 1)))
         # One device sync for the finiteness check of every (language, module).
         ok_rows = torch.cat([torch.isfinite(res[-1]).all(1) for res in results]).cpu().tolist()
         pos = 0
@@ -623,6 +617,70 @@ class GradientStatistics:
     def __repr__(self):
         return (f"GradientStatistics(modules={len(self.module_names)}, languages={self.languages}, "
                 f"steps={self.num_steps}, sketch_dim={self.sketch_dim}, subspace_dim={self.subspace_dim})")
+
+
+class ProbeRecording:
+    """One probed update recorded block by block: ``add_block`` for every module (any order),
+    then ``finish``. Records exactly what ``GradientStatistics.add_probe`` records with all rows
+    at once (``add_probe`` is this), but needs only one block's (2U, d) half-gradient rows at a
+    time: a block's Gram matrix and its languages' rows (reduced at once to the stored, sketched
+    space when ``sketch_dim`` is set) are formed when the block is given, and its rows may be
+    dropped afterwards. So the probe's transient memory is one block's rows, not every tracked
+    parameter times 2U (see ``per_language_update.py`` for when the criterion streams blocks).
+    Nothing is added to the sums before ``finish``: a language with a non-finite value in any
+    block is still left out of every block, and a probe with any non-finite row keeps no Gram
+    matrix."""
+
+    def __init__(self, stats: GradientStatistics, step: int, tokens: torch.Tensor, batch_key: Optional[int] = None):
+        if stats.same_state is None:
+            raise ValueError("add_probe: these statistics have no probe units (construct with probe_units)")
+        rec = stats.same_state
+        R = 2 * len(rec.units)
+        tokens = torch.as_tensor(tokens, dtype=torch.float64).reshape(-1)
+        if tokens.numel() != R:
+            raise ValueError(f"add_probe: expected {R} token counts (2 halves x {len(rec.units)} units), got {tokens.numel()}")
+        self.stats, self.step, self.tokens, self.R = stats, int(step), tokens, R
+        self.languages = rec.languages
+        # language row = sum over its halves of (tokens_r / tokens_language) * row_r
+        member = torch.zeros(len(self.languages), R, dtype=torch.float64)
+        for u, lang in enumerate(rec.unit_languages):
+            member[self.languages.index(lang), 2 * u: 2 * u + 2] = 1.0
+        lang_tokens = member @ tokens
+        self.present = torch.nonzero(lang_tokens > 0).flatten()
+        self.present_languages = [self.languages[i] for i in self.present.tolist()]
+        self.mix = ((member * tokens[None]) / lang_tokens.clamp(min=1e-30)[:, None])[self.present]
+        self.grams: Dict[str, torch.Tensor] = {}
+        self.results: Dict[str, tuple] = {}
+
+    @torch.no_grad()
+    def add_block(self, module: str, rows: torch.Tensor) -> None:
+        """``rows``: (2U, d) per-target-token gradient of every half of ``module``."""
+        stats = self.stats
+        if module not in stats.module_sizes:
+            raise ValueError(f"add_probe: untracked module {module!r}")
+        if module in self.grams:
+            raise ValueError(f"add_probe: module {module!r} given twice")
+        Y = rows.detach().to(torch.float64)
+        if tuple(Y.shape) != (self.R, stats.module_sizes[module]):
+            raise ValueError(f"add_probe: rows of {module!r} have shape {tuple(Y.shape)}, "
+                             f"expected ({self.R}, {stats.module_sizes[module]})")
+        self.grams[module] = (Y @ Y.T).cpu()
+        if self.present.numel():
+            lang_rows = self.mix.to(Y.device) @ Y
+            self.results[module] = stats._prepare(module, self.present_languages, lang_rows)
+
+    def finish(self) -> List[str]:
+        """Keep the Gram matrices and record the languages' rows. Returns the skipped languages."""
+        stats = self.stats
+        missing = [m for m in stats.module_names if m not in self.grams]
+        if missing:
+            raise ValueError(f"add_probe: no rows for modules {missing}")
+        if self.present.numel() == 0:
+            return []
+        grams = torch.stack([self.grams[m] for m in stats.module_names])
+        if bool(torch.isfinite(grams).all()):
+            stats.same_state.add(self.step, self.tokens, grams, self.batch_key)
+        return stats._commit(self.step, self.present_languages, [self.results[m] for m in stats.module_names])
 
 
 def synthetic_statistics(module_sizes: Mapping[str, int], languages: Sequence[str],

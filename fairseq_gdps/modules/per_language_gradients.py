@@ -104,6 +104,18 @@ class PerLanguageGradients:
             self._bias[key] = self._bias[key] + bias if key in self._bias else bias
         return None
 
+    def complete(self) -> None:
+        """Form every derived share now, from the parameter gradients of this backward pass, and
+        drop the references to those gradients. Call it right after the backward pass when the
+        shares are read later (e.g. after the optimizer step): the trainer scales, clips and
+        zeroes ``.grad`` in place, and a parameter's gradient may be that very tensor."""
+        for key in list(self._weight):
+            if key in self._derived_keys:
+                for kind, store in (("weight", self._weight), ("bias", self._bias)):
+                    if key in store:
+                        self._shares(key, kind)
+        self._derived_keys, self._total = set(), {}
+
     def _shares(self, key, kind: str) -> Tensor:
         """(L, ...) per-language shares of one layer's weight or bias."""
         shares = (self._weight if kind == "weight" else self._bias)[key]
@@ -139,3 +151,12 @@ class PerLanguageGradients:
             for i, lang in enumerate(self.languages):
                 out[lang][name] = flat[i]
         return out
+
+    def release(self, names: Iterable[str]) -> None:
+        """Drop the per-language shares of the blocks ``names`` (read them with :meth:`gradients`
+        first): a probe that records block by block frees each block's shares once recorded, so
+        that they and the block's float64 rows are not all held at once."""
+        for name in names:
+            for k in range(len(self.blocks[name])):
+                for store in (self._weight, self._bias, self._total):
+                    store.pop((name, k), None)

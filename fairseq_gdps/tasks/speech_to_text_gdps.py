@@ -289,7 +289,11 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         # different sizes weigh the same in the statistics).
         tokens = torch.zeros(2 * len(criterion.probe_units), dtype=torch.float64).index_add_(
             0, rows.cpu(), sample["target_lengths"].cpu().double())
-        criterion.add_micro_batch(capture.gradients(criterion.tracked_modules(model)), tokens, first_of_update,
+        # the capture itself (its shares completed now, before the trainer scales and clips the
+        # gradients in place): the criterion reads it block by block (one micro-batch on one
+        # worker is recorded straight from it, without a buffer of every tracked gradient per half)
+        capture.complete()
+        criterion.add_micro_batch(capture, tokens, first_of_update,
                                   loss_scale_of(optimizer), sample["id"].tolist())
         return result
 
