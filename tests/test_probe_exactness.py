@@ -193,7 +193,8 @@ def test_each_probe_half_is_its_utterances_gradient_on_the_real_model(tiny_data,
     add_micro_batch = criterion.add_micro_batch
 
     def spy(grads, tokens, first_of_update, loss_scale=1.0, utterance_ids=()):
-        handed.append(({r: {n: g.detach().clone() for n, g in blocks.items()} for r, blocks in grads.items()},
+        shares = grads.gradients() if hasattr(grads, "gradients") else grads   # the capture, or its shares
+        handed.append(({r: {n: g.detach().clone() for n, g in blocks.items()} for r, blocks in shares.items()},
                        tokens.clone()))
         add_micro_batch(grads, tokens, first_of_update, loss_scale, utterance_ids)
 

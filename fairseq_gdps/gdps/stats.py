@@ -640,6 +640,7 @@ class ProbeRecording:
         if tokens.numel() != R:
             raise ValueError(f"add_probe: expected {R} token counts (2 halves x {len(rec.units)} units), got {tokens.numel()}")
         self.stats, self.step, self.tokens, self.R = stats, int(step), tokens, R
+        self.batch_key = batch_key
         self.languages = rec.languages
         # language row = sum over its halves of (tokens_r / tokens_language) * row_r
         member = torch.zeros(len(self.languages), R, dtype=torch.float64)
