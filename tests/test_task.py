@@ -106,6 +106,30 @@ def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tm
     assert "gdps_statistics" in gdps_task.state_dict()
 
 
+def test_probe_records_every_conformer_ffn(tiny_data, tmp_path):
+    """Conformer macaron FFNs (ffn1/ffn2): fairseq builds their SiLU in place, which would swallow
+    the probe's hook on w_1's output; every block must be recorded, and sum to the total."""
+    task, model, criterion = build(
+        tiny_data, "speech_to_text_gdps", "s2t_conformer_gdps_xs", "label_smoothed_cross_entropy_gdps",
+        ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / "stats.pt"), "--encoder-layers", "1",
+         "--decoder-layers", "1", "--dropout", "0"])
+    batch = first_multilingual_batch(task)
+    task.train_step(batch, model, criterion, PlainBackward(), 0)
+    task.optimizer_step(PlainBackward(), model, 0)
+    stats = criterion.statistics
+    assert stats.module_names == ["encoder.conformer_layers.0.ffn1", "encoder.conformer_layers.0.ffn2",
+                                  "decoder.layers.0.ffn"]
+    assert stats.same_state.num_probes == 1
+    ffn = model.encoder.conformer_layers[0].ffn2
+    total = torch.cat([p.grad.reshape(-1) for p in (*ffn.w_1.parameters(), *ffn.w_2.parameters())]).double()
+    sums = stats.module_sums("encoder.conformer_layers.0.ffn2")
+    lang_ids = batch["net_input"][LANG_ID_KEY]
+    recorded = sum(sums["S"][stats.languages.index(lang)]
+                   * batch["target_lengths"][lang_ids == task.languages.index(lang)].sum().item()
+                   for lang in {task.languages[i] for i in lang_ids.tolist()})
+    torch.testing.assert_close(recorded, total, rtol=1e-4, atol=1e-6)
+
+
 def test_no_probe_between_intervals_and_stock_model_rejected(tiny_data, tmp_path):
     task, model, criterion = build(
         tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",

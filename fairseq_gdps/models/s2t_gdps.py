@@ -460,7 +460,15 @@ class S2TTransformerGDPSEncoder(_GDPSEncoderMixin, S2TTransformerEncoder):
 
 
 class S2TConformerGDPSEncoder(_GDPSEncoderMixin, S2TConformerEncoder):
-    pass
+    def __init__(self, args):
+        super().__init__(args)
+        # fairseq's FeedForwardModule builds its activation as nn.SiLU(hidden_units), i.e. with
+        # inplace=True: it overwrites w_1's output, so a hook on that output (the GDPS probe's
+        # per-language weight gradients) never fires. The out-of-place SiLU computes the same.
+        for module in self.modules():
+            if isinstance(module, FeedForwardModule) and isinstance(module.activation, nn.SiLU) \
+                    and module.activation.inplace:
+                module.activation = nn.SiLU()
 
 
 class GDPSTransformerDecoder(TransformerDecoderScriptable):
