@@ -221,7 +221,7 @@ def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
 
 def record_runs(args) -> int:
     """Analyse every finished seed of WORK into a small JSON record under --records."""
-    from fairseq_gdps.gdps.report import file_sha256
+    from fairseq_gdps.atomic import file_sha256
     from fairseq_gdps.gdps.stats import GradientStatistics
 
     work, records = Path(args.work), Path(args.records)

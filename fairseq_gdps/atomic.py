@@ -1,4 +1,6 @@
-"""Atomic file writes: a reader sees the old file or the whole new one, never half of one."""
+"""File helpers: atomic writes (a reader sees the old file or the whole new one, never half of
+one) and the sha256 of a file."""
+import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -20,3 +22,12 @@ def atomic_write(path, mode: str = "w"):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def file_sha256(path) -> str:
+    """The sha256 of a file's bytes (hex), read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -26,18 +26,12 @@ import sys
 from pathlib import Path
 from typing import Dict, Optional, Tuple
 
+from fairseq_gdps.atomic import file_sha256
+
 SPLITS = ("train", "dev", "test")
 # distributions whose versions shape the corpus, the features, the model or the scores
 PACKAGES = ("torch", "fairseq-fixed", "numpy", "scipy", "sentencepiece", "kaldi-native-fbank", "sacrebleu",
             "babel", "unicode-rbnf", "num2words", "mishkal")
-
-
-def sha256_file(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def sha256_tree(root, pattern: str = "*.wav") -> Tuple[str, int]:
@@ -47,7 +41,7 @@ def sha256_tree(root, pattern: str = "*.wav") -> Tuple[str, int]:
     files = sorted(p.relative_to(root).as_posix() for p in root.rglob(pattern) if p.is_file())
     h = hashlib.sha256()
     for rel in files:
-        h.update(f"{rel}\0{sha256_file(root / rel)}\n".encode("utf-8"))
+        h.update(f"{rel}\0{file_sha256(root / rel)}\n".encode("utf-8"))
     return h.hexdigest(), len(files)
 
 
@@ -61,7 +55,7 @@ def _combined(hashes: Dict[str, Optional[str]]) -> str:
 def corpus_fingerprint(corpus) -> dict:
     """The corpus TSVs (each, and together), its audio files, and what corpus.json says made them."""
     corpus = Path(corpus)
-    manifests = {f"{s}.tsv": sha256_file(corpus / f"{s}.tsv") for s in SPLITS if (corpus / f"{s}.tsv").is_file()}
+    manifests = {f"{s}.tsv": file_sha256(corpus / f"{s}.tsv") for s in SPLITS if (corpus / f"{s}.tsv").is_file()}
     audio, files = sha256_tree(corpus / "wav") if (corpus / "wav").is_dir() else (None, 0)
     generated_with = None
     if (corpus / "corpus.json").is_file():
@@ -74,9 +68,9 @@ def corpus_fingerprint(corpus) -> dict:
 def data_fingerprint(data) -> dict:
     """The features archive, the manifests (each, and together) and the SentencePiece model."""
     data = Path(data)
-    manifests = {p.name: sha256_file(p) for p in sorted(data.glob("*.tsv")) if p.name != "skipped.tsv"}
-    features = {p.name: sha256_file(p) for p in sorted(data.glob("*.zip"))}
-    spm = {p.name: sha256_file(p) for p in sorted(data.glob("spm_*.model"))}
+    manifests = {p.name: file_sha256(p) for p in sorted(data.glob("*.tsv")) if p.name != "skipped.tsv"}
+    features = {p.name: file_sha256(p) for p in sorted(data.glob("*.zip"))}
+    spm = {p.name: file_sha256(p) for p in sorted(data.glob("spm_*.model"))}
     return {"path": str(data.resolve()), "features": features, "manifests": manifests,
             "manifests_combined": _combined(manifests), "spm": spm}
 

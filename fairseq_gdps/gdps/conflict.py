@@ -50,6 +50,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_gdps.gdps import same_state as SS
+from fairseq_gdps.gdps.grouping import partition_frequencies
 
 Partition = Tuple[Tuple[str, ...], ...]
 
@@ -361,14 +362,6 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1) -
             er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau, analysis.estimates[b].rho_interval[1])
         rr = np.mean([analysis.rho_boot(b)[r] for b in blocks], axis=0)
         counts[greedy_groups(_merged(er, same), rr, langs, same)] += 1
-    total = max(1, sum(counts.values()))
-    freqs = sorted(((p, c / total) for p, c in counts.items()), key=lambda pc: (-pc[1], pc[0]))
-    co = np.zeros((L, L))
-    pos = {l: i for i, l in enumerate(langs)}
-    for p, c in counts.items():
-        for g in p:
-            ii = [pos[l] for l in g]
-            co[np.ix_(ii, ii)] += c
+    freqs, chosen, co = partition_frequencies(counts, partition, langs)
     return ConflictGrouping(blocks=list(blocks), partition=partition, edges=listed, rule=rule, frequencies=freqs,
-                            chosen_frequency=counts.get(partition, 0) / total if R else float("nan"),
-                            coassignment=co / total, resamples=R)
+                            chosen_frequency=chosen if R else float("nan"), coassignment=co, resamples=R)

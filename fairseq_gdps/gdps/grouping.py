@@ -201,17 +201,22 @@ def group_languages(stats, modules: Sequence[str], languages: Optional[Sequence[
     res = GroupingResult(languages=langs, modules=list(modules), distance=D, partition=partition, info=info)
     if resamples > 0:
         parts = bootstrap_partitions(stats, modules, langs, resamples=resamples, seed=seed, **kw)
-        counts = Counter(parts)
-        total = len(parts)
-        res.frequencies = sorted(((p, c / total) for p, c in counts.items()), key=lambda pc: (-pc[1], pc[0]))
-        res.chosen_frequency = counts.get(partition, 0) / total
-        L = len(langs)
-        co = np.zeros((L, L))
-        pos = {l: i for i, l in enumerate(langs)}
-        for p, c in counts.items():
-            for g in p:
-                ii = [pos[l] for l in g]
-                co[np.ix_(ii, ii)] += c
-        res.coassignment = co / total
-        res.resamples = total
+        res.frequencies, res.chosen_frequency, res.coassignment = partition_frequencies(Counter(parts), partition, langs)
+        res.resamples = len(parts)
     return res
+
+
+def partition_frequencies(counts: Counter, chosen: Partition, languages: Sequence[str]):
+    """From bootstrap partition counts: (partitions with their frequency, most frequent first;
+    the chosen partition's frequency; the (L, L) co-assignment matrix, how often two languages
+    share a group)."""
+    total = max(1, sum(counts.values()))
+    freqs = sorted(((p, c / total) for p, c in counts.items()), key=lambda pc: (-pc[1], pc[0]))
+    L = len(languages)
+    co = np.zeros((L, L))
+    pos = {l: i for i, l in enumerate(languages)}
+    for p, c in counts.items():
+        for g in p:
+            ii = [pos[l] for l in g]
+            co[np.ix_(ii, ii)] += c
+    return freqs, counts.get(chosen, 0) / total, co / total

@@ -19,7 +19,6 @@ the explicit ``modules`` if given, else over the top ``top_k`` ranked modules.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
@@ -31,17 +30,9 @@ from fairseq_gdps.gdps import conflict as C
 from fairseq_gdps.gdps import grouping as G
 from fairseq_gdps.gdps import metrics as M
 from fairseq_gdps.gdps.plan import Plan
-from fairseq_gdps.atomic import atomic_write
+from fairseq_gdps.atomic import atomic_write, file_sha256
 
 LAYER_RE = re.compile(r"^(?P<stack>.+?)\.(?P<layer>\d+)\.(?P<rest>.+)$")
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def parse_layer(name: str):
