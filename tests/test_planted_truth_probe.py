@@ -15,6 +15,8 @@ import planted_truth  # noqa: E402
 from fairseq_gdps.gdps.report import analyze  # noqa: E402
 from fairseq_gdps.gdps.stats import GradientStatistics  # noqa: E402
 
+pytestmark = pytest.mark.slow   # fairseq-train runs
+
 UPDATES = 40
 
 

@@ -9,6 +9,8 @@ import torch
 from conftest import BIN, REPO, run
 from gdps_training import load_checkpoint, num_updates, run_all, stage1_args, train_args
 
+pytestmark = pytest.mark.slow   # fairseq-train and fairseq-generate runs
+
 KEY = "encoder.gdps_lang_embedding.weight"
 ARCH = ["--arch", "s2t_transformer_gdps_xs", "--gdps-lang-embedding"]  # xs with the helpers' tiny sizes
 SPLIT = ["--gdps-split-modules", "decoder.layers.0.ffn", "--gdps-groups", "ar,ga;et,sw", "--gdps-shared-ratio", "0.5"]
