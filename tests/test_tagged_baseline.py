@@ -4,6 +4,8 @@ stage 1 whose learned language vectors (and their Adam moments) gdps-split-check
 stage 2, which trains on from them."""
 import csv
 
+import pytest
+
 import torch
 
 from conftest import BIN, REPO, run
