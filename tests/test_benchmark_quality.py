@@ -76,7 +76,6 @@ def test_run_time_span_from_the_runs_wall_seconds(tmp_path):
                                                "summed_run_seconds": 450}
 
 
-@pytest.mark.slow
 def test_conflict_condition_uses_shared_speakers(tmp_path, monkeypatch):
     """The conflict corpus is made with --conflict-speakers shared; one made with own xx voices
     (before the condition changed) is refused, not reused."""
@@ -103,6 +102,7 @@ def test_conflict_condition_uses_shared_speakers(tmp_path, monkeypatch):
     assert make[make.index("--conflict-speakers") + 1] == "shared"
 
 
+@pytest.mark.slow
 def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--setting", "tiny", "--work", str(work), "--results", str(results), "--data", f"natural={tiny_data}"]
@@ -115,7 +115,7 @@ def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
     languages = sorted(seed1["baseline"]["bleu"])
     # the split systems hold more parameters than the shared model; the full split the most
     assert seed1["baseline"]["params"] < seed1["gdps"]["params"] <= seed1["full_split"]["params"]
-    assert 0 < seed1["gdps"]["split"]["stability"] <= 1
+    assert 0 <= seed1["gdps"]["split"]["stability"] <= 1   # a frequency over bootstrap resamples
     clipped = seed1["gdps"]["split"]["clipped"]   # the analysis' estimator check, from the plan
     assert clipped["pairs"] > 0 and 0 <= clipped["clipped"] <= clipped["pairs"]
     assert seed1["full_split"]["split"]["groups"] == [[l] for l in languages]
