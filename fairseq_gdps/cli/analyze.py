@@ -3,7 +3,7 @@
     gdps-analyze STATS --out DIR [--groups K | --distance-threshold T] [--top-k N]
                  [--select top1|topk | --modules M [M ...]]
                  [--window-start U] [--window-end U] [--reference-blocks GLOBS]
-                 [--conflict-tau 0.1] [--identifiability-margin 0.05] [--interval-level 0.9]
+                 [--conflict-tau 0.1] [--min-reference-agreement 0.5] [--identifiability-margin 0.05] [--interval-level 0.9]
                  [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--resamples 200] [--seed 0]
 
 The decision comes from the same-state probe records (``fairseq_gdps.gdps.same_state``: the
@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--conflict-tau", type=float, default=0.1,
                    help="a pair conflicts at a block when its agreement there is below its reference agreement by "
                    "more than this (and the interval's lower bound is above 0)")
+    w.add_argument("--min-reference-agreement", type=float, default=0.5,
+                   help="only pairs whose agreement on the reference blocks is at least this can conflict (a pair "
+                   "that agrees nowhere has no shared input for its outputs to fight over)")
     w.add_argument("--identifiability-margin", type=float, default=0.05,
                    help="with speaker units: a block tells languages apart when within-language cross-speaker "
                    "agreement exceeds cross-language agreement by more than this (interval lower bound)")
@@ -95,7 +98,8 @@ def main(argv=None) -> int:
                     alignment_weight=args.alignment_weight, silhouette_min=args.silhouette_min,
                     min_split_distance=args.min_split_distance, window_start=args.window_start,
                     window_end=args.window_end, reference=args.reference_blocks, conflict_tau=args.conflict_tau,
-                    identifiability_margin=args.identifiability_margin, interval_level=args.interval_level)
+                    identifiability_margin=args.identifiability_margin, interval_level=args.interval_level,
+                    min_reference_agreement=args.min_reference_agreement)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gdps-analyze: {exc}", file=sys.stderr)
         return 1

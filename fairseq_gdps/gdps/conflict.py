@@ -27,9 +27,10 @@ is not split along languages, and the report says so. In between, the speaker-le
 are too thin to tell (each unit has few utterances per batch): the block is reported as
 undetermined and not vetoed.
 
-Groups. At the chosen block, a *conflict edge* joins two languages whose conflict exceeds
-``tau`` with an interval lower bound above 0, and whose similarity interval there lies below 1
-(measurably not one language). The languages without an edge form one group; the
+Groups. At the chosen block, a *conflict edge* joins two languages whose inputs agree
+(reference agreement at least ``min_reference``, 0.5: a pair that agrees nowhere has nothing for
+its outputs to fight over), whose conflict exceeds ``tau`` with an interval lower bound above 0,
+and whose similarity interval there lies below 1 (measurably not one language). The languages without an edge form one group; the
 others are placed greedily, most edges first, each into the existing group where it has no edge
 and agrees most (mean rho) with the members, or into a new group: no conflicting pair shares a
 group, and the rest stays together. Languages that agree like two halves of one language in
@@ -100,6 +101,7 @@ class ConflictAnalysis:
     separation: Optional[dict]       # top vs next candidate: difference and its interval
     unit_level: bool                 # identifiability measured from (language, speaker) units
     beyond_one: Dict[str, int]       # point estimates |rho| > 1 (sampling noise only)
+    reference: np.ndarray            # (L, L) the pairs' agreement on the reference blocks
     _boot: dict = field(default_factory=dict, repr=False)
 
     def conflict_boot(self, block: str) -> np.ndarray:
@@ -230,7 +232,7 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
                             estimates=estimates, probes=P, batches=len(set(records.batch_keys(start, end).tolist())),
                             window=(start, end),
                             updates=(int(updates[0]), int(updates[-1])), resamples=len(counts), level=level,
-                            separation=separation, unit_level=unit_level, beyond_one=beyond,
+                            separation=separation, unit_level=unit_level, beyond_one=beyond, reference=ref,
                             _boot={"rho": np.moveaxis(rho_b, 1, 0), "conflict": np.moveaxis(conflict_b, 1, 0)})
 
 
@@ -334,23 +336,28 @@ def _merged(edges: np.ndarray, same: np.ndarray) -> np.ndarray:
     return out
 
 
-def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1) -> ConflictGrouping:
+def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1,
+          min_reference: float = 0.5) -> ConflictGrouping:
     """Groups from the conflict edges of ``blocks`` (an edge in any of them counts), with their
-    bootstrap stability. Indistinguishable languages (``indistinguishable``) share their edges and
-    always share a group."""
+    bootstrap stability. Only pairs whose inputs agree (reference agreement >= ``min_reference``)
+    can conflict: a pair that agrees nowhere has no shared input for its outputs to fight over, and
+    its small drops between blocks are differences near zero, not conflict. Indistinguishable
+    languages (``indistinguishable``) share their edges and always share a group."""
     langs = analysis.languages
     L = len(langs)
     same = indistinguishable(analysis)
+    eligible = np.nan_to_num(analysis.reference, nan=-np.inf) >= min_reference
     edges = np.zeros((L, L), dtype=bool)
     rho = np.mean([analysis.estimates[b].rho for b in blocks], axis=0)
     listed = []
     for b in blocks:
         e = analysis.estimates[b]
-        eb = conflict_edges(e.conflict, e.conflict_interval[0], tau, e.rho_interval[1])
+        eb = conflict_edges(e.conflict, e.conflict_interval[0], tau, e.rho_interval[1]) & eligible
         edges |= eb
         listed += [(langs[i], langs[j], float(e.conflict[i, j])) for i in range(L) for j in range(i + 1, L) if eb[i, j]]
     partition = greedy_groups(_merged(edges, same), rho, langs, same)
-    rule = (f"conflict edges (conflict > {tau:g} with its interval above 0, similarity interval below 1) at "
+    rule = (f"conflict edges (reference agreement >= {min_reference:g}, conflict > {tau:g} with its interval above 0, "
+            "similarity interval below 1) at "
             f"{', '.join(blocks)}: "
             + (", ".join(f"{a}-{b} {c:.2f}" for a, b, c in listed) if listed else "none, so one group"))
     counts: Counter = Counter()
@@ -359,7 +366,7 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1) -
         er = np.zeros((L, L), dtype=bool)
         for b in blocks:
             # a replicate's edges: conflict above tau among the pairs measurably not one language
-            er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau, analysis.estimates[b].rho_interval[1])
+            er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau, analysis.estimates[b].rho_interval[1]) & eligible
         rr = np.mean([analysis.rho_boot(b)[r] for b in blocks], axis=0)
         counts[greedy_groups(_merged(er, same), rr, langs, same)] += 1
     freqs, chosen, co = partition_frequencies(counts, partition, langs)

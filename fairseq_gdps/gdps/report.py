@@ -146,7 +146,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
             seed: int = 0, subspace_rank: int = 8, ridge: float = 0.1, alignment_weight: float = 0.5,
             silhouette_min: float = 0.25, min_split_distance: float = 0.1, window_start: Optional[int] = None,
             window_end: Optional[int] = None, reference: str = "encoder.*", conflict_tau: float = 0.1,
-            identifiability_margin: float = 0.05, interval_level: float = 0.9) -> Analysis:
+            identifiability_margin: float = 0.05, interval_level: float = 0.9,
+            min_reference_agreement: float = 0.5) -> Analysis:
     if select not in ("top1", "topk"):
         raise ValueError(f"select must be 'top1' or 'topk', got {select!r}")
     if top_k < 1:
@@ -184,7 +185,7 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     if ca is not None:
         ranking = ca.candidates + ca.reference_blocks
         split_modules, grouping, rho = _same_state_decision(ca, modules, select, top_k, n_groups, threshold,
-                                                            conflict_tau, notes)
+                                                            conflict_tau, min_reference_agreement, notes)
     else:
         ranking = M.rank_modules(metrics)
         k = min(top_k, len(ranking))
@@ -208,7 +209,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
                 "subspace_rank": subspace_rank, "ridge": ridge, "alignment_weight": alignment_weight,
                 "silhouette_min": silhouette_min, "min_split_distance": min_split_distance,
                 "window_start": window_start, "window_end": window_end, "reference_blocks": reference,
-                "conflict_tau": conflict_tau, "identifiability_margin": identifiability_margin,
+                "conflict_tau": conflict_tau, "min_reference_agreement": min_reference_agreement,
+                "identifiability_margin": identifiability_margin,
                 "interval_level": interval_level}
     stats_info = {"languages": list(stats.languages), "steps": stats.num_steps,
                   "steps_per_language": {l: max(counts[l].values()) for l in stats.languages},
@@ -223,7 +225,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
                     clipped=M.clipped_pairs(metrics), notes=notes, conflict=ca)
 
 
-def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_groups, threshold, tau, notes):
+def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_groups, threshold, tau, min_reference,
+                         notes):
     """(split modules, grouping, rho of the split modules) from the same-state analysis."""
     langs = ca.languages
     if modules:
@@ -259,7 +262,7 @@ def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_group
         notes.append(info["rule"])
         cg = None
     else:
-        cg = C.group(ca, split, tau=tau if threshold is None else threshold)
+        cg = C.group(ca, split, tau=tau if threshold is None else threshold, min_reference=min_reference)
         partition, info = cg.partition, {"rule": cg.rule, "edges": cg.edges}
     grouping = G.GroupingResult(languages=langs, modules=split, distance=1.0 - rho, partition=partition, info=info)
     if cg is not None:
