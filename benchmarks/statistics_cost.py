@@ -96,7 +96,7 @@ def measure_statistics_memory(setting, work: Path) -> dict:
             "note": "bytes: every float64 sum GradientStatistics keeps (what is saved and reduced), of a size fixed "
                     "by the blocks, languages and settings; same_state_bytes: the same-state records, every "
                     "probe's (2U)^2 Gram matrix per block and 2U token counts, kept whole so that the bootstrap "
-                    "over probes is exact (8 * (2U + M (2U)^2) + 8 bytes per probe). The count-sketch hashes "
+                    "over probes is exact (8 * (2U + M (2U)^2 + 2) bytes per probe). The count-sketch hashes "
                     "(16 bytes per gradient element of a sketched block, rebuilt from the seed, never saved) come "
                     "on top when sketching"}
 

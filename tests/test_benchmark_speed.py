@@ -78,7 +78,7 @@ def test_results_file_structure_and_ratios(tiny_results):
     # the same-state records: a fixed number of bytes per probe, every probe kept
     per_probe = memory["same_state_bytes_per_probe"]
     U, M = steps[0]["probe_units"], steps[0]["blocks"]
-    assert per_probe == 8 * (2 * U + M * (2 * U) ** 2) + 8
+    assert per_probe == 8 * (2 * U + M * (2 * U) ** 2 + 2)   # + the update number and the batch key
     for r in memory["by_recorded_updates"]:
         assert r["probes_kept"] == r["recorded_updates"]
         assert r["same_state_bytes"] == per_probe * r["probes_kept"]

@@ -249,10 +249,8 @@ def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_group
                      "not vetoed, and it rests on the language-level estimates alone")
     rho = np.mean([ca.estimates[b].rho for b in split], axis=0)
     if n_groups is not None:
-        D = np.clip(np.nan_to_num(np.mean([ca.estimates[b].conflict for b in split], axis=0), nan=0.0), 0, 2)
-        D = (D + D.T) / 2
-        np.fill_diagonal(D, 0.0)
-        partition, info = G.cluster(D, langs, n_groups=n_groups)
+        # forced K (e.g. the Parameter Differentiation rule): average linkage on 1 - same-state rho
+        partition, info = G.cluster(G._to_distance(rho), langs, n_groups=n_groups)
         cg = None
     elif unidentified:
         partition = (tuple(langs),)
