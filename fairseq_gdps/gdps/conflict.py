@@ -123,12 +123,8 @@ def reference_of(blocks: Sequence[str], pattern: str) -> List[str]:
 
 def _pairs_mean(a: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """Mean of ``a[..., i, j]`` over the (i, j) of ``mask`` (NaN-aware) -> a[...]."""
-    sel = a[..., mask]
-    with np.errstate(invalid="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanmean(sel, axis=-1)
+    with SS.nan_quiet():
+        return np.nanmean(a[..., mask], axis=-1)
 
 
 def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Optional[int] = None,
@@ -158,12 +154,9 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
     blocks = list(records.blocks)
     ref_blocks = reference_of(blocks, reference)
     ri = [blocks.index(b) for b in ref_blocks]
-    with np.errstate(invalid="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            ref = np.nanmean(rho[ri], axis=0)
-            ref_b = np.nanmean(rho_b[:, ri], axis=1)
+    with SS.nan_quiet():
+        ref = np.nanmean(rho[ri], axis=0)
+        ref_b = np.nanmean(rho_b[:, ri], axis=1)
     conflict = ref[None] - rho                     # (M, L, L)
     conflict_b = ref_b[:, None] - rho_b            # (R, M, L, L)
     L = len(langs)
@@ -173,11 +166,8 @@ def analyse(records: SS.SameStateRecords, start: Optional[int] = None, end: Opti
 
     def pair_max(c):
         v = c[..., upper]
-        with np.errstate(invalid="ignore"):
-            import warnings
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", RuntimeWarning)
-                return np.nanmax(v, axis=-1) if v.shape[-1] else np.full(v.shape[:-1], np.nan)
+        with SS.nan_quiet():
+            return np.nanmax(v, axis=-1) if v.shape[-1] else np.full(v.shape[:-1], np.nan)
 
     score, score_b = pair_max(conflict), pair_max(conflict_b)     # (M,), (R, M)
     rho_lo, rho_hi = SS.interval(rho_b, level)

@@ -44,12 +44,22 @@ This file imports no fairseq.
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 KIND = "gdps-same-state-probes"
+
+
+@contextlib.contextmanager
+def nan_quiet():
+    """NaN-aware reductions over pairs or units without data (NaN there by design) stay quiet."""
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
 
 
 class SameStateRecords:
@@ -247,10 +257,7 @@ def self_cosine(tokens: np.ndarray, grams: np.ndarray) -> np.ndarray:
     aa = grams[:, :, 0::2, 0::2][..., np.arange(U), np.arange(U)]
     bb = grams[:, :, 1::2, 1::2][..., np.arange(U), np.arange(U)]
     both = (np.asarray(tokens)[:, 0::2] > 0) & (np.asarray(tokens)[:, 1::2] > 0)
-    import warnings
-
-    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)   # a unit never with both halves: NaN
+    with nan_quiet():   # a unit never with both halves: NaN
         c = np.where(both[:, None, :], ab / np.sqrt(aa * bb), np.nan)
         return np.nanmean(c, axis=0) if P else np.full((M, U), np.nan)
 
@@ -274,8 +281,5 @@ def bootstrap_counts(num_probes: int, resamples: int, seed: int = 0,
 def interval(samples: np.ndarray, level: float = 0.9) -> Tuple[np.ndarray, np.ndarray]:
     """Percentile interval over the first axis (NaN-aware)."""
     lo = (1 - level) / 2
-    with np.errstate(invalid="ignore"):
-        import warnings
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return np.nanquantile(samples, lo, axis=0), np.nanquantile(samples, 1 - lo, axis=0)
+    with nan_quiet():
+        return np.nanquantile(samples, lo, axis=0), np.nanquantile(samples, 1 - lo, axis=0)
