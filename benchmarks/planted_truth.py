@@ -308,23 +308,13 @@ def report(args) -> int:
                 keep = line.startswith("Window `all`")
             if keep:
                 short.append(line)
-        publish(REPO / "README.md", "planted-truth", "\n".join(short[2:]))
-        publish(REPO / "docs" / "analysis.md", "planted-truth", "\n".join(lines[2:]).replace("### Condition", "#### Condition"))
+        from publish import replace_between
+
+        replace_between(REPO / "README.md", "planted-truth", "\n".join(short[2:]).strip("\n"))
+        replace_between(REPO / "docs" / "analysis.md", "planted-truth",
+                        "\n".join(lines[2:]).replace("### Condition", "#### Condition").strip("\n"))
+        print("published into README.md and docs/analysis.md")
     return 0
-
-
-def publish(page: Path, name: str, text: str) -> None:
-    """Replace the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->`` of ``page``."""
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    content = page.read_text()
-    if begin not in content or end not in content:
-        sys.exit(f"{page} has no {name} markers")
-    head, rest = content.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    tmp = page.with_name(page.name + ".tmp")
-    tmp.write_text(head + begin + "\n" + text.strip("\n") + "\n" + end + tail)
-    os.replace(tmp, page)
-    print(f"published into {page}")
 
 
 def main(argv=None) -> int:

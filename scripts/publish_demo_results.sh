@@ -24,20 +24,10 @@ import re
 import sys
 from pathlib import Path
 
+sys.path.insert(0, "benchmarks")
+from publish import replace_between  # noqa: E402
+
 source = Path(sys.argv[1]).read_text()
-
-
-def replace_between(path, name, text):
-    """Replace what lies between <!-- NAME:begin --> and <!-- NAME:end --> in path (atomically)."""
-    page = path.read_text()
-    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    if begin not in page or end not in page:
-        sys.exit(f"{path} has no {name} markers")
-    head, rest = page.split(begin, 1)
-    _, tail = rest.split(end, 1)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(head + begin + "\n" + text.rstrip("\n") + "\n" + end + tail)
-    tmp.replace(path)
 
 
 # docs/benchmarks.md: the whole results, headings one level down (the page's section is "##")
