@@ -1,35 +1,45 @@
-"""Quality benchmark: GDPS against every peer on the same data and the same update budget.
+"""Quality benchmark: GDPS against both baselines and its controls, where the models have learned.
 
-    python benchmarks/quality.py [--setting default|long|tiny] [--work DIR] [--results DIR]
-                                 [--seeds 1 2 3] [--conditions natural conflict] [--jobs 2]
+    python benchmarks/quality.py [--setting learned|tiny] [--seeds 1 2 3] [--conditions natural conflict]
+                                 [--systems ...] [--jobs 2] [--work DIR] [--results DIR]
+    python benchmarks/quality.py --report-only [--publish]     # the report from the records alone
+    python benchmarks/quality.py --plan-only                   # what is left, and how long it should take
 
-Systems (every one trained from scratch on the same prepared corpus, ``--max-update`` updates):
+Systems (same prepared corpus, same total number of updates ``max_update``):
 
-* ``baseline``       stock fairseq ``speech_to_text`` + ``s2t_transformer`` (run_baseline.sh);
-* ``gdps``           stage 1 (probe) for ``--stage1-updates``, gdps-analyze, stage 2 with its plan;
-* ``full_split``     the plan's module(s) split with no shared units, one block per language;
-* ``random_groups``  the plan's module(s) and ratio, languages shuffled into groups of the plan's sizes;
-* ``param_diff``     the Parameter Differentiation rule: the plan's (most conflicting) module(s)
-                     duplicated whole per cluster, two clusters (gdps-analyze --groups 2), no shared part;
-* ``bilingual``      one stock model per language, ``--max-update / n_languages`` updates each, so
-                     all of them together cost the same number of updates as one multilingual model.
+* ``baseline``       stock fairseq ``speech_to_text`` + ``s2t_transformer``: no language information;
+* ``gdps``           the GDPS network with a language embedding (``--gdps-lang-embedding``): stage 1
+                     (probe) for ``stage1`` updates, gdps-analyze, stage 2 with the plan's split;
+* ``tagged``         the tagged baseline: GDPS's own stage 1 continued unsplit to ``max_update``. The
+                     probe leaves training bit-identical, so GDPS's first ``stage1`` updates ARE the
+                     tagged baseline's (one run, two systems: the machine's time goes to seeds);
+* ``full_split``     GDPS's module(s) split with no shared units, one block per language;
+* ``random_groups``  GDPS's module(s) and ratio, languages shuffled into groups of the plan's sizes;
+* ``param_diff``     the Parameter Differentiation rule: GDPS's module(s) copied whole per cluster,
+                     two clusters (gdps-analyze --groups 2), no shared part;
+* ``bilingual``      (opt-in: ``--systems ... bilingual``) one stock model per language,
+                     ``max_update / n_languages`` updates each.
 
-The three split controls continue the very stage-1 checkpoint GDPS continues (run_gdps.sh
---stage1-from), so they differ from GDPS only in the split. Language information: the split
-systems route by the language tag of each utterance; the shared systems see no tag. In the natural
-condition every language has its own speakers and sounds, so the audio identifies the language;
-in the conflict condition ``xx`` and ``et`` share their speakers and cannot be told apart by
-ear, so there a shared model lacks information the split systems are given (a model with
-``--gdps-lang-embedding``, docs/tagged_baseline.md, gets the same information without a split).
+Every split system continues GDPS's stage-1 checkpoint with the same language embedding, so they
+differ from GDPS only in the split and from the tagged baseline only in having one.
 
-Conditions: ``natural`` (the quick demo corpus) and ``conflict`` (the same plus a controlled-
-conflict language ``xx`` spoken by Estonian's own speakers, ``--conflict-speakers shared``, whose
-numbers and units are permuted: its audio is distributed as Estonian's and only the meaning of
-the words differs; the right grouping isolates ``xx``).
+Conditions: ``natural`` (the quick demo corpus) and ``conflict`` (the same plus ``xx``: Estonian
+spoken by Estonian's own speakers, ``--conflict-speakers shared``, with numbers and units
+permuted, so it differs from ``et`` in meaning only; the right grouping isolates ``xx``).
 
-Every run lives in WORK/<condition>/seed<S>/<system>/ and is finished when its scores.json exists;
-a re-run skips finished runs and restarts unfinished ones from their beginning, so the benchmark
-resumes where it stopped. Results: RESULTS/quality.json, quality.md, quality_dev_loss.png.
+The setting ``learned`` is chosen from measured learning curves (docs/benchmarks.md): the demo
+corpus' templates are learned by about 220 updates (dev accuracy 67-70%), its content between 900
+and 1,500; the planted conflict shows in the same-state gradients only once the content is being
+learned. So stage 1 (probed from the start, every 4 updates) runs to 1,250 updates and stage 2
+to 2,000. The report checks per seed that the stock baseline has learned the content
+(quality_records.LEARNED_CRITERION) and leaves out seeds that have not, saying so.
+
+Runs live in WORK/<condition>/seed<S>/<system>/ (checkpoints, features: never in git). Each
+finished run becomes a record, RESULTS/quality/<setting>/<condition>/seed<S>/<system>.json
+(quality_records.py), and the report (RESULTS/quality.md, quality.json,
+quality_learning_curves.png) is generated from the records alone. A run set is completed over
+several sittings: recorded runs are skipped, an unfinished run restarts from its beginning, and a
+partial set is reported as partial with what is left.
 """
 from __future__ import annotations
 
@@ -45,32 +55,35 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import mean, stdev
 from typing import Callable, Optional
 
-from machine import machine  # benchmarks/machine.py (this folder is on sys.path when run or tested)
+from machine import machine_details  # benchmarks/machine.py (this folder is on sys.path when run or tested)
+import quality_records as records
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
-SYSTEMS = ("baseline", "gdps", "full_split", "random_groups", "param_diff", "bilingual")
+SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "bilingual")
+DEFAULT_SYSTEMS = SYSTEMS[:-1]  # bilingual models answer another question and cost the most: opt-in
 SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff")
-CONFLICT_LANGUAGE = "xx"
+CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
 
 SETTINGS = {
-    # 1000 updates per system (500 in stage 1) took about 22 min per seed and condition on 2 idle
-    # cores (2 runs at a time, 1 thread each): 2.2 h in all, past the 2-hour limit; 800 keeps the
-    # default within it (see benchmarks/results/quality.md for the time measured)
-    "default": dict(utterances=None, vocab=None, max_update=800, stage1=400, probe_interval=4,
-                    seeds=[1, 2, 3], conditions=["natural", "conflict"], bootstrap=1000),
-    # models further into learning (the demo's baseline is near 42 average BLEU at 1500 updates):
-    # about 2.5x the default's time, some 4 h on 2 cores (not run here)
-    "long": dict(utterances=None, vocab=None, max_update=2000, stage1=1000, probe_interval=4,
-                 seeds=[1, 2, 3], conditions=["natural", "conflict"], bootstrap=1000),
-    # seconds per run: exercises every code path in the test suite
+    # the learned regime (see the module's docstring): about 17 min per 2,000-update run on one
+    # core of this machine, two runs at a time
+    "learned": dict(utterances=None, vocab=None, max_update=2000, stage1=1250, probe_interval=4,
+                    seeds=[1, 2, 3], conditions=["natural", "conflict"], bootstrap=1000,
+                    criterion=records.LEARNED_CRITERION),
+    # seconds per run: exercises every code path in the test suite (its models learn nothing)
     "tiny": dict(utterances=30, vocab=64, max_update=6, stage1=3, probe_interval=1,
-                 seeds=[1], conditions=["natural"], bootstrap=50),
+                 seeds=[1], conditions=["natural"], bootstrap=50,
+                 criterion={"min_average_bleu": 0.0, "min_final_dev_accuracy": 0.0}),
 }
+RUN_DEFINING = ("utterances", "vocab", "max_update", "stage1", "probe_interval")
+# wall seconds per update of one run (two at a time, one thread each) on this project's 2-core
+# machine, for the estimate of what is left before any run of a system is recorded
+SECONDS_PER_UPDATE = {"baseline": 0.55, "gdps": 0.65, "tagged": 0.55, "full_split": 0.6, "random_groups": 0.6,
+                      "param_diff": 0.6, "bilingual": 0.5}
 
 logger = logging.getLogger("quality")
 
@@ -101,18 +114,6 @@ def random_partition(plan_groups: list[list[str]], seed: int, attempts: int = 10
 
 def format_groups(groups: list[list[str]]) -> str:
     return ";".join(",".join(g) for g in groups)
-
-
-def updates_to_reach(validations: list[dict], target_loss: float) -> Optional[float]:
-    """First validated update count whose dev loss is at or below ``target_loss`` (None: never)."""
-    for record in validations:
-        if record.get("loss") is not None and record["loss"] <= target_loss:
-            return record["num_updates"]
-    return None
-
-
-def mean_std(values: list[float]) -> tuple[float, float]:
-    return (mean(values), stdev(values) if len(values) > 1 else 0.0) if values else (float("nan"), float("nan"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,18 +197,24 @@ class Benchmark:
         common = ["--max-update", s["max_update"], "--seed", seed]
         decode_joint = ["--decode-args", "--splits test"]
         gdps_dir = root / "gdps"
+        gdps_name = f"{condition}/seed{seed}/gdps"
         jobs = [
             Job(f"{condition}/seed{seed}/baseline", root / "baseline",
                 lambda: self.sh(["bash", RECIPES / "run_baseline.sh", data, root / "baseline", *common, *decode_joint],
                                 root / "baseline.log")),
-            Job(f"{condition}/seed{seed}/gdps", gdps_dir,
+            Job(gdps_name, gdps_dir,
                 lambda: self.sh(["bash", RECIPES / "run_gdps.sh", data, gdps_dir, *common, "--stage1-updates", s["stage1"],
-                                 "--probe-interval", s["probe_interval"], *decode_joint], root / "gdps.log")),
+                                 "--probe-interval", s["probe_interval"], "--lang-embedding", *decode_joint],
+                                root / "gdps.log")),
+            Job(f"{condition}/seed{seed}/tagged", root / "tagged",
+                lambda: self.sh(["bash", RECIPES / "run_gdps.sh", data, root / "tagged", *common, "--stage1-updates",
+                                 s["stage1"], "--stage1-from", gdps_dir, "--no-split", "--lang-embedding", *decode_joint],
+                                root / "tagged.log"),
+                deps=[gdps_name]),
         ]
         for control in SPLIT_CONTROLS:
             jobs.append(Job(f"{condition}/seed{seed}/{control}", root / control,
-                            (lambda c=control: self.run_control(c, data, root, seed, langs)),
-                            deps=[f"{condition}/seed{seed}/gdps"]))
+                            (lambda c=control: self.run_control(c, data, root, seed, langs)), deps=[gdps_name]))
         per_language = max(1, s["max_update"] // len(langs))
         for lang in langs:
             out = root / "bilingual" / lang
@@ -241,12 +248,12 @@ class Benchmark:
             two = json.loads((gdps / "analysis_two_clusters" / "plan.json").read_text())
             groups, ratio = two["groups"], 0.0
         out = root / control
-        (out).mkdir(parents=True, exist_ok=True)
+        out.mkdir(parents=True, exist_ok=True)
         (out / "split.json").write_text(json.dumps({"modules": plan["modules"], "groups": groups, "shared_ratio": ratio}) + "\n")
         self.sh(["bash", RECIPES / "run_gdps.sh", data, out, "--max-update", self.s["max_update"], "--seed", seed,
                  "--stage1-updates", self.s["stage1"], "--stage1-from", gdps, "--split-modules", modules,
-                 "--groups", format_groups(groups), "--shared-ratio", ratio, "--decode-args", "--splits test"],
-                root / f"{control}.log")
+                 "--groups", format_groups(groups), "--shared-ratio", ratio, "--lang-embedding",
+                 "--decode-args", "--splits test"], root / f"{control}.log")
 
     @staticmethod
     def reuse_run(source: Path, out: Path, split: dict) -> None:
@@ -270,39 +277,116 @@ class Benchmark:
             shutil.copy(out / lang / "decode" / f"test_{lang}.txt", decode / f"test_{lang}.txt")
         self.sh(["gdps-score", "--data", data, "--decode-dir", decode, "--out", out / "scores"], out / "score.log")
 
-    # -- scheduling -----------------------------------------------------------------------------
-    RUN_DEFINING = ("utterances", "vocab", "max_update", "stage1", "probe_interval")
+    # -- records --------------------------------------------------------------------------------
+    @property
+    def records_root(self) -> Path:
+        return records_root(self.args.results, self.args.setting)
 
-    def check_work_setting(self) -> None:
-        """Finished runs are reused by folder name, so a work folder must keep one training setting:
-        refuse to mix runs of another budget into it."""
-        wanted = {k: self.s[k] for k in self.RUN_DEFINING}
-        path = self.work / "setting.json"
-        if path.is_file():
-            recorded = json.loads(path.read_text())
-            if recorded != wanted:
-                differ = ", ".join(f"{k} {recorded.get(k)} -> {wanted[k]}" for k in wanted if recorded.get(k) != wanted[k])
-                raise SystemExit(f"quality.py: {path} holds runs made with another setting ({differ}); "
-                                 "use another --work folder or the same setting")
+    def run_setting(self) -> dict:
+        return {k: self.s[k] for k in RUN_DEFINING}
+
+    def record_of(self, job: Job) -> Optional[Path]:
+        """The record a job ends in (None: a bilingual model's part, recorded with the merge)."""
+        condition, seed, system = job.name.split("/")
+        if system not in SYSTEMS:
+            return None
+        return records.record_path(self.records_root, condition, int(seed[len("seed"):]), system)
+
+    def write_record(self, job: Job, data: Path, wall_seconds: Optional[float]) -> None:
+        """The finished run ``job.out`` as a record (its scores, hypotheses, dev curve, split, plan)."""
+        from fairseq_gdps.data.fingerprint import software_versions
+        from fairseq_gdps.data.train_log import read_validations
+
+        condition, seed, system = job.name.split("/")
+        run = job.out
+        references_sha = records.write_references(self.records_root, condition, data, corpus_settings(data))
+        scores = json.loads((run / "scores.json").read_text())
+        if system == "bilingual":
+            checkpoints = [c for c in (checkpoint_of(p) for p in sorted(run.iterdir()) if p.is_dir()) if c]
+            params, curve = sum(parameter_count(c) for c in checkpoints), []  # per-language dev sets: not comparable
         else:
-            self.work.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(wanted, sort_keys=True) + "\n")
+            checkpoint = checkpoint_of(run)
+            params = parameter_count(checkpoint) if checkpoint else None
+            curve = [{k: v[k] for k in ("num_updates", "loss", "accuracy") if k in v}
+                     for v in read_validations(run / "train.log") if v.get("subset") == "dev"]
+        split = plan = None
+        if system in records.SPLIT_SYSTEMS:
+            split_file = run / "split.json"
+            plan = json.loads((run / "analysis" / "plan.json").read_text()) if system == "gdps" else None
+            split = json.loads(split_file.read_text()) if split_file.is_file() else \
+                {k: plan[k] for k in ("modules", "groups", "shared_ratio")}
+            if plan:
+                plan.get("provenance", {}).pop("stats_file", None)  # a path on the machine that ran it
+        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        versions = dict(software_versions(), git=git.stdout.strip() or None)
+        notes = f"reused from {Path((run / 'reused_from.txt').read_text().strip()).name}: no other grouping of the plan's sizes" \
+            if (run / "reused_from.txt").is_file() else None
+        record = records.make_record(
+            setting_name=self.args.setting, run_setting=self.run_setting(), condition=condition,
+            seed=int(seed[len("seed"):]), system=system, scores=scores,
+            hypotheses=records.hypotheses_of(data, run / "decode"), references_sha256=references_sha,
+            dev_curve=curve, params=params, split=split, plan=plan, wall_seconds=wall_seconds, versions=versions,
+            machine=machine_details(), threads=self.args.threads, notes=notes)
+        records.write_json(self.record_of(job), record)
 
+    def check_records_setting(self) -> None:
+        """A records folder keeps one training setting: refuse to mix runs of another budget into it
+        (and into the work folder, whose finished runs are reused by name)."""
+        wanted = self.run_setting()
+        for path in (self.records_root / "setting.json", self.work / "setting.json"):
+            if path.is_file():
+                recorded = json.loads(path.read_text())
+                if recorded != wanted:
+                    differ = ", ".join(f"{k} {recorded.get(k)} -> {wanted[k]}" for k in wanted if recorded.get(k) != wanted[k])
+                    raise SystemExit(f"quality.py: {path} holds runs made with another setting ({differ}); "
+                                     "use another --work/--results folder or the same setting")
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps(wanted, sort_keys=True) + "\n")
 
-    def run_all(self) -> dict[str, str]:
-        """Run every unfinished job, ``--jobs`` at a time, in order (seed-major, so a partial
-        benchmark has whole seeds); returns job name -> 'done' | 'failed: ...' | 'skipped: ...'."""
-        self.check_work_setting()
-        jobs = []
+    # -- scheduling -----------------------------------------------------------------------------
+    def all_jobs(self) -> tuple[list[Job], dict[str, Path]]:
+        jobs, data_of = [], {}
         for seed in self.s["seeds"]:
             for condition in self.s["conditions"]:
                 data = self.data_dir(condition)
-                jobs += [j for j in self.jobs_for(condition, seed, data) if j.name.split("/")[-1] in self.args.systems
-                         or j.name.split("/")[-1].startswith("bilingual") and "bilingual" in self.args.systems]
+                for job in self.jobs_for(condition, seed, data):
+                    system = job.name.split("/")[-1]
+                    if system in self.args.systems or system.startswith("bilingual") and "bilingual" in self.args.systems:
+                        jobs.append(job)
+                        data_of[job.name] = data
+        return jobs, data_of
+
+    def lock_of(self, job: Job) -> Path:
+        """Says which process is training ``job`` (several calls may share a work folder)."""
+        return self.work / f"{job.name}.running"
+
+    def is_recorded(self, job: Job) -> bool:
+        record = self.record_of(job)
+        return record.is_file() if record else False
+
+    def plan_left(self, jobs: list[Job]) -> tuple[list[str], float]:
+        """The systems' runs still to record, and the wall time they should take at ``--jobs``."""
+        left = [j for j in jobs if self.record_of(j) and not self.is_recorded(j)]
+        seconds = sum(expected_seconds(self.records_root, j.name.split("/")[-1], self.s["max_update"]) for j in left)
+        return [j.name for j in left], seconds / max(1, self.args.jobs)
+
+    def run_all(self) -> dict[str, str]:
+        """Run every job whose run is not recorded, ``--jobs`` at a time, in order (seed-major, so a
+        partial benchmark has whole seeds); returns job name -> 'done' | 'failed: ...' | 'skipped: ...'."""
+        self.check_records_setting()
+        jobs, data_of = self.all_jobs()
         status: dict[str, str] = {}
         for job in jobs:
-            if (job.out / "scores.json").is_file():
+            if self.is_recorded(job):
                 status[job.name] = "done"
+            elif (job.out / "scores.json").is_file():  # finished before it could be recorded
+                if self.record_of(job):
+                    self.write_record(job, data_of[job.name], read_wall_seconds(job.out))
+                status[job.name] = "done"
+        left, seconds = self.plan_left(jobs)
+        logger.info(f"{len(left)} run(s) to record, about {seconds / 60:.0f} min at {self.args.jobs} at a time: "
+                    + ", ".join(left))
         pending = [j for j in jobs if j.name not in status]
         running: dict[cf.Future, Job] = {}
         with cf.ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
@@ -316,7 +400,18 @@ class Benchmark:
                         pending.remove(job)
                     elif all(st == "done" for st in dep_states):
                         pending.remove(job)
-                        if job.out.exists() and job.restart_clean:  # an interrupted run restarts from its beginning
+                        missing = [d for d in job.deps if not (self.work / d / "scores.json").is_file()]
+                        if missing:  # recorded in another sitting, on another machine: the run folder is gone
+                            status[job.name] = (f"failed: needs the run folder(s) {missing} under {self.work}, recorded "
+                                                "elsewhere; remove their records to run them again here")
+                            continue
+                        holder = running_elsewhere(self.lock_of(job))
+                        if holder:  # another quality.py call on this work folder is training it now
+                            status[job.name] = f"skipped: running in process {holder}"
+                            continue
+                        self.lock_of(job).parent.mkdir(parents=True, exist_ok=True)
+                        self.lock_of(job).write_text(f"{os.getpid()}\n")
+                        if job.out.exists() and job.restart_clean:  # an unfinished run restarts from its beginning
                             shutil.rmtree(job.out)
                         logger.info(f"start {job.name}")
                         running[pool.submit(self._timed, job)] = job
@@ -325,8 +420,11 @@ class Benchmark:
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in done:
                     job = running.pop(future)
+                    self.lock_of(job).unlink(missing_ok=True)
                     try:
                         seconds = future.result()
+                        if self.record_of(job):
+                            self.write_record(job, data_of[job.name], seconds)
                         status[job.name] = "done"
                         logger.info(f"done  {job.name} ({seconds:.0f} s)")
                     except Exception as e:  # one failed run must not stop the others
@@ -344,32 +442,59 @@ class Benchmark:
 
 
 # ---------------------------------------------------------------------------------------------
-# aggregation and report
+# helpers of records and the report
 # ---------------------------------------------------------------------------------------------
 
-def clipped_corrected_cosines(stats_path: Path) -> Optional[dict]:
-    """The analysis' estimator check (``{"clipped": c, "pairs": p}``) for a plan written before
-    gdps-analyze recorded it, from the statistics file the plan was made from."""
-    from fairseq_gdps.gdps.report import analyze
-    from fairseq_gdps.gdps.stats import GradientStatistics
+def records_root(results: Path, setting: str) -> Path:
+    return results / "quality" / setting
 
-    if not stats_path.is_file():
+
+def running_elsewhere(lock: Path) -> Optional[int]:
+    """The live process, other than this one, that holds ``lock`` (None: nobody, or a stale lock)."""
+    try:
+        pid = int(lock.read_text().strip())
+    except (OSError, ValueError):
         return None
-    return analyze(GradientStatistics.load(stats_path), resamples=0).clipped
-
-
-def run_time_span(work: Path) -> Optional[dict]:
-    """When the benchmark's runs ran, from the ``wall_seconds.txt`` each finished run leaves
-    (written when it ends): first start to last finish, and the runs' summed wall time. A
-    resumed benchmark's span includes the pause between its calls."""
-    spans = []
-    for f in work.rglob("wall_seconds.txt"):
-        end = f.stat().st_mtime
-        spans.append((end - float(f.read_text()), end))
-    if not spans:
+    if pid == os.getpid():
         return None
-    return {"runs": len(spans), "first_start_to_last_finish_seconds": round(max(e for _, e in spans) - min(s for s, _ in spans)),
-            "summed_run_seconds": round(sum(e - s for s, e in spans))}
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
+
+
+def read_wall_seconds(run: Path) -> Optional[float]:
+    f = run / "wall_seconds.txt"
+    return float(f.read_text()) if f.is_file() else None
+
+
+def expected_seconds(root: Path, system: str, max_update: int) -> float:
+    """A run's expected wall time: the mean of this system's recorded runs, else an estimate."""
+    seen = []
+    for path in root.glob(f"*/seed*/{system}.json"):
+        wall = json.loads(path.read_text()).get("wall_seconds")
+        if wall:
+            seen.append(wall)
+    if seen:
+        return sum(seen) / len(seen)
+    stage2_only = system in ("tagged",) + SPLIT_CONTROLS  # they continue GDPS's stage 1
+    share = 0.4 if stage2_only else 1.0
+    return SECONDS_PER_UPDATE.get(system, 0.6) * max_update * share + 60  # + decoding
+
+
+def corpus_settings(data: Path) -> Optional[dict]:
+    """The generator settings of the corpus a prepared data folder came from, where known."""
+    prep = data / "prep.json"
+    if prep.is_file():
+        corpus = json.loads(prep.read_text()).get("corpus")
+        meta = Path(corpus) / "corpus.json" if corpus else None
+        if meta and meta.is_file():
+            return json.loads(meta.read_text(encoding="utf-8")).get("settings")
+    meta = data.parent / "corpus" / "corpus.json"
+    return json.loads(meta.read_text(encoding="utf-8")).get("settings") if meta.is_file() else None
 
 
 def checkpoint_of(run: Path) -> Optional[Path]:
@@ -386,271 +511,109 @@ def parameter_count(checkpoint: Path) -> int:
     return int(sum(t.numel() for t in state["model"].values() if hasattr(t, "numel")))
 
 
-def collect(work: Path, setting: dict, systems: list[str], bootstrap: int, data_dirs: dict[str, Path]) -> dict:
-    from fairseq_gdps.cli.score import collect_rows, significance_against
-    from fairseq_gdps.data.train_log import read_validations
-
-    logging.getLogger("sacrebleu").setLevel(logging.WARNING)
-    out = {}
-    for condition in setting["conditions"]:
-        data = data_dirs.get(condition, work / condition / "data")
-        cond = {"seeds": {}, "systems": {}}
-        for seed in setting["seeds"]:
-            root = work / condition / f"seed{seed}"
-            per_seed = {}
-            baseline_decode = root / "baseline" / "decode"
-            for system in systems:
-                run = root / system
-                if not (run / "scores.json").is_file():
-                    continue
-                scores = json.loads((run / "scores.json").read_text())
-                entry = {"bleu": {l: s["bleu"] for l, s in scores["languages"].items()},
-                         "chrf": {l: s["chrf"] for l, s in scores["languages"].items()},
-                         "avg_bleu": scores["average"]["bleu"], "avg_chrf": scores["average"]["chrf"]}
-                if system == "bilingual":
-                    ckpts = [c for c in (checkpoint_of(p) for p in sorted(run.iterdir()) if p.is_dir()) if c]
-                    entry["params"] = sum(parameter_count(c) for c in ckpts)
-                    entry["dev_loss"] = None  # each model's dev set is one language: not comparable
-                else:
-                    ckpt = checkpoint_of(run)
-                    entry["params"] = parameter_count(ckpt) if ckpt else None
-                    entry["dev_loss"] = [(r["num_updates"], r["loss"]) for r in read_validations(run / "train.log")
-                                         if r.get("subset") == "dev" and "loss" in r]
-                if system != "baseline" and baseline_decode.is_dir():
-                    sig_file = run / "significance.json"
-                    if not sig_file.is_file():
-                        decode = run / "decode"
-                        sig = significance_against(collect_rows(data, baseline_decode), collect_rows(data, decode), bootstrap)
-                        sig_file.write_text(json.dumps(sig, indent=1) + "\n")
-                    sig = json.loads(sig_file.read_text())
-                    entry["pooled_bleu_delta"] = sig["pooled"]["bleu"]["delta"]
-                    entry["pooled_bleu_p"] = sig["pooled"]["bleu"]["p_value"]
-                if system in ("gdps",) + SPLIT_CONTROLS:
-                    split = run / "split.json"
-                    plan = json.loads((split if split.is_file() else run / "analysis" / "plan.json").read_text())
-                    entry["split"] = {"modules": plan["modules"], "groups": plan["groups"], "shared_ratio": plan["shared_ratio"]}
-                    if system == "gdps":
-                        entry["split"]["stability"] = plan.get("provenance", {}).get("grouping", {}).get("chosen_frequency")
-                        entry["split"]["clipped"] = (plan.get("provenance", {}).get("corrected_cosines_clipped")
-                                                     or clipped_corrected_cosines(run / "stage1" / "gdps_stats.pt"))
-                per_seed[system] = entry
-            if "baseline" in per_seed and per_seed["baseline"]["dev_loss"]:
-                best = min(loss for _, loss in per_seed["baseline"]["dev_loss"])
-                for entry in per_seed.values():
-                    if entry.get("dev_loss"):
-                        entry["updates_to_baseline_best_dev_loss"] = updates_to_reach(
-                            [{"num_updates": u, "loss": l} for u, l in entry["dev_loss"]], best)
-            cond["seeds"][seed] = per_seed
-        for system in systems:
-            entries = [cond["seeds"][s][system] for s in cond["seeds"] if system in cond["seeds"][s]]
-            if not entries:
-                continue
-            languages = sorted(entries[0]["bleu"])
-            summary = {"n_seeds": len(entries),
-                       "bleu": {l: mean_std([e["bleu"][l] for e in entries]) for l in languages},
-                       "chrf": {l: mean_std([e["chrf"][l] for e in entries]) for l in languages},
-                       "avg_bleu": mean_std([e["avg_bleu"] for e in entries]),
-                       "avg_chrf": mean_std([e["avg_chrf"] for e in entries]),
-                       # seeds may split different modules, so the count is per seed
-                       "params": [e["params"] for e in entries if e.get("params") is not None]}
-            if system != "baseline":
-                with_sig = [e for e in entries if "pooled_bleu_p" in e]
-                summary["significant_better"] = sum(e["pooled_bleu_p"] < 0.05 and e["pooled_bleu_delta"] > 0 for e in with_sig)
-                summary["significant_worse"] = sum(e["pooled_bleu_p"] < 0.05 and e["pooled_bleu_delta"] < 0 for e in with_sig)
-            reach = [e.get("updates_to_baseline_best_dev_loss") for e in entries if e.get("dev_loss")]
-            if reach:
-                summary["updates_to_baseline_best"] = {"reached": sum(r is not None for r in reach), "of": len(reach),
-                                                       "mean_when_reached": mean([r for r in reach if r is not None])
-                                                       if any(r is not None for r in reach) else None}
-            cond["systems"][system] = summary
-        out[condition] = cond
-    return out
-
-
-def _pm(ms: tuple[float, float], n: int) -> str:
-    return f"{ms[0]:.1f}" if n < 2 else f"{ms[0]:.1f} ± {ms[1]:.1f}"
-
-
-def _params(counts: list[int]) -> str:
-    """Parameter count over seeds: one number, or the range when seeds chose different splits."""
-    if not counts:
-        return "-"
-    low, high = min(counts), max(counts)
-    return f"{low / 1e6:.2f}M" if low == high else f"{low / 1e6:.2f}-{high / 1e6:.2f}M"
-
-
-def conflict_speakers_of(work: Path) -> Optional[str]:
-    """--conflict-speakers of the work folder's conflict corpus (None: no corpus there)."""
-    meta = work / "conflict" / "corpus" / "corpus.json"
-    if not meta.is_file():
-        return None
-    return json.loads(meta.read_text(encoding="utf-8")).get("settings", {}).get("conflict_speakers", "own")
-
-
-def to_markdown(results: dict, meta: dict) -> str:
-    lines = [f"Generated by `{meta['command']}` on {meta['date']} ({meta['machine']}); "
-             f"{meta['max_update']} updates per system (GDPS: {meta['stage1']} in stage 1), "
-             f"seeds {meta['seeds']}; {meta['finished']} of {meta['planned']} runs finished"
-             f"{' (RESULTS ARE PARTIAL)' if meta['finished'] < meta['planned'] else ''}. "
-             "Mean ± standard deviation over seeds; test BLEU/chrF (sacrebleu); sig: seeds with a paired-bootstrap "
-             "p < 0.05 on pooled BLEU against that seed's baseline (better/worse); reach: seeds whose dev loss reached "
-             "the baseline's best dev loss, and the mean update at which they did."]
-    span = meta.get("time")
-    if span:
-        lines[0] += (f" Time: {span['first_start_to_last_finish_seconds'] / 60:.0f} min from the first run's start to the "
-                     f"last run's finish ({span['runs']} runs, {span['summed_run_seconds'] / 60:.0f} min summed, "
-                     f"{meta.get('jobs', 2)} at a time; building the two corpora is not included).")
-    lines.append("")
-    for condition, cond in results.items():
-        systems = cond["systems"]
-        if not systems:
-            continue
-        languages = sorted(next(iter(systems.values()))["bleu"])
-        lines += [f"### Condition: {condition}", ""]
-        if condition == "conflict" and meta.get("conflict_speakers"):
-            lines += [f"`{CONFLICT_LANGUAGE}` (Estonian with numbers and units permuted) is spoken by "
-                      + ("Estonian's own speakers (`--conflict-speakers shared`): it differs from `et` in meaning only."
-                         if meta["conflict_speakers"] == "shared" else "speakers of its own (`--conflict-speakers own`)."),
-                      ""]
-        lines += ["| system | seeds | " + " | ".join(f"{l} BLEU" for l in languages) + " | avg BLEU | avg chrF | params | sig +/- | reach |",
-                  "|---|---:|" + "---:|" * len(languages) + "---:|---:|---:|---:|---|"]
-        for system, s in systems.items():
-            n = s["n_seeds"]
-            reach = s.get("updates_to_baseline_best")
-            reach_text = "-" if not reach else (f"{reach['reached']}/{reach['of']}" +
-                                                (f" @ {reach['mean_when_reached']:.0f}" if reach["mean_when_reached"] else ""))
-            sig = "-" if system == "baseline" else f"{s.get('significant_better', 0)}/{s.get('significant_worse', 0)}"
-            lines.append(f"| {system} | {n} | " + " | ".join(_pm(s["bleu"][l], n) for l in languages) +
-                         f" | {_pm(s['avg_bleu'], n)} | {_pm(s['avg_chrf'], n)} | {_params(s['params'])} | {sig} | {reach_text} |")
-        lines += ["", "chrF per language:", "",
-                  "| system | " + " | ".join(f"{l} chrF" for l in languages) + " | avg chrF |",
-                  "|---|" + "---:|" * len(languages) + "---:|"]
-        for system, s in systems.items():
-            n = s["n_seeds"]
-            lines.append(f"| {system} | " + " | ".join(_pm(s["chrf"][l], n) for l in languages) + f" | {_pm(s['avg_chrf'], n)} |")
-        lines += ["", "What the analysis chose (per seed):", ""]
-        for seed, per_seed in cond["seeds"].items():
-            g = per_seed.get("gdps", {}).get("split")
-            if g:
-                stab = f", grouping stability {100 * g['stability']:.0f}%" if g.get("stability") is not None else ""
-                if g.get("clipped") and g["clipped"]["pairs"]:
-                    stab += (f"; noise-corrected cosines beyond +-1 in {g['clipped']['clipped']} of {g['clipped']['pairs']} "
-                             "language pairs" + (" (most: the ranking is not measured conflict)"
-                                                 if g["clipped"]["clipped"] >= g["clipped"]["pairs"] / 2 else ""))
-                isolated = ""
-                if condition == "conflict":
-                    alone = [CONFLICT_LANGUAGE] in g["groups"]
-                    isolated = f"; `{CONFLICT_LANGUAGE}` {'isolated (the known right grouping)' if alone else 'NOT isolated'}"
-                same_random = per_seed.get("random_groups", {}).get("split", {}).get("groups") == g["groups"]
-                lines.append(f"- seed {seed}: split {', '.join(g['modules'])}, groups {format_groups(g['groups'])}, "
-                             f"shared ratio {g['shared_ratio']}{stab}{isolated}"
-                             + ("; one group, so the split only re-lays the same units and random_groups is the same "
-                                "model as gdps: their difference from the baseline is run-to-run noise"
-                                if len(g["groups"]) == 1 else
-                                "; no other grouping of these sizes exists, so random_groups = gdps" if same_random else ""))
-        if "gdps" in systems and "baseline" in systems:
-            behind = [l for l in languages if systems["gdps"]["bleu"][l][0] < systems["baseline"]["bleu"][l][0]]
-            delta = systems["gdps"]["avg_bleu"][0] - systems["baseline"]["avg_bleu"][0]
-            best_control = max((c for c in SPLIT_CONTROLS if c in systems), key=lambda c: systems[c]["avg_bleu"][0], default=None)
-            lines += ["", f"GDPS vs baseline: {delta:+.1f} average BLEU; "
-                      + (f"GDPS is behind the baseline on {', '.join(behind)}. " if behind else "GDPS is not behind on any language. ")
-                      + (f"Best split control: {best_control} ({systems[best_control]['avg_bleu'][0]:.1f} avg BLEU"
-                         f"{', above GDPS' if systems[best_control]['avg_bleu'][0] > systems['gdps']['avg_bleu'][0] else ''})."
-                         if best_control else "")]
-        lines.append("")
-    return "\n".join(lines)
-
-
-def plot_dev_loss(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    conditions = [c for c in results
-                  if any(e.get("dev_loss") for per_seed in results[c]["seeds"].values() for e in per_seed.values())]
-    fig, axes = plt.subplots(1, max(1, len(conditions)), figsize=(6 * max(1, len(conditions)), 4), squeeze=False)
-    for ax, condition in zip(axes[0], conditions):
-        seeds = results[condition]["seeds"]
-        for system in SYSTEMS:
-            curves = [seeds[s][system]["dev_loss"] for s in seeds if system in seeds[s] and seeds[s][system].get("dev_loss")]
-            if not curves:
-                continue
-            # mean over seeds at the update counts all seeds share (validation happens at epoch ends)
-            common = sorted(set.intersection(*(set(u for u, _ in c) for c in curves)))
-            if not common:
-                continue
-            ys = [mean(dict(c)[u] for c in curves) for u in common]
-            ax.plot(common, ys, marker=".", label=f"{system} ({len(curves)} seeds)")
-        ax.set_title(f"dev loss, {condition} corpus")
-        ax.set_xlabel("updates")
-        ax.set_ylabel("label-smoothed dev loss")
-        ax.legend(fontsize=8)
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def write_results(results: dict, meta: dict, results_dir: Path) -> None:
+def report(results_dir: Path, setting_name: str, setting: dict, systems: list[str], publish: bool) -> dict:
+    """quality.md, quality.json and the learning curves, from the records alone."""
     from fairseq_gdps.atomic import atomic_write
 
-    results_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(results_dir / "quality.json") as f:
-        f.write(json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True) + "\n")
+    root = records_root(results_dir, setting_name)
+    run_setting = {k: setting[k] for k in RUN_DEFINING}
+    found, references = records.load_records(root, setting_name, run_setting)
+    cache_path = root / "significance_cache.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    logging.getLogger("sacrebleu").setLevel(logging.WARNING)
+    results = records.aggregate(found, references, setting["bootstrap"], cache, setting["criterion"])
+    records.write_json(cache_path, cache)
+    planned = [f"{c}/seed{s}/{sys}" for s in setting["seeds"] for c in setting["conditions"] for sys in systems]
+    have = {f"{r['condition']}/seed{r['seed']}/{r['system']}" for r in found}
+    plot = results_dir / "quality_learning_curves.png"
+    if found:
+        records.plot_learning_curves(found, plot)
+    meta = {"setting": setting_name, "run_setting": run_setting, "seeds": setting["seeds"],
+            "conditions": setting["conditions"], "bootstrap": setting["bootstrap"], "criterion": setting["criterion"],
+            "records_dir": str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root),
+            "planned": len(planned), "recorded": len(have & set(planned)),
+            "missing": [p for p in planned if p not in have],
+            "plot": "../benchmarks/results/quality_learning_curves.png" if found else None}
+    text = records.to_markdown(results, meta)
     with atomic_write(results_dir / "quality.md") as f:
-        f.write(to_markdown(results, meta))
-    plot_dev_loss(results, results_dir / "quality_dev_loss.png")
+        f.write(text)
+    with atomic_write(results_dir / "quality.json") as f:
+        f.write(json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True, default=str) + "\n")
+    if publish:
+        from publish import replace_between
+
+        replace_between(REPO / "docs" / "benchmarks.md", "quality-results", text)
+        replace_between(REPO / "README.md", "quality-results", readme_summary(results, meta))
+    return meta
+
+
+def readme_summary(results: dict, meta: dict) -> str:
+    """The README's few lines: per condition, the comparisons' sentences and the targets."""
+    lines = [f"Quality benchmark (`benchmarks/quality.py`, setting `{meta['setting']}`, "
+             f"{meta['run_setting']['max_update']} updates per system): {meta['recorded']} of {meta['planned']} runs "
+             f"recorded{' (PARTIAL)' if meta['missing'] else ''}; full tables in "
+             "[docs/benchmarks.md](docs/benchmarks.md#quality-benchmarksqualitypy).", ""]
+    for condition, cond in results.items():
+        passed = cond["passed_seeds"]
+        failed = sorted(set(cond["learned"]) - set(passed))
+        lines.append(f"- **{condition}** (seeds that learned the content: {passed or 'none'}"
+                     + (f"; left out: {failed}" if failed else "") + "):")
+        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline"):
+            if key in cond["comparisons"]:
+                lines.append(f"  - {cond['comparisons'][key]['sentence']}")
+        for seed, ch in cond["choices"].items():
+            lines.append(f"  - seed {seed}: GDPS chose " + (
+                f"{', '.join(ch['modules'])}, {records.display_groups(ch['groups'])}" if len(ch["groups"]) > 1
+                else "one group (no conflict measured)"))
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="default")
-    parser.add_argument("--work", type=Path, default=REPO / "work" / "benchmark_quality", help="runs (kept between calls)")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    parser.add_argument("--setting", choices=sorted(SETTINGS), default="learned")
+    parser.add_argument("--work", type=Path, default=REPO / "work" / "benchmark_quality",
+                        help="run folders (checkpoints, decodes; kept between calls, never in git)")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+                        help="the records (RESULTS/quality/<setting>/) and the report")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the setting's)")
     parser.add_argument("--conditions", nargs="+", choices=["natural", "conflict"])
-    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
-    parser.add_argument("--max-update", type=int, help="updates per system (default: the setting's)")
-    parser.add_argument("--stage1-updates", type=int, help="GDPS stage-1 updates (default: the setting's)")
+    parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS),
+                        help=f"default: {' '.join(DEFAULT_SYSTEMS)} (bilingual is opt-in)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="threads per run (default 1)")
     parser.add_argument("--data", nargs="+", metavar="CONDITION=DIR",
                         help="use this prepared data folder (gdps-prep output) for a condition instead of building it")
-    parser.add_argument("--report-only", action="store_true", help="only aggregate finished runs into the results")
+    parser.add_argument("--plan-only", action="store_true", help="say what is left to run and how long it should take")
+    parser.add_argument("--report-only", action="store_true", help="only write the report from the records")
+    parser.add_argument("--publish", action="store_true",
+                        help="also replace the generated quality sections of README.md and docs/benchmarks.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[quality] %(asctime)s %(message)s", datefmt="%H:%M:%S")
     setting = dict(SETTINGS[args.setting])
-    for key, value in (("seeds", args.seeds), ("conditions", args.conditions), ("max_update", args.max_update),
-                       ("stage1", args.stage1_updates)):
+    for key, value in (("seeds", args.seeds), ("conditions", args.conditions)):
         if value is not None:
             setting[key] = value
-    if not 0 < setting["stage1"] < setting["max_update"]:
-        parser.error(f"--stage1-updates ({setting['stage1']}) must lie between 0 and --max-update ({setting['max_update']})")
-    if "gdps" not in args.systems and any(s in args.systems for s in SPLIT_CONTROLS):
-        parser.error("the split controls continue GDPS's stage 1: include gdps in --systems")
+    if "gdps" not in args.systems and any(s in args.systems for s in SPLIT_CONTROLS + ("tagged",)):
+        parser.error("the tagged baseline and the split controls continue GDPS's stage 1: include gdps in --systems")
     for item in args.data or []:
         condition, _, folder = item.partition("=")
         if condition not in ("natural", "conflict") or not (Path(folder) / "config.yaml").is_file():
             parser.error(f"--data {item}: expected natural=DIR or conflict=DIR with a gdps-prep folder (config.yaml)")
-    t0 = time.time()
-    status = {} if args.report_only else Benchmark(args, setting).run_all()
-    data_dirs = {c: Path(d).resolve() for c, d in (item.split("=", 1) for item in args.data or [])}
-    results = collect(args.work.resolve(), setting, args.systems, setting["bootstrap"], data_dirs)
-    planned = len(setting["seeds"]) * len(setting["conditions"]) * len(args.systems)
-    finished = sum(len(results[c]["seeds"][s]) for c in results for s in results[c]["seeds"])
-    meta = {"command": "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "date": time.strftime("%Y-%m-%d"), "machine": machine(), "setting": args.setting,
-            "max_update": setting["max_update"], "stage1": setting["stage1"], "seeds": setting["seeds"],
-            "conditions": setting["conditions"], "conflict_speakers": conflict_speakers_of(args.work.resolve()),
-            "planned": planned, "finished": finished,
-            "this_call_seconds": round(time.time() - t0), "jobs": args.jobs, "time": run_time_span(args.work.resolve()),
-            "status": status}
-    write_results(results, meta, args.results)
-    failed = {k: v for k, v in status.items() if not v == "done"}
+    args.results = args.results.resolve()
+    bench = Benchmark(args, setting)
+    if args.plan_only:
+        jobs, _ = bench.all_jobs()
+        left, seconds = bench.plan_left(jobs)
+        print(f"[quality] {len(left)} run(s) left, about {seconds / 60:.0f} min at {args.jobs} at a time")
+        for name in left:
+            print(f"  {name}")
+        return 0
+    status = {} if args.report_only else bench.run_all()
+    meta = report(args.results, args.setting, setting, args.systems, args.publish)
+    failed = {k: v for k, v in status.items() if v != "done"}
     for name, why in failed.items():
         print(f"[quality] {name}: {why}", file=sys.stderr)
-    print(f"[quality] {finished}/{planned} runs finished; results in {args.results}/quality.md")
+    print(f"[quality] {meta['recorded']}/{meta['planned']} runs recorded; report {args.results}/quality.md")
     return 1 if failed else 0
 
 

@@ -1,6 +1,8 @@
-"""benchmarks/quality.py: the pure helpers, and the tiny setting end to end (every system, resume)."""
+"""benchmarks/quality.py and quality_records.py: the pure helpers, records and the report made from them,
+and the tiny setting end to end (every system, records, resume, report from the records alone)."""
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -9,6 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
 import quality  # noqa: E402
+import quality_records as records  # noqa: E402
 
 
 def test_random_partition_keeps_sizes_and_differs_from_the_plan():
@@ -21,18 +24,6 @@ def test_random_partition_keeps_sizes_and_differs_from_the_plan():
     assert quality.random_partition(plan, 3) == quality.random_partition(plan, 3)
     # one group: no other partition exists, so the plan's comes back
     assert quality.random_partition([["a", "b"]], 1) == [["a", "b"]]
-
-
-def test_updates_to_reach():
-    curve = [{"num_updates": 100, "loss": 5.0}, {"num_updates": 200, "loss": 4.0}, {"num_updates": 300, "loss": 3.5}]
-    assert quality.updates_to_reach(curve, 4.0) == 200
-    assert quality.updates_to_reach(curve, 3.0) is None
-
-
-def test_parameter_count_over_seeds_shows_a_range_when_seeds_differ():
-    assert quality._params([2_140_000, 2_140_000]) == "2.14M"
-    assert quality._params([2_140_000, 2_310_000, 2_180_000]) == "2.14-2.31M"
-    assert quality._params([]) == "-"
 
 
 def test_reused_run_is_the_source_run_finished(tmp_path):
@@ -53,39 +44,14 @@ def test_reused_run_is_the_source_run_finished(tmp_path):
     assert (out / "reused_from.txt").read_text().strip() == str(gdps)
 
 
-def test_estimator_check_of_an_older_plan_is_computed_from_its_statistics(tmp_path):
-    from fairseq_gdps.gdps.stats import synthetic_statistics
-
-    stats = synthetic_statistics({"m1": 32, "m2": 32}, ["a", "b", "c"], steps=20, subspace_dim=8, seed=2)
-    stats.save(tmp_path / "stats.pt")
-    check = quality.clipped_corrected_cosines(tmp_path / "stats.pt")
-    assert check["pairs"] == 6 and 0 <= check["clipped"] <= 6
-    assert quality.clipped_corrected_cosines(tmp_path / "missing.pt") is None
-
-
-def test_run_time_span_from_the_runs_wall_seconds(tmp_path):
-    import os
-    assert quality.run_time_span(tmp_path) is None
-    for name, seconds, end in (("a", 100, 1000), ("b", 300, 1100), ("c/d", 50, 1500)):
-        f = tmp_path / name / "wall_seconds.txt"
-        f.parent.mkdir(parents=True)
-        f.write_text(f"{seconds}.0\n")
-        os.utime(f, (end, end))
-    # runs a (900-1000), b (800-1100), d (1450-1500): first start 800, last finish 1500
-    assert quality.run_time_span(tmp_path) == {"runs": 3, "first_start_to_last_finish_seconds": 700,
-                                               "summed_run_seconds": 450}
-
-
 def test_conflict_condition_uses_shared_speakers(tmp_path, monkeypatch):
     """The conflict corpus is made with --conflict-speakers shared; one made with own xx voices
     (before the condition changed) is refused, not reused."""
     corpus = tmp_path / "work" / "conflict" / "corpus"
-    assert quality.conflict_speakers_of(tmp_path / "work") is None
     quality.Benchmark.check_conflict_corpus(corpus)  # nothing there yet: fine
     corpus.mkdir(parents=True)
     (corpus / "corpus.json").write_text(json.dumps({"settings": {"conflict_speakers": "shared"}}))
     quality.Benchmark.check_conflict_corpus(corpus)
-    assert quality.conflict_speakers_of(tmp_path / "work") == "shared"
     for old in ({"settings": {"conflict_speakers": "own"}}, {"settings": {}}):  # {}: made before the flag existed
         (corpus / "corpus.json").write_text(json.dumps(old))
         with pytest.raises(SystemExit, match="--conflict-speakers own.*--conflict-speakers shared"):
@@ -102,51 +68,159 @@ def test_conflict_condition_uses_shared_speakers(tmp_path, monkeypatch):
     assert make[make.index("--conflict-speakers") + 1] == "shared"
 
 
+def test_parameter_count_over_seeds_shows_a_range_when_seeds_differ():
+    assert records._params([2_140_000, 2_140_000]) == "2.14M"
+    assert records._params([2_140_000, 2_310_000, 2_180_000]) == "2.14-2.31M"
+    assert records._params([]) == "-"
+
+
+def _record(system, seed, hyps, refs, condition="natural", accuracy=80.0, setting="learned"):
+    """A hand-made record scored for real (sacrebleu) on the given hypotheses."""
+    from fairseq_gdps.cli.score import score_languages
+
+    scores = score_languages({lang: [(hyps[lang][i], refs[lang][i]) for i in sorted(refs[lang])] for lang in refs})
+    return records.make_record(
+        setting_name=setting, run_setting={"max_update": 10}, condition=condition, seed=seed, system=system,
+        scores=scores, hypotheses=hyps, references_sha256=records.sha256_of(refs),
+        dev_curve=[{"num_updates": 5, "loss": 3.0, "accuracy": 60.0}, {"num_updates": 10, "loss": 2.0, "accuracy": accuracy}],
+        params=1000, split=None, plan=None, wall_seconds=12.0, versions={}, machine={}, threads=1)
+
+
+REFS = {"a": {str(i): f"the {n} cats sat on {n + 1} mats today" for i, n in enumerate(range(40))},
+        "b": {str(100 + i): f"we walked {n} kilometres in {n + 2} hours" for i, n in enumerate(range(40))}}
+
+
+def _degrade(refs, every):
+    """Hypotheses equal to the references except every ``every``-th one, which is garbled."""
+    return {lang: {i: ("zz yy xx" if k % every == 0 else r) for k, (i, r) in enumerate(sorted(rs.items()))}
+            for lang, rs in refs.items()}
+
+
+def _write(root, record):
+    records.write_json(records.record_path(root, record["condition"], record["seed"], record["system"]), record)
+
+
+def test_records_aggregate_into_comparisons_that_say_what_they_support(tmp_path):
+    root = tmp_path / "quality" / "learned"
+    records.write_json(records.references_path(root, "natural"),
+                       {"format": 1, "condition": "natural", "sha256": records.sha256_of(REFS), "references": REFS})
+    for seed in (1, 2, 3):
+        _write(root, _record("baseline", seed, _degrade(REFS, 2), REFS))     # half the sentences wrong
+        _write(root, _record("tagged", seed, _degrade(REFS, 2), REFS))       # the same output: no difference
+        _write(root, _record("gdps", seed, _degrade(REFS, 10), REFS))        # a tenth wrong: clearly better
+    found, refs = records.load_records(root, "learned", {"max_update": 10})
+    assert len(found) == 9
+    cache = {}
+    out = records.aggregate(found, refs, 200, cache, records.LEARNED_CRITERION)["natural"]
+    assert out["passed_seeds"] == [1, 2, 3]
+    assert out["comparisons"]["gdps|tagged"]["sentence"].endswith("above in 3 of 3 seeds, p < 0.05 in every one.")
+    assert "above in 3 of 3" in out["comparisons"]["gdps|tagged"]["sentence"]
+    assert out["comparisons"]["tagged|baseline"]["sentence"].endswith("no significant difference in any seed.")
+    assert out["systems"]["gdps"]["average_bleu"][0] > out["systems"]["tagged"]["average_bleu"][0] + 10
+    # baseline and tagged gave the same hypotheses in every seed: one bootstrap per distinct pair of outputs
+    assert len(cache) == 2
+    # a seed whose baseline has not learned the content is left out of every mean, and said so
+    _write(root, _record("baseline", 2, _degrade(REFS, 2), REFS, accuracy=68.0))
+    found, refs = records.load_records(root, "learned", {"max_update": 10})
+    out = records.aggregate(found, refs, 200, cache, records.LEARNED_CRITERION)
+    assert out["natural"]["passed_seeds"] == [1, 3]
+    assert out["natural"]["systems"]["gdps"]["seeds"] == [1, 3]
+    assert "final dev accuracy 68.0 < 75" in out["natural"]["learned"][2]["why_not"]
+    meta = {"setting": "learned", "run_setting": {"max_update": 10, "stage1": 5, "probe_interval": 1}, "seeds": [1, 2, 3],
+            "conditions": ["natural"], "bootstrap": 200, "criterion": records.LEARNED_CRITERION, "records_dir": "x",
+            "planned": 12, "recorded": 9, "missing": ["natural/seed1/full_split"], "plot": None}
+    text = records.to_markdown(out, meta)
+    assert "**9 of 12 runs recorded** — PARTIAL: natural/seed1/full_split still to run" in text
+    assert "| 2 |" in text and "**no**: final dev accuracy 68.0 < 75" in text
+
+
+def test_records_of_another_setting_or_edited_hypotheses_are_refused(tmp_path):
+    root = tmp_path / "quality" / "learned"
+    records.write_json(records.references_path(root, "natural"),
+                       {"format": 1, "condition": "natural", "sha256": records.sha256_of(REFS), "references": REFS})
+    good = _record("baseline", 1, _degrade(REFS, 2), REFS)
+    _write(root, good)
+    with pytest.raises(records.RecordError, match=r"seed1/baseline\.json: made with setting learned"):
+        records.load_records(root, "learned", {"max_update": 20})
+    edited = dict(good, hypotheses=_degrade(REFS, 3))
+    _write(root, edited)
+    with pytest.raises(records.RecordError, match="do not match their recorded hash"):
+        records.load_records(root, "learned", {"max_update": 10})
+    _write(root, dict(good, references_sha256="0" * 64))
+    with pytest.raises(records.RecordError, match="other test references"):
+        records.load_records(root, "learned", {"max_update": 10})
+
+
+def test_conflict_targets_are_checked_per_language():
+    per_seed = [{"delta_average": 1.5, "delta_languages": {"xx": 4.0, "et": 0.2, "ar": -0.7}, "pooled_delta": 1.5,
+                 "pooled_p": 0.01, "languages_p": {}}]
+    lines = records._targets("conflict", {}, {"gdps|tagged": {"per_seed": per_seed}})
+    assert lines[0].startswith("GDPS - tagged baseline, average BLEU: +1.50") and lines[0].count("met") == 1
+    assert "on xx: +4.00" in lines[1] and lines[1].endswith("met")
+    assert lines[2] == "Lowest other language: ar -0.70 (target >= -0.5): NOT met"
+
+
 @pytest.mark.slow
-def test_tiny_benchmark_runs_every_system_and_resumes(tiny_data, tmp_path):
+def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(tiny_data, tmp_path):
     work, results = tmp_path / "work", tmp_path / "results"
     args = ["--setting", "tiny", "--work", str(work), "--results", str(results), "--data", f"natural={tiny_data}"]
     assert quality.main(args) == 0
+    root = results / "quality" / "tiny"
+    found, refs = records.load_records(root, "tiny", {k: quality.SETTINGS["tiny"][k] for k in quality.RUN_DEFINING})
+    by_system = {r["system"]: r for r in found}
+    assert set(by_system) == set(quality.DEFAULT_SYSTEMS)  # bilingual is opt-in
+    languages = sorted(refs["natural"]["references"])
+    for r in found:
+        assert sorted(r["hypotheses"]) == languages and r["wall_seconds"] > 0 and r["versions"]["torch"]
+        assert [p["num_updates"] for p in r["dev_curve"]][-1] <= 6
+    # the tagged baseline is GDPS's stage 1 continued unsplit: the same size as GDPS's stage-1 model
+    # (the language embedding on top of the stock network), smaller than any split
+    assert by_system["baseline"]["params"] < by_system["tagged"]["params"] <= by_system["gdps"]["params"]
+    assert by_system["tagged"]["split"] is None
+    assert by_system["gdps"]["plan"]["provenance"]["estimator"] == "same-state"
+    assert "stats_file" not in by_system["gdps"]["plan"]["provenance"]  # no machine paths in the records
+    assert by_system["full_split"]["split"]["groups"] == [[l] for l in languages]
+    assert len(by_system["param_diff"]["split"]["groups"]) == 2
     report = json.loads((results / "quality.json").read_text())
-    systems = report["results"]["natural"]["systems"]
-    assert set(systems) == set(quality.SYSTEMS)
-    assert report["meta"]["finished"] == report["meta"]["planned"] == len(quality.SYSTEMS)
-    seed1 = report["results"]["natural"]["seeds"]["1"]
-    languages = sorted(seed1["baseline"]["bleu"])
-    # the split systems hold more parameters than the shared model; the full split the most
-    assert seed1["baseline"]["params"] < seed1["gdps"]["params"] <= seed1["full_split"]["params"]
-    assert 0 <= seed1["gdps"]["split"]["stability"] <= 1   # a frequency over bootstrap resamples
-    clipped = seed1["gdps"]["split"]["clipped"]   # the analysis' estimator check, from the plan
-    assert clipped["pairs"] > 0 and 0 <= clipped["clipped"] <= clipped["pairs"]
-    assert seed1["full_split"]["split"]["groups"] == [[l] for l in languages]
-    assert seed1["full_split"]["split"]["shared_ratio"] == 0.0
-    assert len(seed1["param_diff"]["split"]["groups"]) == 2
-    assert sorted(len(g) for g in seed1["random_groups"]["split"]["groups"]) == \
-        sorted(len(g) for g in seed1["gdps"]["split"]["groups"])
-    # random_groups is GDPS's own run, reused, exactly when no other partition of the plan's sizes exists
-    plan_groups = seed1["gdps"]["split"]["groups"]
-    only_partition = len(plan_groups) == 1 or all(len(g) == 1 for g in plan_groups)
-    assert (work / "natural" / "seed1" / "random_groups" / "reused_from.txt").is_file() == only_partition
-    # bilingual: one model per language, together the multilingual update budget
-    assert seed1["bilingual"]["params"] == pytest.approx(len(languages) * seed1["baseline"]["params"], rel=0.01)
-    for system in quality.SYSTEMS[1:]:
-        assert 0 <= seed1[system]["pooled_bleu_p"] <= 1
-    assert (results / "quality_dev_loss.png").stat().st_size > 1000
-    table = (results / "quality.md").read_text()
-    assert "| param_diff | 1 |" in table and "6 of 6 runs finished" in table
-    assert "chrF per language" in table and "from the first run's start to the last run's finish (" in table
-    # a second call finds every run finished and starts none
-    finished_at = {p: p.stat().st_mtime for p in work.rglob("wall_seconds.txt")}
+    assert report["meta"]["recorded"] == report["meta"]["planned"] == len(quality.DEFAULT_SYSTEMS)
+    assert "gdps|tagged" in report["results"]["natural"]["comparisons"]
+    text = (results / "quality.md").read_text()
+    assert "**6 of 6 runs recorded**" in text and "PARTIAL" not in text
+    # the report comes from the records alone: without the run folders it is the same
+    shutil.rmtree(work)
+    assert quality.main(args + ["--report-only"]) == 0
+    assert (results / "quality.md").read_text() == text
+    # a second call finds every run recorded and starts none (no work folder is made again)
     assert quality.main(args) == 0
-    again = json.loads((results / "quality.json").read_text())["meta"]
-    assert set(again["status"].values()) == {"done"}
-    assert {p: p.stat().st_mtime for p in work.rglob("wall_seconds.txt")} == finished_at
-    # an unfinished run (no scores.json) is started again from its beginning, the others are kept
-    (work / "natural" / "seed1" / "random_groups" / "scores.json").unlink()
-    kept = (work / "natural" / "seed1" / "baseline" / "scores.json").stat().st_mtime
-    assert quality.main(args) == 0
-    assert (work / "natural" / "seed1" / "random_groups" / "scores.json").is_file()
-    assert (work / "natural" / "seed1" / "baseline" / "scores.json").stat().st_mtime == kept
-    # runs of another budget never mix into a work folder
-    with pytest.raises(SystemExit, match=r"setting\.json holds runs made with another setting \(max_update 6 -> 8"):
-        quality.main(args + ["--max-update", "8"])
+    assert not (work / "natural" / "seed1").exists()
+    # a run whose record is lost is run again, and only that one; the report says what was left
+    (root / "natural" / "seed1" / "baseline.json").unlink()
+    assert quality.main(args + ["--report-only"]) == 0
+    assert "PARTIAL: natural/seed1/baseline still to run" in (results / "quality.md").read_text()
+    assert quality.main(args + ["--systems", "baseline", "gdps"]) == 0
+    assert (root / "natural" / "seed1" / "baseline.json").is_file() and not (work / "natural" / "seed1" / "gdps").exists()
+    # runs of another budget never mix into a records folder
+    (root / "setting.json").write_text(json.dumps({"max_update": 8}))
+    with pytest.raises(SystemExit, match=r"setting\.json holds runs made with another setting"):
+        quality.main(args)
+
+
+def test_a_run_held_by_another_live_process_is_not_restarted(tmp_path):
+    import os
+    import subprocess
+
+    lock = tmp_path / "natural" / "seed1" / "gdps.running"
+    assert quality.running_elsewhere(lock) is None          # no lock
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{os.getpid()}\n")
+    assert quality.running_elsewhere(lock) is None          # this process's own
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        lock.write_text(f"{other.pid}\n")
+        assert quality.running_elsewhere(lock) == other.pid
+    finally:
+        other.kill()
+        other.wait()
+    assert quality.running_elsewhere(lock) is None          # stale: its process has ended
+    lock.write_text("not a pid\n")
+    assert quality.running_elsewhere(lock) is None

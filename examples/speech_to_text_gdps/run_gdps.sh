@@ -11,19 +11,22 @@
 #   run_gdps.sh DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K]
 #               [--seed S] [--analyze-args "..."] [--stage1-from DIR]
 #               [--split-modules M --groups G --shared-ratio R] [--init energy|svd|random]
-#               [--lang-embedding] [--decode-args "..."] [-- extra fairseq-train flags for both stages]
+#               [--lang-embedding] [--no-split] [--decode-args "..."] [-- extra fairseq-train flags for both stages]
 # --stage1-from DIR reuses another run's stage 1 and analysis (DIR/stage1, DIR/analysis) instead of
 # training them again; --split-modules/--groups/--shared-ratio replace the plan's split (e.g. a
 # ratio of 0 for a full split); --decode-args go to decode_and_score.sh. --lang-embedding gives both
 # stages --gdps-lang-embedding (a learned vector per language added to the encoder input, carried
 # from stage 1 into stage 2), the information the tagged baseline (run_baseline.sh --tagged) has;
-# a stage 1 reused with --stage1-from must have been trained the same way.
+# a stage 1 reused with --stage1-from must have been trained the same way. --no-split: stage 2
+# continues the stage-1 model unchanged (no analysis needed); with --lang-embedding and
+# --stage1-from this is the tagged baseline sharing GDPS's stage 1 (the probe leaves training
+# untouched, so the first STAGE1 updates are the tagged baseline's own).
 set -euo pipefail
 source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K] [--seed S]" >&2; exit 2; }
 DATA=$(cd "$1" && pwd); OUT=$2; shift 2
 TOTAL=1600; STAGE1=; PROBE_INTERVAL=1; SEED=1; ANALYZE_ARGS=; EXTRA=(); STAGE1_FROM=
-SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=; LANG_EMBEDDING=()
+SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=; LANG_EMBEDDING=(); NO_SPLIT=0
 while [ $# -gt 0 ]; do
   case $1 in
     --max-update) TOTAL=$2; shift 2 ;;
@@ -38,6 +41,7 @@ while [ $# -gt 0 ]; do
     --init) INIT=$2; shift 2 ;;
     --decode-args) DECODE_ARGS=$2; shift 2 ;;
     --lang-embedding) LANG_EMBEDDING=(--gdps-lang-embedding); shift ;;
+    --no-split) NO_SPLIT=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -52,13 +56,13 @@ COMMON=(--user-dir "$USER_DIR" --task speech_to_text_gdps --train-subset train -
   --log-format simple --log-interval 50 --no-epoch-checkpoints)
 
 if [ -n "$STAGE1_FROM" ]; then
-  [ -f "$STAGE1_FROM/stage1/checkpoint_last.pt" ] && [ -f "$STAGE1_FROM/analysis/plan.json" ] \
+  [ -f "$STAGE1_FROM/stage1/checkpoint_last.pt" ] && { [ "$NO_SPLIT" = 1 ] || [ -f "$STAGE1_FROM/analysis/plan.json" ]; } \
     || { echo "--stage1-from $STAGE1_FROM: no stage1/checkpoint_last.pt and analysis/plan.json there" >&2; exit 1; }
-  echo "[gdps] stage 1 and analysis reused from $STAGE1_FROM"
-  mkdir -p "$OUT/stage1" "$OUT/analysis"
+  echo "[gdps] stage 1 reused from $STAGE1_FROM"
+  mkdir -p "$OUT/stage1"
   cp "$STAGE1_FROM/stage1/checkpoint_last.pt" "$OUT/stage1/checkpoint_last.pt"
   cp "$STAGE1_FROM/stage1.log" "$OUT/stage1.log"
-  cp "$STAGE1_FROM/analysis/plan.json" "$OUT/analysis/plan.json"
+  if [ "$NO_SPLIT" = 0 ]; then mkdir -p "$OUT/analysis"; cp "$STAGE1_FROM/analysis/plan.json" "$OUT/analysis/plan.json"; fi
 else
   echo "[gdps] stage 1: shared model with gradient probe ($STAGE1 updates, every $PROBE_INTERVAL)"
   fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
@@ -67,31 +71,41 @@ else
     --max-update "$STAGE1" --save-dir "$OUT/stage1" "${EXTRA[@]}" > "$OUT/stage1.log" 2>&1 \
     || { tail -n 30 "$OUT/stage1.log"; exit 1; }
 
-  echo "[gdps] analysis"
-  # shellcheck disable=SC2086
-  gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
+  if [ "$NO_SPLIT" = 0 ]; then
+    echo "[gdps] analysis"
+    # shellcheck disable=SC2086
+    gdps-analyze "$OUT/stage1/gdps_stats.pt" --out "$OUT/analysis" $ANALYZE_ARGS
+  fi
 fi
 
 # Stage 2 continues stage 1: gdps-split-checkpoint splits the model (function-preserving) and
 # Adam's moments the same way, keeping the update count, learning-rate schedule and data position,
 # so stage 2 sees the baseline's data stream at the baseline's learning rates up to update TOTAL.
-echo "[gdps] stage 2: split model (updates $STAGE1 -> $TOTAL)"
-if [ -n "$SPLIT_MODULES$LANG_GROUPS$SHARED_RATIO" ]; then
-  [ -n "$SPLIT_MODULES" ] && [ -n "$LANG_GROUPS" ] && [ -n "$SHARED_RATIO" ] \
-    || { echo "--split-modules, --groups and --shared-ratio go together" >&2; exit 2; }
-  echo "[gdps] split given on the command line: $SPLIT_MODULES | $LANG_GROUPS | ratio $SHARED_RATIO"
-  SPLIT_ARGS=(--split-modules "$SPLIT_MODULES" --groups "$LANG_GROUPS" --shared-ratio "$SHARED_RATIO")
-  MODEL_SPLIT_ARGS=(--gdps-split-modules "$SPLIT_MODULES" --gdps-groups "$LANG_GROUPS" --gdps-shared-ratio "$SHARED_RATIO")
+if [ "$NO_SPLIT" = 1 ]; then
+  [ -z "$SPLIT_MODULES$LANG_GROUPS$SHARED_RATIO" ] || { echo "--no-split takes no --split-modules/--groups/--shared-ratio" >&2; exit 2; }
+  echo "[gdps] stage 2: the stage-1 model continued unsplit (updates $STAGE1 -> $TOTAL)"
+  fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" --criterion label_smoothed_cross_entropy_gdps \
+    --restore-file "$OUT/stage1/checkpoint_last.pt" --max-update "$TOTAL" --save-dir "$OUT/stage2" "${EXTRA[@]}" \
+    > "$OUT/stage2.log" 2>&1 || { tail -n 30 "$OUT/stage2.log"; exit 1; }
 else
-  SPLIT_ARGS=(--plan "$OUT/analysis/plan.json")
-  MODEL_SPLIT_ARGS=(--gdps-plan "$OUT/analysis/plan.json")
+  echo "[gdps] stage 2: split model (updates $STAGE1 -> $TOTAL)"
+  if [ -n "$SPLIT_MODULES$LANG_GROUPS$SHARED_RATIO" ]; then
+    [ -n "$SPLIT_MODULES" ] && [ -n "$LANG_GROUPS" ] && [ -n "$SHARED_RATIO" ] \
+      || { echo "--split-modules, --groups and --shared-ratio go together" >&2; exit 2; }
+    echo "[gdps] split given on the command line: $SPLIT_MODULES | $LANG_GROUPS | ratio $SHARED_RATIO"
+    SPLIT_ARGS=(--split-modules "$SPLIT_MODULES" --groups "$LANG_GROUPS" --shared-ratio "$SHARED_RATIO")
+    MODEL_SPLIT_ARGS=(--gdps-split-modules "$SPLIT_MODULES" --gdps-groups "$LANG_GROUPS" --gdps-shared-ratio "$SHARED_RATIO")
+  else
+    SPLIT_ARGS=(--plan "$OUT/analysis/plan.json")
+    MODEL_SPLIT_ARGS=(--gdps-plan "$OUT/analysis/plan.json")
+  fi
+  python -m fairseq_gdps.cli.split_checkpoint "$OUT/stage1/checkpoint_last.pt" "${SPLIT_ARGS[@]}" --init "$INIT" \
+    --out "$OUT/stage2_init.pt"
+  fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
+    --criterion label_smoothed_cross_entropy_gdps "${MODEL_SPLIT_ARGS[@]}" --gdps-init "$INIT" \
+    --restore-file "$OUT/stage2_init.pt" --max-update "$TOTAL" --save-dir "$OUT/stage2" "${EXTRA[@]}" \
+    > "$OUT/stage2.log" 2>&1 || { tail -n 30 "$OUT/stage2.log"; exit 1; }
 fi
-python -m fairseq_gdps.cli.split_checkpoint "$OUT/stage1/checkpoint_last.pt" "${SPLIT_ARGS[@]}" --init "$INIT" \
-  --out "$OUT/stage2_init.pt"
-fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
-  --criterion label_smoothed_cross_entropy_gdps "${MODEL_SPLIT_ARGS[@]}" --gdps-init "$INIT" \
-  --restore-file "$OUT/stage2_init.pt" --max-update "$TOTAL" --save-dir "$OUT/stage2" "${EXTRA[@]}" \
-  > "$OUT/stage2.log" 2>&1 || { tail -n 30 "$OUT/stage2.log"; exit 1; }
 cat "$OUT/stage1.log" "$OUT/stage2.log" > "$OUT/train.log"
 
 echo "[gdps] decoding and scoring"
