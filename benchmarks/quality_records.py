@@ -266,7 +266,8 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
                 "wall_seconds": mean_sd([r["wall_seconds"] for r in runs if r.get("wall_seconds")]),
             }
             for against in BASELINES:
-                if against == system:
+                # every system against the baselines, the tagged baseline against the stock one
+                if system == "baseline" or against == system:
                     continue
                 per_seed = []
                 for s in passed:

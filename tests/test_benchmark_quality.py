@@ -116,6 +116,7 @@ def test_records_aggregate_into_comparisons_that_say_what_they_support(tmp_path)
     assert out["comparisons"]["gdps|tagged"]["sentence"].endswith("above in 3 of 3 seeds, p < 0.05 in every one.")
     assert "above in 3 of 3" in out["comparisons"]["gdps|tagged"]["sentence"]
     assert out["comparisons"]["tagged|baseline"]["sentence"].endswith("no significant difference in any seed.")
+    assert "baseline|tagged" not in out["comparisons"]  # the stock baseline is compared with nothing, the others with it
     assert out["systems"]["gdps"]["average_bleu"][0] > out["systems"]["tagged"]["average_bleu"][0] + 10
     # baseline and tagged gave the same hypotheses in every seed: one bootstrap per distinct pair of outputs
     assert len(cache) == 2
