@@ -289,7 +289,8 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
                 choices[seed] = {"modules": plan["modules"], "groups": plan["groups"],
                                  "shared_ratio": plan["shared_ratio"],
                                  "decision": _decision_summary(plan),
-                                 "conflict_language_alone": [CONFLICT_LANGUAGE] in plan["groups"]}
+                                 "conflict_language_alone": [CONFLICT_LANGUAGE] in plan["groups"],
+                                 "conflict_pair_rho": _pair_rho(plan, CONFLICT_BASE, CONFLICT_LANGUAGE)}
         out[condition] = {"learned": checks, "passed_seeds": passed, "systems": summary, "comparisons": comparisons,
                           "choices": choices, "targets": _targets(condition, summary, comparisons)}
     return out
@@ -298,6 +299,23 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
 def _system_order(system: str) -> int:
     order = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "bilingual")
     return order.index(system) if system in order else len(order)
+
+
+def _pair_rho(plan: dict, a: str, b: str) -> dict[str, float]:
+    """The same-state agreement of languages ``a`` and ``b`` per block, from the plan's provenance
+    (empty when the plan has no such languages or no same-state estimate)."""
+    same_state = plan.get("provenance", {}).get("same_state") or {}
+    languages = same_state.get("languages", [])
+    if a not in languages or b not in languages:
+        return {}
+    i, j = languages.index(a), languages.index(b)
+    return {block: matrix[i][j] for block, matrix in same_state.get("rho", {}).items()}
+
+
+def _short_block(name: str) -> str:
+    """decoder.layers.1.ffn -> dec1, encoder.transformer_layers.0.ffn -> enc0."""
+    index = name.split(".")[-2]
+    return ("dec" if name.startswith("decoder") else "enc" if name.startswith("encoder") else name) + index
 
 
 def _decision_summary(plan: dict) -> str:
@@ -421,7 +439,11 @@ def to_markdown(results: dict, meta: dict) -> str:
                 what = (f"split {', '.join(ch['modules'])}, groups {display_groups(ch['groups'])}, shared ratio "
                         f"{ch['shared_ratio']}" if len(ch["groups"]) > 1 else
                         f"one group (no conflict measured): {', '.join(ch['modules'])} re-laid with no routing difference")
-                lines.append(f"- seed {seed}: {what}{alone}" + (f". {ch['decision']}" if ch["decision"] else ""))
+                rho = ""
+                if ch.get("conflict_pair_rho"):
+                    rho = (f"; same-state rho({CONFLICT_BASE}, {CONFLICT_LANGUAGE}): "
+                           + ", ".join(f"{_short_block(b)} {v:.2f}" for b, v in ch["conflict_pair_rho"].items()))
+                lines.append(f"- seed {seed}: {what}{alone}{rho}" + (f". {ch['decision']}" if ch["decision"] else ""))
         if cond["targets"]:
             lines += ["", "Targets:", ""] + [f"- {t}" for t in cond["targets"]]
         lines.append("")

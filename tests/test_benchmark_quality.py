@@ -225,3 +225,13 @@ def test_a_run_held_by_another_live_process_is_not_restarted(tmp_path):
     assert quality.running_elsewhere(lock) is None          # stale: its process has ended
     lock.write_text("not a pid\n")
     assert quality.running_elsewhere(lock) is None
+
+
+def test_the_conflict_pairs_agreement_is_read_from_the_plan():
+    plan = {"provenance": {"same_state": {"languages": ["ar", "et", "xx"],
+                                          "rho": {"decoder.layers.0.ffn": [[1, .2, .3], [.2, 1, .55], [.3, .55, 1]],
+                                                  "encoder.transformer_layers.2.ffn": [[1, .1, .1], [.1, 1, .8], [.1, .8, 1]]}}}}
+    assert records._pair_rho(plan, "et", "xx") == {"decoder.layers.0.ffn": .55, "encoder.transformer_layers.2.ffn": .8}
+    assert records._pair_rho(plan, "et", "ga") == {}
+    assert records._pair_rho({"provenance": {}}, "et", "xx") == {}
+    assert [records._short_block(b) for b in plan["provenance"]["same_state"]["rho"]] == ["dec0", "enc2"]
