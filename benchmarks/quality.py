@@ -130,6 +130,8 @@ class Job:
 
 
 class Benchmark:
+    poll_seconds = 30  # how often a call waiting on another call's run looks again
+
     def __init__(self, args, setting: dict):
         self.args, self.s = args, setting
         self.work = args.work.resolve()
@@ -389,6 +391,7 @@ class Benchmark:
                     + ", ".join(left))
         pending = [j for j in jobs if j.name not in status]
         running: dict[cf.Future, Job] = {}
+        waiting_on: dict[str, int] = {}  # job -> the process of another call training it
         with cf.ThreadPoolExecutor(max_workers=self.args.jobs) as pool:
             while pending or running:
                 for job in list(pending):
@@ -399,15 +402,23 @@ class Benchmark:
                         status[job.name] = f"skipped: {job.deps} did not finish"
                         pending.remove(job)
                     elif all(st == "done" for st in dep_states):
+                        holder = running_elsewhere(self.lock_of(job))
+                        if holder:  # another quality.py call on this work folder is training it: wait for it
+                            if waiting_on.get(job.name) != holder:
+                                logger.info(f"wait  {job.name}: running in process {holder}")
+                            waiting_on[job.name] = holder
+                            continue
+                        waiting_on.pop(job.name, None)
                         pending.remove(job)
+                        if (job.out / "scores.json").is_file():  # finished by another call meanwhile
+                            if self.record_of(job) and not self.is_recorded(job):
+                                self.write_record(job, data_of[job.name], read_wall_seconds(job.out))
+                            status[job.name] = "done"
+                            continue
                         missing = [d for d in job.deps if not (self.work / d / "scores.json").is_file()]
                         if missing:  # recorded in another sitting, on another machine: the run folder is gone
                             status[job.name] = (f"failed: needs the run folder(s) {missing} under {self.work}, recorded "
                                                 "elsewhere; remove their records to run them again here")
-                            continue
-                        holder = running_elsewhere(self.lock_of(job))
-                        if holder:  # another quality.py call on this work folder is training it now
-                            status[job.name] = f"skipped: running in process {holder}"
                             continue
                         self.lock_of(job).parent.mkdir(parents=True, exist_ok=True)
                         self.lock_of(job).write_text(f"{os.getpid()}\n")
@@ -416,6 +427,8 @@ class Benchmark:
                         logger.info(f"start {job.name}")
                         running[pool.submit(self._timed, job)] = job
                 if not running:
+                    if pending:  # every job left waits on a run of another call
+                        time.sleep(self.poll_seconds)
                     continue
                 done, _ = cf.wait(running, return_when=cf.FIRST_COMPLETED)
                 for future in done:
