@@ -28,7 +28,9 @@ the two a probe unit needs for both halves (the table counts them).
   (``scale.summed_bytes``), for comparison.
 * analysis time: ``gdps-analyze`` (the CLI in this process: load, same-state analysis with its
   bootstrap, summed-estimator diagnostics, plots, plan and report) on those files, at every
-  ``--analyze-probes`` and ``--resamples`` count, process CPU time.
+  ``--analyze-probes`` and ``--resamples`` count, process CPU time; and one run (the most
+  languages and probes) profiled by part (``ANALYZE_PARTS``). Whatever P, the summed part (and
+  the number of updates it sums) is what the real probe recorded.
 
 Results go to ``<out>/cost_languages.json`` and ``<out>/cost_languages.md`` (atomically);
 ``scripts/publish_benchmark_results.sh`` copies the markdown into docs/benchmarks.md. The
@@ -152,9 +154,14 @@ def measure_probe_time(data: Path, language_counts: Sequence[int], setting: spee
                      "updates": n_updates[probe], "probed_updates": statistics.num_steps,
                      "probes_kept": statistics.same_state.num_probes, "flags": flags[probe]})
         logger.info("%d languages: probed / unprobed update %.3f (CPU)", n, rows[-1]["ratio"])
+    largest = max(language_counts)
+    # where the probe's time goes at the most languages (its records grow by these probes too:
+    # harmless, the size measurement cycles them)
+    profile = {"languages": largest, **speed.profile_probe(trainers[f"probe_{largest}"], batches[f"probe_{largest}"],
+                                                           min(10, setting.block))}
     recorded = {n: trainers[f"probe_{n}"].criterion.statistics for n in language_counts}
     first = batches[f"off_{language_counts[0]}"]
-    return {"rows": rows, "same_utterances_for_every_n": same_utterances,
+    return {"rows": rows, "profile": profile, "same_utterances_for_every_n": same_utterances,
             "batches": {"count": len(first), "max_tokens": setting.max_tokens,
                         "sentences": [int(b["nsentences"]) for b in first]},
             "block_updates": setting.block, "rounds": setting.rounds}, recorded
@@ -244,6 +251,34 @@ def measure_analyze_time(files: Dict[int, Dict[int, Path]], probe_counts: Sequen
     return rows
 
 
+# the parts of a gdps-analyze run, by (file, function) of the plugin
+ANALYZE_PARTS = {"load": ("fairseq_gdps/gdps/stats.py", "load"),
+                 "summed-estimator metrics": ("fairseq_gdps/gdps/metrics.py", "compute_all"),
+                 "same-state analysis and bootstrap": ("fairseq_gdps/gdps/conflict.py", "analyse"),
+                 "same-state grouping": ("fairseq_gdps/gdps/report.py", "_same_state_decision"),
+                 "plots, plan and report": ("fairseq_gdps/gdps/report.py", "write_outputs")}
+
+
+def profile_analyze(stats_path: Path, out_dir: Path, resamples: int) -> dict:
+    """CPU seconds (cProfile, process time) of the parts of one gdps-analyze run (``ANALYZE_PARTS``)
+    and of the whole: where the time goes (the profiler slows everything a little)."""
+    import cProfile
+    import pstats
+
+    profiler = cProfile.Profile(time.process_time)
+    profiler.enable()
+    timed_analyze(stats_path, out_dir, resamples)
+    profiler.disable()
+    table = pstats.Stats(profiler).stats
+    part_s = {}
+    for part, (suffix, function) in {**ANALYZE_PARTS, "total": ("fairseq_gdps/cli/analyze.py", "main")}.items():
+        found = [v[3] for (filename, _, func), v in table.items() if filename.endswith(suffix) and func == function]
+        if not found:
+            raise RuntimeError(f"profile of gdps-analyze: no {function} in {suffix} (renamed? update ANALYZE_PARTS)")
+        part_s[part] = sum(found)
+    return {"resamples": resamples, "cpu_s": part_s}
+
+
 # ---------------------------------------------------------------------------------------------
 # results
 # ---------------------------------------------------------------------------------------------
@@ -282,6 +317,13 @@ def markdown(results: dict) -> str:
                          f"{1000 * r['unprobed_cpu_s_per_update']:.0f} | {1000 * r['probed_cpu_s_per_update']:.0f} | "
                          f"{r['ratio']:.3f} ({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) | "
                          f"{1000 * r['probe_cpu_s_per_update']:.0f} |")
+        prof = probe.get("profile")
+        if prof:
+            lines += ["", f"Where a probed update's time goes at {prof['languages']} languages (cProfile, CPU time, "
+                      f"{prof['updates']} probed updates of {prof['cpu_ms_per_update_total']:.0f} ms; nested calls "
+                      "count in their callers too):", ""]
+            lines += [f"- `{row['function']}`: {row['cpu_ms_per_update']:.1f} ms per update"
+                      for row in prof["plugin_functions"][:5]]
     size = results["statistics_size"]
     counts = st["size_probes"]
     first = size[0]
@@ -290,14 +332,14 @@ def markdown(results: dict) -> str:
               f"`--gdps-sketch-dim {SKETCH_DIM}` (fixed sizes: they do not grow with probes); the same-state records "
               "(every probe's Gram matrices of the halves, kept so that the bootstrap over probes is exact) and the "
               "saved file, measured after P probes (the real probe's records cycled to P):", "",
-              "| languages | summed, exact | summed, sketched | records bytes per probe | "
+              "| languages | summed, exact | summed, sketched | records bytes per probe | file bytes per probe | "
               + " | ".join(f"records, {p} probes" for p in counts) + " | "
               + " | ".join(f"file, {p} probes" for p in counts) + " |",
-              "|---:|" + "---:|" * (3 + 2 * len(counts))]
+              "|---:|" + "---:|" * (4 + 2 * len(counts))]
     for s in size:
         by = {r["probes"]: r for r in s["by_probes"]}
         lines.append(f"| {s['languages']} | {_size(s['summed_bytes'])} | {_size(s['summed_bytes_sketch'])} | "
-                     f"{s['records_bytes_per_probe']:,} | "
+                     f"{s['records_bytes_per_probe']:,} | {s['file_bytes_per_probe']:,.0f} | "
                      + " | ".join(_size(by[p]["records_bytes"]) for p in counts) + " | "
                      + " | ".join(_size(by[p]["file_bytes"]) for p in counts) + " |")
     runs = results["analyze_time"]
@@ -312,6 +354,12 @@ def markdown(results: dict) -> str:
               "|---:|" + "---:|" * (len(probes) * len(resamples))]
     for n in dict.fromkeys(r["languages"] for r in runs):
         lines.append(f"| {n} | " + " | ".join(f"{cell[n, p, r]:.1f}" for p in probes for r in resamples) + " |")
+    prof = results.get("analyze_profile")
+    if prof:
+        part_s = prof["cpu_s"]
+        lines += ["", f"Where one run's time goes ({prof['languages']} languages, {prof['probes']} probes, "
+                  f"{prof['resamples']} resamples; cProfile, {part_s['total']:.1f} s CPU in all): "
+                  + ", ".join(f"{part} {part_s[part]:.1f} s" for part in ANALYZE_PARTS) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -364,6 +412,9 @@ def run(args, command: str) -> dict:
     del recorded
     logger.info("gdps-analyze time")
     results["analyze_time"] = measure_analyze_time(files, args.analyze_probes, args.resamples, work)
+    largest, most = max(files), max(args.analyze_probes)
+    results["analyze_profile"] = {"languages": largest, "probes": most, **profile_analyze(
+        files[largest][most], work / "analyze" / "profiled", max(args.resamples))}
     if not args.keep_statistics:
         for by_probes in files.values():
             for path in by_probes.values():
