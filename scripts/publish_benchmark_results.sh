@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Copy the benchmark results files (written by benchmarks/quality.py and benchmarks/speed.py)
-# between the markers of docs/benchmarks.md, so the tables there are the ones the benchmarks wrote.
+# Copy the benchmark results files (written by benchmarks/quality.py, benchmarks/speed.py and
+# benchmarks/cost_languages.py) between the markers of docs/benchmarks.md, so the tables there are
+# the ones the benchmarks wrote.
 #   bash scripts/publish_benchmark_results.sh [RESULTS_DIR]   (default: benchmarks/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -15,14 +16,16 @@ from publish import replace_between  # noqa: E402
 
 page_path = Path("docs/benchmarks.md")
 published = []
-# the results files' headings are "###": they sit under the page's "## Quality" / "## Speed and memory"
-for name, extra in (("quality", "\n![dev loss versus updates](../benchmarks/results/quality_dev_loss.png)\n"), ("speed", "")):
+# the results files' headings are "###": they sit under the page's "## Quality" / "## Speed and memory" /
+# "## Cost against the number of languages"
+for name, extra in (("quality", "\n![dev loss versus updates](../benchmarks/results/quality_dev_loss.png)\n"), ("speed", ""),
+                    ("cost_languages", "")):
     source = results / f"{name}.md"
     if not source.is_file():
         print(f"no {source}: run benchmarks/{name}.py first ({page_path} section left as it is)", file=sys.stderr)
         continue
     text = source.read_text().lstrip("\n").rstrip("\n") + "\n"
-    replace_between(page_path, f"{name}-results",
+    replace_between(page_path, f"{name.replace('_', '-')}-results",
                     text + (extra if (results / "quality_dev_loss.png").is_file() or not extra else ""))
     published.append(str(source))
 print(f"published into {page_path}:", ", ".join(published) or "nothing")
