@@ -82,6 +82,14 @@ def write_tsv(path, fields, rows):
     os.replace(tmp, path)
 
 
+def link_prepared_files(src: Path, out: Path) -> None:
+    """Link every file of the prepared folder ``src`` but its manifests (features, SentencePiece
+    model, config) into ``out``, whose manifests are derived from ``src``'s."""
+    for name in os.listdir(src):
+        if not name.endswith(".tsv") and not (out / name).exists():
+            os.symlink((src / name).resolve(), out / name)
+
+
 def make_data(args) -> int:
     src, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -107,9 +115,7 @@ def make_data(args) -> int:
         write_tsv(out / f"{split}.tsv", fields, rows)
         for lang in sorted({r["src_lang"] for r in rows}):
             write_tsv(out / f"{split}_{lang}.tsv", fields, [r for r in rows if r["src_lang"] == lang])
-    for name_ in os.listdir(src):   # features, SentencePiece model, config: links to the source
-        if not name_.endswith(".tsv") and not (out / name_).exists():
-            os.symlink((src / name_).resolve(), out / name_)
+    link_prepared_files(src, out)
     (out / "planted_truth.json").write_text(json.dumps(truth, indent=1, sort_keys=True) + "\n")
     print(f"planted {args.kind} data -> {out}")
     return 0

@@ -274,6 +274,38 @@ def paired_summary(times: Dict[str, List[float]], variant: str, reference: str) 
             "ratio_of_medians": pystats.median(times[variant]) / pystats.median(times[reference])}
 
 
+def interleaved_update_times(trainers: dict, batches: Dict[str, list], block: int, rounds: int):
+    """Seconds per update of every trainer, ``block`` updates at a time on its fixed ``batches``
+    (cycled), trainers interleaved round by round (order reversed every other round) so that load
+    from other processes hits all alike; every trainer does the same updates on the same batch
+    positions, so that a round's blocks pair. One untimed warm-up round first (optimiser state,
+    allocator, first-call costs). Returns (CPU seconds per update by round, wall seconds per update
+    by round, updates done), each by trainer name."""
+    n_updates = {name: 0 for name in trainers}
+
+    def run_block(name):
+        trainer, source = trainers[name], batches[name]
+        cpu, wall = time.process_time(), time.perf_counter()
+        for _ in range(block):
+            trainer.train_step([source[n_updates[name] % len(source)]])
+            n_updates[name] += 1
+        return ((time.process_time() - cpu) / block, (time.perf_counter() - wall) / block)
+
+    order = list(trainers)
+    for name in order:
+        run_block(name)
+    cpu_times: Dict[str, List[float]] = {name: [] for name in order}
+    wall_times: Dict[str, List[float]] = {name: [] for name in order}
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            cpu, wall = run_block(name)
+            cpu_times[name].append(cpu)
+            wall_times[name].append(wall)
+        logger.info("update round %d/%d (CPU ms per update): %s", r + 1, rounds,
+                    ", ".join(f"{n} {1000 * t[-1]:.0f}" for n, t in cpu_times.items()))
+    return cpu_times, wall_times, n_updates
+
+
 def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
     """Seconds per update of every variant (process CPU time and wall time), and paired ratios.
 
@@ -293,29 +325,10 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
             task.load_dataset("train")   # --gdps-probe-speakers reads its utterances' speakers
         trainers[name] = trainer
     stock_batches = [without_language_ids(b) for b in batches]
-    n_updates = {name: 0 for name in trainers}
-
-    def run_block(name):
-        trainer = trainers[name]
-        source = stock_batches if name == "shared" else batches
-        cpu, wall = time.process_time(), time.perf_counter()
-        for _ in range(setting.block):
-            trainer.train_step([source[n_updates[name] % len(source)]])
-            n_updates[name] += 1
-        return ((time.process_time() - cpu) / setting.block, (time.perf_counter() - wall) / setting.block)
-
     order = list(trainers)
-    for name in order:  # warm-up: optimiser state, allocator, first-call costs
-        run_block(name)
-    cpu_times: Dict[str, List[float]] = {name: [] for name in order}
-    wall_times: Dict[str, List[float]] = {name: [] for name in order}
-    for r in range(setting.rounds):
-        for name in (order if r % 2 == 0 else order[::-1]):
-            cpu, wall = run_block(name)
-            cpu_times[name].append(cpu)
-            wall_times[name].append(wall)
-        logger.info("update round %d/%d (CPU ms per update): %s", r + 1, setting.rounds,
-                    ", ".join(f"{n} {1000 * t[-1]:.0f}" for n, t in cpu_times.items()))
+    cpu_times, wall_times, n_updates = interleaved_update_times(
+        trainers, {name: stock_batches if name == "shared" else batches for name in order}, setting.block,
+        setting.rounds)
 
     def probed(name):
         statistics = getattr(trainers[name].criterion, "statistics", None)

@@ -101,10 +101,25 @@ def measure_statistics_memory(setting, work: Path) -> dict:
                     "on top when sketching"}
 
 
+def timed_analyze(stats_path: Path, out_dir: Path, resamples: int) -> dict:
+    """gdps-analyze (the CLI, in this process: load, analysis, bootstrap, plots, plan, report) on
+    one statistics file: its process CPU and wall seconds, the blocks it splits and the estimator
+    that decided (same-state, or summed for statistics without probe records)."""
+    from fairseq_gdps.cli import analyze as analyze_cli
+
+    cpu, wall = time.process_time(), time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()) as printed:
+        rc = analyze_cli.main([str(stats_path), "--out", str(out_dir), "--resamples", str(resamples)])
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    if rc != 0:
+        raise RuntimeError(f"gdps-analyze failed ({rc}) on {stats_path}")
+    said = dict(line.split(": ", 1) for line in printed.getvalue().splitlines() if ": " in line)
+    return {"cpu_s": cpu, "wall_s": wall, "split": said.get("split"), "estimator": said.get("estimator")}
+
+
 def measure_analyze_time(setting, work: Path) -> dict:
     """gdps-analyze (the CLI, in this process: load, analysis, bootstrap, plots, plan, report) on
     synthetic statistics (random gradients through add_step) as languages and width grow."""
-    from fairseq_gdps.cli import analyze as analyze_cli
     from fairseq_gdps.gdps.stats import synthetic_statistics
 
     demo_width, demo_ffn = setting.analyze_widths[0]
@@ -128,17 +143,9 @@ def measure_analyze_time(setting, work: Path) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         stats.save(path)
         del stats
-        cpu, wall = time.process_time(), time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()) as printed:
-            rc = analyze_cli.main([str(path), "--out", str(work / "analyze" / name),
-                                   "--resamples", str(setting.analyze_resamples)])
-        if rc != 0:
-            raise RuntimeError(f"gdps-analyze failed ({rc}) on {path}")
+        run = timed_analyze(path, work / "analyze" / name, setting.analyze_resamples)
         rows.append({"width": width, "ffn": ffn, "blocks": len(sizes), "languages": n_lang, "sketch_dim": sketch,
-                     "recorded_updates": setting.analyze_steps, "resamples": setting.analyze_resamples,
-                     "cpu_s": time.process_time() - cpu, "wall_s": time.perf_counter() - wall,
-                     "split": next((line.split(": ", 1)[1] for line in printed.getvalue().splitlines()
-                                    if line.startswith("split: ")), None)})
+                     "recorded_updates": setting.analyze_steps, "resamples": setting.analyze_resamples, **run})
         logger.info("gdps-analyze %s: %.1f s CPU", name, rows[-1]["cpu_s"])
     return {"runs": rows}
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Copy the speed benchmark's results file (written by benchmarks/speed.py) between the markers of
-# docs/benchmarks.md, so the tables there are the ones the benchmark wrote. (The quality benchmark
-# publishes its own report, generated from its records: benchmarks/quality.py --report-only --publish.)
+# Copy the results files of benchmarks/speed.py and benchmarks/cost_languages.py between the
+# markers of docs/benchmarks.md, so the tables there are the ones the benchmarks wrote. (The quality
+# benchmark publishes its own report, generated from its records: quality.py --report-only --publish.)
 #   bash scripts/publish_benchmark_results.sh [RESULTS_DIR]   (default: benchmarks/results)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,14 +16,15 @@ from publish import replace_between  # noqa: E402
 
 page_path = Path("docs/benchmarks.md")
 published = []
-# the results file's headings are "###": they sit under the page's "## Speed and memory"
-for name in ("speed",):
+# the results files' headings are "###": they sit under the page's "## Speed and memory" /
+# "## Cost against the number of languages"
+for name in ("speed", "cost_languages"):
     source = results / f"{name}.md"
     if not source.is_file():
         print(f"no {source}: run benchmarks/{name}.py first ({page_path} section left as it is)", file=sys.stderr)
         continue
     text = source.read_text().lstrip("\n").rstrip("\n") + "\n"
-    replace_between(page_path, f"{name}-results", text)
+    replace_between(page_path, f"{name.replace('_', '-')}-results", text)
     published.append(str(source))
 print(f"published into {page_path}:", ", ".join(published) or "nothing")
 PY
