@@ -427,6 +427,7 @@ def to_markdown(results: dict, meta: dict) -> str:
             lines += ["", "Against the baselines (paired bootstrap of pooled test BLEU per seed, "
                       f"{meta['bootstrap']} resamples):", ""]
             lines += [f"- {c['sentence']}" for c in cond["comparisons"].values()]
+        if any(key.endswith("|tagged") for key in cond["comparisons"]):
             lines += ["", "Per-language BLEU difference against the tagged baseline, mean over seeds "
                       "(`*`: p < 0.05 in every seed):", "",
                       "| system | " + " | ".join(languages) + " |", "|---|" + "---:|" * len(languages)]
