@@ -449,7 +449,9 @@ def to_markdown(results: dict, meta: dict) -> str:
                     alone = f"; `{CONFLICT_LANGUAGE}` " + ("isolated" if ch["conflict_language_alone"] else "not isolated")
                 what = (f"split {', '.join(ch['modules'])}, groups {display_groups(ch['groups'])}, shared ratio "
                         f"{ch['shared_ratio']}" if len(ch["groups"]) > 1 else
-                        f"one group (no conflict measured): {', '.join(ch['modules'])} re-laid with no routing difference")
+                        f"one group (no conflict measured): {', '.join(ch['modules'])} re-laid with no routing difference, "
+                        "so GDPS is the tagged baseline computed in another order and their difference is numerical "
+                        "run-to-run noise")
                 rho = ""
                 if ch.get("conflict_pair_rho"):
                     rho = (f"; same-state rho({CONFLICT_BASE}, {CONFLICT_LANGUAGE}): "
