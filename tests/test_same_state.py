@@ -123,6 +123,12 @@ def test_records_round_trip_merge_and_errors(tmp_path):
         stats.add_probe(9, torch.ones(4), {"m": torch.zeros(3, D)})
     with pytest.raises(ValueError, match="no probe units"):
         GradientStatistics({"m": D}).add_probe(0, torch.ones(2), {"m": torch.zeros(2, D)})
+    # a probe's prepared rows live in buffers the next probe reuses: one probe at a time
+    overtaken = stats.begin_probe(20, torch.ones(4))
+    overtaken.add_block("m", torch.ones(4, D))
+    stats.add_probe(21, torch.ones(4), {"m": torch.ones(4, D)})
+    with pytest.raises(RuntimeError, match="overtaken by another probe"):
+        overtaken.finish()
 
 
 def planted_model(steps=80, seed=5, speakers=False):

@@ -165,19 +165,24 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     divisor = tokens.clamp(min=1.0)[:, None]
     R = len(tokens)
     captured = [int(row) for row in capture.languages]   # the rows with utterances (sorted)
-    absent = sorted(set(range(R)) - set(captured))
+    absent = torch.tensor(sorted(set(range(R)) - set(captured)), dtype=torch.int64)
+    # Rows without utterances are zero. Nothing but the scaling of zeros writes them, so in the
+    # reused buffer they stay zero from one block to the next of the same size (same layout).
+    zeroed_size = None
     for name, size in block_sizes.items():
         parts = capture.block_parts(name)
         device = parts[0].device
         if work is None or work.device != device or work.numel() < R * max(block_sizes.values()):
             work = torch.empty(R * max(block_sizes.values()), dtype=torch.float64, device=device)
+            zeroed_size = None
         rows = work[: R * size].view(R, size)
         # Each part is copied (converted to float64, exactly) to its place in the rows: one pass,
         # where zeroing the rows, adding a concatenated copy of the shares and dividing took four.
         # Multiplying by 1 / loss_scale afterwards rounds as add_(share, alpha=1 / loss_scale) onto
         # zeros does (the buffer path), and is skipped when it is 1.
-        if absent:
-            rows[absent] = 0.0
+        if absent.numel() and size != zeroed_size:
+            rows.index_fill_(0, absent.to(device), 0.0)
+            zeroed_size = size
         offset = 0
         for part in parts:
             width = part.size(1)

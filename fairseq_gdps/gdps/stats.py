@@ -147,6 +147,9 @@ class GradientStatistics:
         self.source = ""  # the file these statistics were read from, named in merge errors
         self._proj_cache: Dict[str, tuple] = {}
         self._scratch = torch.empty(0, dtype=torch.float64)   # add_step's temporaries, reused (not saved)
+        # a probe's languages' rows per module (ProbeRecording), reused from probe to probe (not saved)
+        self._probe_rows: Dict[Optional[str], torch.Tensor] = {}
+        self._active_probe: Optional["ProbeRecording"] = None
         self._buffers: Dict[str, torch.Tensor] = {}
         self._alloc()
         if languages:
@@ -266,6 +269,21 @@ class GradientStatistics:
             self._scratch = torch.empty(numel, dtype=torch.float64, device=device)
         return self._scratch[:numel].view(*shape)
 
+    def _probe_rows_buffer(self, module: str, rows: int, device) -> torch.Tensor:
+        """Scratch ``(rows, d)`` float64 for a probe's languages' rows of ``module``, reused from
+        probe to probe: a fresh one is paid for page by page at every block (as much as the
+        product that fills it). An exact module's rows are ``_prepare``'s stored-space rows, kept
+        until ``_commit`` once every module is prepared, so such a module has a buffer of its own
+        (as large as its sums S); a sketched module's are dropped once sketched, so those share
+        one (the largest sketched module's)."""
+        d = self.module_sizes[module]
+        key = module if self.stored_dim(module) == d else None
+        buffer = self._probe_rows.get(key)
+        if buffer is None or buffer.device != torch.device(device) or buffer.numel() < rows * d:
+            buffer = torch.empty(rows * d, dtype=torch.float64, device=device)
+            self._probe_rows[key] = buffer
+        return buffer[: rows * d].view(rows, d)
+
     def bucket_of(self, step: int) -> int:
         """Bucket of a step: a seeded 64-bit mix of the step number, modulo ``num_buckets``."""
         return _splitmix64((int(step) & _MASK64) ^ _splitmix64(self.seed)) % self.num_buckets
@@ -346,8 +364,11 @@ class GradientStatistics:
         return probe.finish()
 
     def begin_probe(self, step: int, tokens: torch.Tensor, batch_key: Optional[int] = None) -> "ProbeRecording":
-        """Start recording a probed update block by block (see :class:`ProbeRecording`)."""
-        return ProbeRecording(self, step, tokens, batch_key)
+        """Start recording a probed update block by block (see :class:`ProbeRecording`). One
+        probe at a time: a probe begun earlier and not finished can no longer be finished (the
+        languages' rows it had prepared live in buffers this one reuses)."""
+        self._active_probe = ProbeRecording(self, step, tokens, batch_key)
+        return self._active_probe
 
     def _prepare(self, m: str, rows: List[str], G: torch.Tensor):
         """One module's per-step quantities of ``_record``: (module index, module, its languages,
@@ -417,16 +438,19 @@ class GradientStatistics:
             buf[f"S/{m}"].index_add_(0, idx, Y)
             buf[f"bucket_S/{m}"][b].index_add_(0, idx, Z)
             if r:
+                # Only the entries of two recorded languages change (the others would add zeros):
+                # [i, j] gets x_i (first), x_i x_i^T (second), x_i x_j^T (cross). The products are
+                # taken once into the reused scratch and added without an (L, L, r, r) temporary
+                # per sum (at 16 languages and r = 64, 8 MB per module and sum).
                 X = X.to(dev)
-                Xf = torch.zeros(L, r, dtype=torch.float64, device=dev)
-                Xf[idx] = X
-                p = torch.zeros(L, dtype=torch.float64, device=dev)
-                p[idx] = 1
-                outer_ii = torch.einsum("ia,ib->iab", Xf, Xf)
-                buf["pair_n"][:, :, mi] += p[:, None] * p[None, :]
-                buf[f"first/{m}"] += p[None, :, None] * Xf[:, None, :]
-                buf[f"second/{m}"] += p[None, :, None, None] * outer_ii[:, None]
-                buf[f"cross/{m}"] += torch.einsum("ia,jb->ijab", Xf, Xf)
+                n = len(keep)
+                outer = torch.mul(X[:, None, :, None], X[None, :, None, :], out=self._work((n, n, r, r), dev))
+                buf["pair_n"][:, :, mi].index_put_((idx[:, None], idx[None, :]),
+                                                   torch.ones((), dtype=torch.float64, device=dev), accumulate=True)
+                _add_at(buf[f"first/{m}"], idx, X[:, None, :].expand(n, n, r))
+                _add_at(buf[f"second/{m}"], idx, outer[torch.arange(n, device=dev), torch.arange(n, device=dev)][:, None]
+                        .expand(n, n, r, r))
+                _add_at(buf[f"cross/{m}"], idx, outer)
         buf["steps"] += 1
         return skipped
 
@@ -619,6 +643,16 @@ class GradientStatistics:
                 f"steps={self.num_steps}, sketch_dim={self.sketch_dim}, subspace_dim={self.subspace_dim})")
 
 
+def _add_at(sums: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``sums[idx[a], idx[b]] += values[a, b]`` for a (L, L, ...) sum and (n, n, ...) values, in
+    place: every language pair (i, j) at once when all L languages are given, else row by row."""
+    if idx.numel() == sums.size(0) and bool((idx == torch.arange(idx.numel(), device=idx.device)).all()):
+        sums.add_(values)
+        return
+    for a in range(idx.numel()):
+        sums[idx[a]].index_add_(0, idx, values[a])
+
+
 class ProbeRecording:
     """One probed update recorded block by block: ``add_block`` for every module (any order),
     then ``finish``. Records exactly what ``GradientStatistics.add_probe`` records with all rows
@@ -665,17 +699,26 @@ class ProbeRecording:
         if tuple(Y.shape) != (self.R, stats.module_sizes[module]):
             raise ValueError(f"add_probe: rows of {module!r} have shape {tuple(Y.shape)}, "
                              f"expected ({self.R}, {stats.module_sizes[module]})")
+        self._check_active()
         self.grams[module] = (Y @ Y.T).cpu()
         if self.present.numel():
-            lang_rows = self.mix.to(Y.device) @ Y
+            lang_rows = torch.matmul(self.mix.to(Y.device), Y,
+                                     out=stats._probe_rows_buffer(module, len(self.present), Y.device))
             self.results[module] = stats._prepare(module, self.present_languages, lang_rows)
+
+    def _check_active(self) -> None:
+        if self.stats._active_probe is not self:
+            raise RuntimeError(f"add_probe: the probe of step {self.step} was overtaken by another probe of the "
+                               "same statistics before it finished (one probe at a time)")
 
     def finish(self) -> List[str]:
         """Keep the Gram matrices and record the languages' rows. Returns the skipped languages."""
         stats = self.stats
+        self._check_active()
         missing = [m for m in stats.module_names if m not in self.grams]
         if missing:
             raise ValueError(f"add_probe: no rows for modules {missing}")
+        stats._active_probe = None
         if self.present.numel() == 0:
             return []
         grams = torch.stack([self.grams[m] for m in stats.module_names])
