@@ -55,8 +55,12 @@ from fairseq_gdps.gdps.same_state import SameStateRecords
 
 # 2: adds the same-state probe records (``same_state``); version 1 files are still read (they
 # have none, and the analysis then says that its decision rests on the drift-prone estimator).
+# 3: statistics of the same-state records alone (``summed=False``): they lack the summed part,
+# which code reading versions 1-2 would report as malformed. Statistics with the summed part are
+# still written as version 2, which they are.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SAME_STATE_ONLY_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KIND = "gdps-gradient-statistics"
 
 _MASK64 = (1 << 64) - 1
@@ -117,15 +121,25 @@ class GradientStatistics:
         probe_units: units of the same-state probe (languages, or "language@speaker" pairs);
             None: no same-state records (``add_probe`` is then unavailable).
         probe_unit_languages: the language of every probe unit (default: the unit itself).
+        summed: keep the summed statistics (everything above but the same-state records). False
+            keeps the same-state records alone (and the counts of probes kept and of languages
+            left out for non-finite gradients): a probe then costs its Gram matrices only, none of
+            the sums, sketches and projections of its languages' gradients, and the analysis has
+            no summed-statistics diagnostics to report (``gdps-analyze`` says so). Needs
+            ``probe_units``; ``add_step`` is then unavailable.
     """
 
     def __init__(self, module_sizes: Mapping[str, int], languages: Optional[Sequence[str]] = None,
                  sketch_dim: Optional[int] = None, subspace_dim: int = 64, seed: int = 0,
                  model_signature: str = "", num_buckets: int = 16, aux_dim: int = 4096,
                  probe_units: Optional[Sequence[str]] = None,
-                 probe_unit_languages: Optional[Sequence[str]] = None):
+                 probe_unit_languages: Optional[Sequence[str]] = None, summed: bool = True):
         if not module_sizes:
             raise ValueError("GradientStatistics needs at least one module")
+        if not summed and probe_units is None:
+            raise ValueError("GradientStatistics without the summed statistics (summed=False) records the "
+                             "same-state records alone: it needs probe_units")
+        self.summed = bool(summed)
         self.module_names: List[str] = [str(m) for m in module_sizes]
         self.module_sizes: Dict[str, int] = {str(m): int(s) for m, s in module_sizes.items()}
         for m, s in self.module_sizes.items():
@@ -173,8 +187,10 @@ class GradientStatistics:
     def _specs(self):
         """(buffer name, shape without language axes, language axes), in a fixed order."""
         M, B, r = len(self.module_names), self.num_buckets, self.subspace_dim
-        specs = [("steps", (1,), ()), ("skipped", (), (0,)),
-                 ("n", (M,), (0,)), ("Q", (M,), (0,)), ("Q_exact", (M,), (0,)),
+        specs = [("steps", (1,), ()), ("skipped", (), (0,))]
+        if not self.summed:
+            return specs
+        specs += [("n", (M,), (0,)), ("Q", (M,), (0,)), ("Q_exact", (M,), (0,)),
                  ("bucket_n", (B, M), (1,)), ("bucket_Q", (B, M), (1,))]
         if r:
             specs.append(("pair_n", (M,), (0, 1)))
@@ -297,6 +313,7 @@ class GradientStatistics:
         A language with any non-finite gradient is skipped for this step (all its modules),
         counted in ``skipped_nonfinite``; the others are recorded. Returns the skipped languages.
         """
+        self._require_summed("add_step")
         langs = [str(l) for l in grads]
         for l in langs:
             unknown = [m for m in grads[l] if m not in self.module_sizes]
@@ -324,6 +341,7 @@ class GradientStatistics:
         statistics, bit for bit, as :meth:`add_step` with the rows as separate gradients, but a
         contiguous float64 matrix is read in place instead of being copied.
         Returns the skipped (non-finite) languages."""
+        self._require_summed("add_step_rows")
         langs = [str(l) for l in languages]
         modules = []
         for m in self.module_names:
@@ -464,14 +482,22 @@ class GradientStatistics:
     def skipped_nonfinite(self) -> Dict[str, int]:
         return {l: int(v) for l, v in zip(self.languages, self._buffers["skipped"].tolist())}
 
+    def _require_summed(self, what: str) -> None:
+        if not self.summed:
+            where = f"{self.source}: " if self.source else ""
+            raise ValueError(f"{where}{what}: these statistics hold the same-state records alone (recorded "
+                             "with --gdps-same-state-only), not the summed statistics")
+
     def counts(self) -> Dict[str, Dict[str, int]]:
         """``counts()[lang][module]``: number of recorded steps."""
+        self._require_summed("counts")
         n = self._buffers["n"].cpu()
         return {l: {m: int(n[i, j]) for j, m in enumerate(self.module_names)} for i, l in enumerate(self.languages)}
 
     def module_sums(self, module: str) -> Dict[str, torch.Tensor]:
         """Sums of ``module`` (CPU float64): ``n`` (L,), ``S`` (L, e), ``Q`` (L,) in S's space,
         ``Q_exact`` (L,) of the original gradients."""
+        self._require_summed("module_sums")
         mi = self.module_names.index(module)
         b = self._buffers
         return {"n": b["n"][:, mi].cpu(), "S": b[f"S/{module}"].cpu(),
@@ -479,6 +505,7 @@ class GradientStatistics:
 
     def bucket_sums(self, module: str) -> Dict[str, torch.Tensor]:
         """Per-bucket sums of ``module`` in aux space: ``n`` (B, L), ``S`` (B, L, k), ``Q`` (B, L)."""
+        self._require_summed("bucket_sums")
         mi = self.module_names.index(module)
         b = self._buffers
         return {"n": b["bucket_n"][:, :, mi].cpu(), "S": b[f"bucket_S/{module}"].cpu(),
@@ -488,6 +515,7 @@ class GradientStatistics:
         """Projected-gradient moments of ``module`` (None when subspace_dim == 0): ``pair_n``
         (L, L), ``first`` (L, L, r), ``second`` (L, L, r, r), ``cross`` (L, L, r, r); see the
         module docstring."""
+        self._require_summed("subspace_moments")
         if not self.subspace_dim:
             return None
         mi = self.module_names.index(module)
@@ -502,7 +530,8 @@ class GradientStatistics:
                 "sketch_dim": self.sketch_dim, "subspace_dim": self.subspace_dim, "seed": self.seed,
                 "num_buckets": self.num_buckets, "aux_dim": self.aux_dim,
                 "probe_units": None if self.same_state is None else list(self.same_state.units),
-                "probe_unit_languages": None if self.same_state is None else list(self.same_state.unit_languages)}
+                "probe_unit_languages": None if self.same_state is None else list(self.same_state.unit_languages),
+                "summed": self.summed}
 
     def flat_buffers(self) -> List[torch.Tensor]:
         """Every sum, in a fixed order: sum these element-wise across workers (e.g. with
@@ -582,7 +611,8 @@ class GradientStatistics:
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "kind": KIND, "model_signature": self.model_signature,
+        version = FORMAT_VERSION if self.summed else SAME_STATE_ONLY_FORMAT_VERSION
+        return {"format_version": version, "kind": KIND, "model_signature": self.model_signature,
                 "languages": list(self.languages), **self.settings(),
                 "buffers": {name: self._buffers[name].detach().cpu().clone() for name, _, _ in self._specs()},
                 "same_state": None if self.same_state is None else self.same_state.state_dict()}
@@ -603,11 +633,18 @@ class GradientStatistics:
             raise ValueError(f"{source}: gradient statistics lack {missing}")
         try:
             same_state = d.get("same_state")
+            records = None if same_state is None else SameStateRecords.from_state_dict(same_state, source)
+            summed = d["format_version"] != SAME_STATE_ONLY_FORMAT_VERSION
+            if summed != d.get("summed", True):
+                raise ValueError(f"format version {d['format_version']} with summed={d.get('summed')!r}")
+            if records is None and not summed:
+                raise ValueError("no same-state records (and no summed statistics)")
             stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
                         sketch_dim=d["sketch_dim"], subspace_dim=d["subspace_dim"], seed=d["seed"],
-                        model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"])
-            if same_state is not None:
-                stats.same_state = SameStateRecords.from_state_dict(same_state, source)
+                        model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"],
+                        probe_units=None if summed else records.units,
+                        probe_unit_languages=None if summed else records.unit_languages, summed=summed)
+            stats.same_state = records
             names = [name for name, _, _ in stats._specs()]
             missing = [n for n in names if n not in d["buffers"]]
             if missing:
@@ -663,7 +700,8 @@ class ProbeRecording:
     parameter times 2U (see ``per_language_update.py`` for when the criterion streams blocks).
     Nothing is added to the sums before ``finish``: a language with a non-finite value in any
     block is still left out of every block, and a probe with any non-finite row keeps no Gram
-    matrix."""
+    matrix. Statistics without the summed part (``summed=False``) take the Gram matrices alone;
+    a probe they cannot keep counts as skipped for the languages of its non-finite halves."""
 
     def __init__(self, stats: GradientStatistics, step: int, tokens: torch.Tensor, batch_key: Optional[int] = None):
         if stats.same_state is None:
@@ -701,7 +739,7 @@ class ProbeRecording:
                              f"expected ({self.R}, {stats.module_sizes[module]})")
         self._check_active()
         self.grams[module] = (Y @ Y.T).cpu()
-        if self.present.numel():
+        if self.present.numel() and stats.summed:
             lang_rows = torch.matmul(self.mix.to(Y.device), Y,
                                      out=stats._probe_rows_buffer(module, len(self.present), Y.device))
             self.results[module] = stats._prepare(module, self.present_languages, lang_rows)
@@ -722,9 +760,20 @@ class ProbeRecording:
         if self.present.numel() == 0:
             return []
         grams = torch.stack([self.grams[m] for m in stats.module_names])
-        if bool(torch.isfinite(grams).all()):
+        finite = bool(torch.isfinite(grams).all())
+        if finite:
             stats.same_state.add(self.step, self.tokens, grams, self.batch_key)
-        return stats._commit(self.step, self.present_languages, [self.results[m] for m in stats.module_names])
+        if stats.summed:
+            return stats._commit(self.step, self.present_languages, [self.results[m] for m in stats.module_names])
+        if finite:
+            stats._buffers["steps"] += 1
+            return []
+        # the languages of the halves with a non-finite gradient (a non-finite squared norm)
+        rows = torch.nonzero((~torch.isfinite(torch.diagonal(grams, dim1=1, dim2=2))).any(0)).flatten().tolist()
+        skipped = list(dict.fromkeys(stats.same_state.unit_languages[r // 2] for r in rows))
+        for lang in skipped:
+            stats._buffers["skipped"][stats._lang_index[lang]] += 1
+        return skipped
 
 
 def synthetic_statistics(module_sizes: Mapping[str, int], languages: Sequence[str],
