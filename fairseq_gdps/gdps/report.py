@@ -316,7 +316,8 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
             f"- languages: {', '.join(langs)}; recorded steps: {a.stats_info['steps']}; steps per language: "
             + ", ".join(f"{l} {n}" for l, n in a.stats_info["steps_per_language"].items()),
             (f"- sketch_dim {a.stats_info['sketch_dim']}, subspace_dim {a.stats_info['subspace_dim']}, "
-             f"{a.stats_info['num_buckets']} buckets" if a.metrics else "- same-state records alone (no summed statistics)")
+             f"{a.stats_info['num_buckets']} buckets" if a.metrics
+             else "- same-state records alone (no summed statistics)")
             + f"; model signature `{a.stats_info['model_signature']}`", ""]
     out += ["## Decision", "",
             f"- split modules: {', '.join(f'`{m}`' for m in a.split_modules)}",
@@ -328,7 +329,7 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
     if a.metrics:
         out += _summed_markdown(a)
     else:
-        out += ["## Summed-statistics diagnostics", "", SUMMED_UNAVAILABLE[0].upper() + SUMMED_UNAVAILABLE[1:] + ".", ""]
+        out += ["## Summed-statistics diagnostics", "", f"{SUMMED_UNAVAILABLE[0].upper()}{SUMMED_UNAVAILABLE[1:]}.", ""]
     g = a.grouping
     # what the grouping and the ratio were computed from (same-state statistics may lack the cosines)
     similarity = "same-state similarity" if a.conflict is not None else "noise-corrected cosine"

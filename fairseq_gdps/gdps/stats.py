@@ -421,7 +421,7 @@ class GradientStatistics:
         if not langs or not results:
             return []
         self._ensure_languages(langs)
-        L, r = len(self.languages), self.subspace_dim
+        r = self.subspace_dim
         finite = {}
         # One device sync for the finiteness check of every (language, module).
         ok_rows = torch.cat([torch.isfinite(res[-1]).all(1) for res in results]).cpu().tolist()
@@ -466,8 +466,8 @@ class GradientStatistics:
                 buf["pair_n"][:, :, mi].index_put_((idx[:, None], idx[None, :]),
                                                    torch.ones((), dtype=torch.float64, device=dev), accumulate=True)
                 _add_at(buf[f"first/{m}"], idx, X[:, None, :].expand(n, n, r))
-                _add_at(buf[f"second/{m}"], idx, outer[torch.arange(n, device=dev), torch.arange(n, device=dev)][:, None]
-                        .expand(n, n, r, r))
+                own = outer.diagonal(dim1=0, dim2=1).permute(2, 0, 1)   # x_i x_i^T, (n, r, r)
+                _add_at(buf[f"second/{m}"], idx, own[:, None].expand(n, n, r, r))
                 _add_at(buf[f"cross/{m}"], idx, outer)
         buf["steps"] += 1
         return skipped
