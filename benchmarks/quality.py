@@ -546,6 +546,8 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
             "records_dir": str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root),
             "planned": len(planned), "recorded": len(have & set(planned)),
             "missing": [p for p in planned if p not in have],
+            "left_minutes": sum(expected_seconds(root, p.split("/")[-1], setting["max_update"])
+                                for p in planned if p not in have) / 2 / 60,
             "plot": "../benchmarks/results/quality_learning_curves.png" if found else None}
     text = records.to_markdown(results, meta)
     with atomic_write(results_dir / "quality.md") as f:

@@ -236,7 +236,7 @@ def comparison_sentence(system: str, against: str, per_seed: list[dict]) -> str:
     else:
         verdict = f"significantly above in {sig_above}, below in {sig_below} of {n} seeds: no consistent difference"
     return (f"**{system}** vs **{against}**: {delta:+.1f} average BLEU (mean over {n} seed{'s' if n > 1 else ''}; "
-            f"above in {above} of {n}); {verdict}.")
+            f"above in {above} of {n}); {verdict}" + (" (fewer than 3 seeds: a direction, not yet a finding)." if n < 3 else "."))
 
 
 def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict, criterion: dict) -> dict:
@@ -358,6 +358,15 @@ def _targets(condition: str, summary: dict, comparisons: dict) -> list[str]:
 # report
 # ---------------------------------------------------------------------------------------------
 
+def missing_summary(missing: list[str]) -> str:
+    """``natural/seed1/gdps, natural/seed1/tagged, ...`` as ``natural seed 1: gdps, tagged; ...``."""
+    by_run: dict[tuple[str, str], list[str]] = {}
+    for name in missing:
+        condition, seed, system = name.split("/")
+        by_run.setdefault((condition, seed[len("seed"):]), []).append(system)
+    return "; ".join(f"{c} seed {s}: {', '.join(systems)}" for (c, s), systems in by_run.items())
+
+
 def _pm(ms: tuple[float, float], n: int) -> str:
     if ms[0] != ms[0]:
         return "-"
@@ -383,8 +392,9 @@ def to_markdown(results: dict, meta: dict) -> str:
              f"{s['probe_interval']} updates) is the first {s['stage1']} updates of the tagged baseline's run, "
              f"stage 2 the remaining {s['max_update'] - s['stage1']}; seeds {meta['seeds']}, conditions "
              f"{', '.join(meta['conditions'])}. **{meta['recorded']} of {meta['planned']} runs recorded**"
-             + (" — PARTIAL: " + ", ".join(meta["missing"][:12]) + (" ..." if len(meta["missing"]) > 12 else "")
-                + " still to run" if meta["missing"] else "") + ".",
+             + (f" — PARTIAL: still to run {missing_summary(meta['missing'])}"
+                + (f" (about {meta['left_minutes']:.0f} min at 2 runs at a time)" if meta.get("left_minutes") else "")
+                if meta["missing"] else "") + ".",
              "",
              f"Learned regime (checked per seed on the stock baseline): average test BLEU >= "
              f"{meta['criterion']['min_average_bleu']:.0f} on the languages without a planted conflict and a final "
@@ -417,6 +427,7 @@ def to_markdown(results: dict, meta: dict) -> str:
             lines += ["", "Against the baselines (paired bootstrap of pooled test BLEU per seed, "
                       f"{meta['bootstrap']} resamples):", ""]
             lines += [f"- {c['sentence']}" for c in cond["comparisons"].values()]
+        if any(key.endswith("|tagged") for key in cond["comparisons"]):
             lines += ["", "Per-language BLEU difference against the tagged baseline, mean over seeds "
                       "(`*`: p < 0.05 in every seed):", "",
                       "| system | " + " | ".join(languages) + " |", "|---|" + "---:|" * len(languages)]
@@ -438,7 +449,9 @@ def to_markdown(results: dict, meta: dict) -> str:
                     alone = f"; `{CONFLICT_LANGUAGE}` " + ("isolated" if ch["conflict_language_alone"] else "not isolated")
                 what = (f"split {', '.join(ch['modules'])}, groups {display_groups(ch['groups'])}, shared ratio "
                         f"{ch['shared_ratio']}" if len(ch["groups"]) > 1 else
-                        f"one group (no conflict measured): {', '.join(ch['modules'])} re-laid with no routing difference")
+                        f"one group (no conflict measured): {', '.join(ch['modules'])} re-laid with no routing difference, "
+                        "so GDPS is the tagged baseline computed in another order and their difference is numerical "
+                        "run-to-run noise")
                 rho = ""
                 if ch.get("conflict_pair_rho"):
                     rho = (f"; same-state rho({CONFLICT_BASE}, {CONFLICT_LANGUAGE}): "

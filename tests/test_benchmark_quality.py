@@ -114,6 +114,8 @@ def test_records_aggregate_into_comparisons_that_say_what_they_support(tmp_path)
     out = records.aggregate(found, refs, 200, cache, records.LEARNED_CRITERION)["natural"]
     assert out["passed_seeds"] == [1, 2, 3]
     assert out["comparisons"]["gdps|tagged"]["sentence"].endswith("above in 3 of 3 seeds, p < 0.05 in every one.")
+    one_seed = records.comparison_sentence("gdps", "tagged", out["comparisons"]["gdps|tagged"]["per_seed"][:1])
+    assert one_seed.endswith("(fewer than 3 seeds: a direction, not yet a finding).")
     assert "above in 3 of 3" in out["comparisons"]["gdps|tagged"]["sentence"]
     assert out["comparisons"]["tagged|baseline"]["sentence"].endswith("no significant difference in any seed.")
     assert "baseline|tagged" not in out["comparisons"]  # the stock baseline is compared with nothing, the others with it
@@ -131,7 +133,7 @@ def test_records_aggregate_into_comparisons_that_say_what_they_support(tmp_path)
             "conditions": ["natural"], "bootstrap": 200, "criterion": records.LEARNED_CRITERION, "records_dir": "x",
             "planned": 12, "recorded": 9, "missing": ["natural/seed1/full_split"], "plot": None}
     text = records.to_markdown(out, meta)
-    assert "**9 of 12 runs recorded** — PARTIAL: natural/seed1/full_split still to run" in text
+    assert "**9 of 12 runs recorded** — PARTIAL: still to run natural seed 1: full_split." in text
     assert "| 2 |" in text and "**no**: final dev accuracy 68.0 < 75" in text
 
 
@@ -197,7 +199,7 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
     # a run whose record is lost is run again, and only that one; the report says what was left
     (root / "natural" / "seed1" / "baseline.json").unlink()
     assert quality.main(args + ["--report-only"]) == 0
-    assert "PARTIAL: natural/seed1/baseline still to run" in (results / "quality.md").read_text()
+    assert "PARTIAL: still to run natural seed 1: baseline (about" in (results / "quality.md").read_text()
     assert quality.main(args + ["--systems", "baseline", "gdps"]) == 0
     assert (root / "natural" / "seed1" / "baseline.json").is_file() and not (work / "natural" / "seed1" / "gdps").exists()
     # runs of another budget never mix into a records folder
