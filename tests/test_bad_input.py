@@ -509,7 +509,7 @@ def test_statistics_of_an_older_format_or_malformed_are_refused(tmp_path):
     d = record(steps(2)).state_dict()
     torch.save({**d, "format_version": 0}, tmp_path / "old.pt")
     with pytest.raises(ValueError, match=rf"^{tmp_path}/old\.pt: gradient statistics format version 0 is not "
-                                         r"supported \(this code reads versions \(1, 2\)\); record them again"):
+                                         r"supported \(this code reads versions \(1, 2, 3\)\); record them again"):
         GradientStatistics.load(tmp_path / "old.pt")
     torch.save({k: v for k, v in d.items() if k != "module_sizes"}, tmp_path / "partial.pt")
     with pytest.raises(ValueError, match=r"partial\.pt: gradient statistics lack \['module_sizes'\]"):

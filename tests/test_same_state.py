@@ -19,11 +19,11 @@ def _unit(v):
     return v / np.linalg.norm(v)
 
 
-def record(means_per_step, units, unit_languages, blocks, noise, seed=0, tokens=(5.0, 7.0)):
+def record(means_per_step, units, unit_languages, blocks, noise, seed=0, tokens=(5.0, 7.0), summed=True):
     """Statistics of probes whose half-gradients are ``means_per_step[t][block][unit] + noise``."""
     rng = np.random.default_rng(seed)
     stats = GradientStatistics({b: D for b in blocks}, probe_units=units, probe_unit_languages=unit_languages,
-                               subspace_dim=0)
+                               subspace_dim=0, summed=summed)
     for t, means in enumerate(means_per_step):
         rows = {}
         for b in blocks:
@@ -123,9 +123,15 @@ def test_records_round_trip_merge_and_errors(tmp_path):
         stats.add_probe(9, torch.ones(4), {"m": torch.zeros(3, D)})
     with pytest.raises(ValueError, match="no probe units"):
         GradientStatistics({"m": D}).add_probe(0, torch.ones(2), {"m": torch.zeros(2, D)})
+    # a probe's prepared rows live in buffers the next probe reuses: one probe at a time
+    overtaken = stats.begin_probe(20, torch.ones(4))
+    overtaken.add_block("m", torch.ones(4, D))
+    stats.add_probe(21, torch.ones(4), {"m": torch.ones(4, D)})
+    with pytest.raises(RuntimeError, match="overtaken by another probe"):
+        overtaken.finish()
 
 
-def planted_model(steps=80, seed=5, speakers=False):
+def planted_model(steps=80, seed=5, speakers=False, summed=True):
     """Blocks enc.0, enc.1 (reference) and dec.0, dec.1: et and xx sound alike (share enc
     gradients) but mean different things in dec.0; sw and sw2 are one language split in two;
     ar is unrelated. With ``speakers``, each language has two speaker units whose encoder
@@ -150,7 +156,7 @@ def planted_model(steps=80, seed=5, speakers=False):
                          "decoder.layers.0.ffn": template + meaning[l], "decoder.layers.1.ffn": template + 0.9 * content[l]})
     blocks = list(vecs[0])
     per_step = [{b: [v[b] for v in vecs] for b in blocks} for _ in range(steps)]
-    return record(per_step, units, unit_langs, blocks, noise=2.5, seed=seed), langs
+    return record(per_step, units, unit_langs, blocks, noise=2.5, seed=seed, summed=summed), langs
 
 
 def test_conflict_found_where_inputs_agree_and_outputs_do_not():
@@ -230,3 +236,48 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
                  "--window-start", "1000"]) == 0
     assert "no same-state probe records" in capsys.readouterr().err
     json.loads((tmp_path / "b" / "plan.json").read_text())
+
+
+def test_same_state_records_alone_decide_as_with_the_summed_statistics(tmp_path, capsys):
+    """Statistics of the same-state records alone (stage 1 with --gdps-same-state-only): the same
+    records and decision as with the summed statistics, the diagnostics reported as unavailable,
+    and a file that round-trips and refuses what needs the summed part."""
+    from fairseq_gdps.cli.analyze import main
+    from fairseq_gdps.gdps.plan import Plan
+
+    full, langs = planted_model()
+    alone, _ = planted_model(summed=False)
+    for f, a in zip(full.same_state.arrays(), alone.same_state.arrays()):
+        np.testing.assert_array_equal(f, a)
+    assert alone.num_steps == full.num_steps == 80
+    assert set(alone.to_tensors()) == {"steps", "skipped"}   # no summed buffers at all
+    plans = {}
+    for name, stats in (("full", full), ("alone", alone)):
+        stats.save(tmp_path / f"{name}.pt")
+        assert main([str(tmp_path / f"{name}.pt"), "--out", str(tmp_path / name), "--resamples", "50"]) == 0
+        plans[name] = Plan.load(tmp_path / name / "plan.json", languages=langs)
+    assert "estimator: same-state" in capsys.readouterr().out
+    assert plans["alone"].modules == plans["full"].modules == ["decoder.layers.0.ffn"]
+    assert plans["alone"].groups == plans["full"].groups
+    assert plans["alone"].shared_ratio == plans["full"].shared_ratio
+    report = (tmp_path / "alone" / "report.md").read_text()
+    assert "## Summed-statistics diagnostics" in report and "unavailable" in report
+    assert "Modules ranked by the summed estimator" not in report
+    assert "## Same-state analysis (what decides)" in report
+    back = GradientStatistics.load(tmp_path / "alone.pt")
+    assert not back.summed and back.num_steps == 80 and back.same_state.num_probes == 80
+    with pytest.raises(ValueError, match="same-state records alone"):
+        back.counts()
+    with pytest.raises(ValueError, match="same-state records alone"):
+        back.add_step(0, {"ar": {"encoder.layers.0.ffn": torch.zeros(D)}})
+    with pytest.raises(ValueError, match="cannot merge"):
+        back.merge_(full)
+    # no summed estimator to fall back on
+    assert main([str(tmp_path / "alone.pt"), "--out", str(tmp_path / "c"), "--window-start", "1000"]) == 1
+    assert "no summed estimator to fall back on" in capsys.readouterr().err
+    # a probe with a non-finite half is not kept; its language counts as skipped
+    R = 2 * len(back.same_state.units)
+    rows = {b: torch.ones(R, D, dtype=torch.float64) for b in back.module_names}
+    rows["decoder.layers.0.ffn"][2, 5] = float("inf")   # unit 1's first half: et
+    assert back.add_probe(500, torch.ones(R), rows) == ["et"]
+    assert back.num_steps == back.same_state.num_probes == 80 and back.skipped_nonfinite["et"] == 1

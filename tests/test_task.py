@@ -218,3 +218,27 @@ def test_block_by_block_recording_equals_the_buffer_path(tiny_data, tmp_path):
     assert len(s_arrays[0]) == 1 and len(streamed.same_state.units) > 4   # speaker units
     for s, b in zip(s_arrays, b_arrays):
         assert np.array_equal(s, b)
+
+
+def test_same_state_only_records_the_same_gram_matrices_without_the_summed_statistics(tiny_data, tmp_path):
+    """--gdps-same-state-only: the same same-state records, bit for bit, as the default probe,
+    and none of the summed statistics (their buffers are not even allocated)."""
+    built = {}
+    for name, extra in (("default", []), ("same_state_only", ["--gdps-same-state-only"])):
+        built[name] = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
+                            ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / f"{name}.pt"), *extra])
+    built["same_state_only"][1].load_state_dict(built["default"][1].state_dict())
+    batch = first_multilingual_batch(built["default"][0])
+    built["same_state_only"][0].load_dataset("train")
+    for task, model, crit in built.values():
+        for update in range(2):
+            model.zero_grad(set_to_none=True)   # as fairseq's trainer does when an update begins
+            step = ScalingStep(model)
+            task.train_step(copy.deepcopy(batch), model, crit, step, update)
+            task.optimizer_step(step, model, update)
+    full, alone = built["default"][2].statistics, built["same_state_only"][2].statistics
+    assert full.summed and not alone.summed
+    assert full.num_steps == alone.num_steps == 2
+    assert set(alone.to_tensors()) == {"steps", "skipped"}
+    for f, a in zip(full.same_state.arrays(), alone.same_state.arrays()):
+        assert np.array_equal(f, a)

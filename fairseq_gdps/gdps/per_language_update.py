@@ -149,8 +149,10 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     is formed, which needs the buffer (kept in float64 so that sums and the all_reduce add no
     rounding; sketching before the reduction is not an option either: the Gram matrices need the
     exact rows). Those runs keep the buffer's memory. The numbers are the buffer path's, bit for
-    bit: each row is zeros plus the share divided by the loss scale, then divided by the row's
-    tokens (clamped at 1), in float64, as ``add`` and ``per_token_halves`` form them.
+    bit: each row is the share times 1 / loss scale (rounded once, as ``add`` rounds it onto the
+    buffer's zeros), then divided by the row's tokens (clamped at 1), in float64, as ``add`` and
+    ``per_token_halves`` form them. (One exception, equal in value: a share element of -0.0 stays
+    -0.0 here, where adding it to the buffer's zeros makes it +0.0.)
 
     ``tokens``: (2U,) target tokens per row; ``block_sizes``: the blocks to record, in the
     statistics' module order; ``work``: the float64 rows buffer returned by the previous call
@@ -162,15 +164,39 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     probe = statistics.begin_probe(step, tokens.cpu(), batch_key)
     divisor = tokens.clamp(min=1.0)[:, None]
     R = len(tokens)
+    captured = [int(row) for row in capture.languages]   # the rows with utterances (sorted)
+    absent = torch.tensor(sorted(set(range(R)) - set(captured)), dtype=torch.int64)
+    # Rows without utterances are zero. Nothing but the scaling of zeros writes them, so in the
+    # reused buffer they stay zero from one block to the next of the same size (same layout).
+    zeroed_size = None
     for name, size in block_sizes.items():
-        shares = capture.gradients([name])
-        device = next(iter(shares.values()))[name].device if shares else torch.device("cpu")
+        parts = capture.block_parts(name)
+        device = parts[0].device
         if work is None or work.device != device or work.numel() < R * max(block_sizes.values()):
             work = torch.empty(R * max(block_sizes.values()), dtype=torch.float64, device=device)
-        rows = work[: R * size].view(R, size).zero_()
-        for row, blocks in shares.items():
-            rows[int(row)].add_(blocks[name].detach().reshape(-1), alpha=1.0 / loss_scale)
-        del shares
+            zeroed_size = None
+        rows = work[: R * size].view(R, size)
+        # Each part is copied (converted to float64, exactly) to its place in the rows: one pass,
+        # where zeroing the rows, adding a concatenated copy of the shares and dividing took four.
+        # Multiplying by 1 / loss_scale afterwards rounds as add_(share, alpha=1 / loss_scale) onto
+        # zeros does (the buffer path), and is skipped when it is 1.
+        if absent.numel() and size != zeroed_size:
+            rows.index_fill_(0, absent.to(device), 0.0)
+            zeroed_size = size
+        offset = 0
+        for part in parts:
+            width = part.size(1)
+            if len(captured) == R:
+                rows[:, offset: offset + width].copy_(part)
+            else:
+                for i, row in enumerate(captured):
+                    rows[row, offset: offset + width].copy_(part[i])
+            offset += width
+        if offset != size:
+            raise ValueError(f"{name}: the capture has {offset} gradient elements, expected {size}")
+        del parts
         capture.release([name])
+        if loss_scale != 1.0:
+            rows.mul_(1.0 / loss_scale)
         probe.add_block(name, rows.div_(divisor.to(rows.device)))
     return probe.finish(), work

@@ -89,7 +89,7 @@ class Analysis:
         return out
 
     def plan(self) -> Plan:
-        scores = {m: self.metrics[m].scores() for m in self.ranking}
+        scores = {m: self.metrics[m].scores() if m in self.metrics else {} for m in self.ranking}
         for rank, m in enumerate(self.ranking, 1):
             scores[m]["rank"] = rank
         if self.conflict is not None:
@@ -124,6 +124,11 @@ class Analysis:
                     provenance=provenance)
 
 
+SUMMED_UNAVAILABLE = (
+    "summed-statistics diagnostics (noise-corrected and raw cosines, self-similarity, divergence, subspace "
+    "alignment, CCA) unavailable: these statistics hold the same-state records alone (stage 1 ran with "
+    "--gdps-same-state-only); the decision does not use them")
+
 ESTIMATOR_WARNING = (
     "WARNING: in {clipped} of {pairs} language pairs (all modules) the noise-corrected cosine came out beyond "
     "+-1, more than independent steps around one expected gradient allow: the recorded steps are not such "
@@ -157,28 +162,41 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
         if unknown:
             raise ValueError(f"modules {unknown} are not in the statistics (recorded: {', '.join(stats.module_names)})")
     notes: List[str] = []
-    counts = stats.counts()
-    languages = [l for l in stats.languages if any(c > 0 for c in counts[l].values())]
+    if stats.summed:
+        counts = stats.counts()
+        steps_per_language = {l: max(counts[l].values()) for l in stats.languages}
+    else:   # the same-state records alone: a language's steps are the probes with its tokens
+        steps_per_language = stats.same_state.probes_per_language()
+    languages = [l for l in stats.languages if steps_per_language.get(l, 0) > 0]
     dropped = [l for l in stats.languages if l not in languages]
     if dropped:
         notes.append(f"languages without any recorded step left out: {dropped}")
     if not languages:
         raise ValueError(f"{stats_path or 'statistics'}: no language has any recorded step")
-    few = [l for l in languages if min(counts[l].values()) < 2]
+    few = [l for l in languages if stats.summed and min(counts[l].values()) < 2]
     if few:
         notes.append(f"languages with fewer than 2 steps in some module (no self-similarity): {few}")
     skipped = {l: c for l, c in stats.skipped_nonfinite.items() if c}
     if skipped:
         notes.append(f"steps skipped for non-finite gradients: {skipped}")
-    mkw = dict(subspace_rank=subspace_rank, ridge=ridge, alignment_weight=alignment_weight, languages=languages)
-    metrics = M.compute_all(stats, **mkw)
-    for mm in metrics.values():
-        notes.extend(mm.notes)
+    metrics: Dict[str, M.ModuleMetrics] = {}
+    if stats.summed:
+        mkw = dict(subspace_rank=subspace_rank, ridge=ridge, alignment_weight=alignment_weight, languages=languages)
+        metrics = M.compute_all(stats, **mkw)
+        for mm in metrics.values():
+            notes.extend(mm.notes)
+    else:
+        notes.append(SUMMED_UNAVAILABLE)
     ca = None
     rec = stats.same_state
-    if rec is not None and len(rec.arrays(window_start, window_end)[0]) >= 2:
+    probes = 0 if rec is None else len(rec.arrays(window_start, window_end)[0])
+    if probes >= 2:
         ca = C.analyse(rec, window_start, window_end, reference=reference, resamples=resamples, seed=seed,
                        level=interval_level, identifiability_margin=identifiability_margin, languages=languages)
+    elif not stats.summed:
+        raise ValueError(f"{stats_path or 'statistics'}: {probes} same-state probe(s) in the window "
+                         f"[{window_start}, {window_end}), at least 2 needed; these statistics hold the same-state "
+                         "records alone (--gdps-same-state-only), so there is no summed estimator to fall back on")
     elif rec is not None:
         notes.append(f"fewer than 2 same-state probes in the window [{window_start}, {window_end}): the summed "
                      "estimator decides (see the warning)")
@@ -213,7 +231,7 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
                 "identifiability_margin": identifiability_margin,
                 "interval_level": interval_level}
     stats_info = {"languages": list(stats.languages), "steps": stats.num_steps,
-                  "steps_per_language": {l: max(counts[l].values()) for l in stats.languages},
+                  "steps_per_language": steps_per_language,
                   "skipped_nonfinite": stats.skipped_nonfinite, "model_signature": stats.model_signature,
                   "sketch_dim": stats.sketch_dim, "subspace_dim": stats.subspace_dim,
                   "num_buckets": stats.num_buckets, "aux_dim": stats.aux_dim, "seed": stats.seed,
@@ -297,8 +315,10 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
     out += [f"- statistics: `{a.stats_path}` (sha256 `{a.stats_sha256[:16]}`)",
             f"- languages: {', '.join(langs)}; recorded steps: {a.stats_info['steps']}; steps per language: "
             + ", ".join(f"{l} {n}" for l, n in a.stats_info["steps_per_language"].items()),
-            f"- sketch_dim {a.stats_info['sketch_dim']}, subspace_dim {a.stats_info['subspace_dim']}, "
-            f"{a.stats_info['num_buckets']} buckets; model signature `{a.stats_info['model_signature']}`", ""]
+            (f"- sketch_dim {a.stats_info['sketch_dim']}, subspace_dim {a.stats_info['subspace_dim']}, "
+             f"{a.stats_info['num_buckets']} buckets" if a.metrics
+             else "- same-state records alone (no summed statistics)")
+            + f"; model signature `{a.stats_info['model_signature']}`", ""]
     out += ["## Decision", "",
             f"- split modules: {', '.join(f'`{m}`' for m in a.split_modules)}",
             f"- groups: {_groups_str(a.grouping.partition)} ({a.grouping.info.get('rule')})",
@@ -306,12 +326,56 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
     out += [f"**{a.estimator_warning}**", ""] if a.estimator_warning else []
     if a.conflict is not None:
         out += _same_state_markdown(a)
-    out += ["## Modules ranked by the summed estimator" + (" (diagnostic: not what decides)" if a.conflict else ""), "",
-            "conflict score = divergence x ((1 - w) + w x (1 - subspace alignment)), "
-            f"w = {a.settings['alignment_weight']}; divergence = mean over pairs of (1 - noise-corrected cosine) / 2.", "",
-            "| rank | module | conflict score | divergence | neg. pairs | step conflict (Gauss.) | corr. cos mean | "
-            "corr. cos min | raw cos mean | self-sim mean | subspace align. | CCA |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    if a.metrics:
+        out += _summed_markdown(a)
+    else:
+        out += ["## Summed-statistics diagnostics", "", f"{SUMMED_UNAVAILABLE[0].upper()}{SUMMED_UNAVAILABLE[1:]}.", ""]
+    g = a.grouping
+    # what the grouping and the ratio were computed from (same-state statistics may lack the cosines)
+    similarity = "same-state similarity" if a.conflict is not None else "noise-corrected cosine"
+    out += ["## Language grouping", "",
+            f"Distance = 1 - {similarity}, averaged over {', '.join(f'`{m}`' for m in g.modules)}; "
+            "average linkage.", ""]
+    out += _matrix_md(g.distance, langs) + [""]
+    out += [f"- rule: {g.info.get('rule')}"]
+    if g.info.get("silhouettes"):
+        out += ["- silhouettes: " + ", ".join(f"{k} groups {_f(v)}" for k, v in g.info["silhouettes"].items())]
+    out += [f"- chosen: {_groups_str(g.partition)}", ""]
+    if g.resamples:
+        resampled = ("the probed batches" if a.conflict is not None
+                     else f"the {a.stats_info['num_buckets']} step buckets")
+        out += [f"Stability over {g.resamples} bootstrap resamples of {resampled}: the chosen grouping came out "
+                f"in **{100 * g.chosen_frequency:.1f}%**.", "",
+                "| grouping | frequency |", "|---|---|"]
+        out += [f"| {_groups_str(p)}{' (chosen)' if p == g.partition else ''} | {100 * f:.1f}% |"
+                for p, f in g.frequencies[:10]]
+        if len(g.frequencies) > 10:
+            out.append(f"| ({len(g.frequencies) - 10} more) | {100 * sum(f for _, f in g.frequencies[10:]):.1f}% |")
+        out += ["", "Co-assignment (share of resamples in which two languages share a group):", ""]
+        out += _matrix_md(g.coassignment, langs, nd=2) + [""]
+    st = a.settings
+    out += ["## Shared ratio", "",
+            f"Mean {similarity} between languages of different groups on the split module(s): "
+            f"{_f(a.ratio_raw)}. Clipped to [{st['ratio_min']:g}, {st['ratio_max']:g}] and quantised to steps of "
+            f"{st['ratio_step']:g}: **{a.ratio:g}** of each split module stays shared, the rest becomes one "
+            "private block per group. Groups that still agree keep more shared capacity.", ""]
+    if a.notes:
+        out += ["## Notes", ""] + [f"- {n}" for n in a.notes] + [""]
+    if figures:
+        out += ["## Figures", ""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures] + [""]
+    return "\n".join(out)
+
+
+def _summed_markdown(a: Analysis) -> List[str]:
+    """The summed estimator's module ranking and the top modules' similarities (statistics with
+    the summed part)."""
+    langs = a.languages
+    out = ["## Modules ranked by the summed estimator" + (" (diagnostic: not what decides)" if a.conflict else ""), "",
+           "conflict score = divergence x ((1 - w) + w x (1 - subspace alignment)), "
+           f"w = {a.settings['alignment_weight']}; divergence = mean over pairs of (1 - noise-corrected cosine) / 2.", "",
+           "| rank | module | conflict score | divergence | neg. pairs | step conflict (Gauss.) | corr. cos mean | "
+           "corr. cos min | raw cos mean | self-sim mean | subspace align. | CCA |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r, m in enumerate(a.ranking, 1):
         s = a.metrics[m].scores()
         out.append(f"| {r} | `{m}` | {_f(s['conflict_score'])} | {_f(s['divergence'])} | {_f(s['conflict_rate'], 2)} | "
@@ -331,36 +395,7 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
         if np.isfinite(mm.step_conflict_prob).any():
             out += ["Per-step P(negative inner product), Gaussian estimate in the projected space:", ""]
             out += _matrix_md(mm.step_conflict_prob, langs) + [""]
-    g = a.grouping
-    out += ["## Language grouping", "",
-            f"Distance = 1 - noise-corrected cosine, averaged over {', '.join(f'`{m}`' for m in g.modules)}; "
-            "average linkage.", ""]
-    out += _matrix_md(g.distance, langs) + [""]
-    out += [f"- rule: {g.info.get('rule')}"]
-    if g.info.get("silhouettes"):
-        out += ["- silhouettes: " + ", ".join(f"{k} groups {_f(v)}" for k, v in g.info["silhouettes"].items())]
-    out += [f"- chosen: {_groups_str(g.partition)}", ""]
-    if g.resamples:
-        out += [f"Stability over {g.resamples} bootstrap resamples of the {a.stats_info['num_buckets']} step "
-                f"buckets: the chosen grouping came out in **{100 * g.chosen_frequency:.1f}%**.", "",
-                "| grouping | frequency |", "|---|---|"]
-        out += [f"| {_groups_str(p)}{' (chosen)' if p == g.partition else ''} | {100 * f:.1f}% |"
-                for p, f in g.frequencies[:10]]
-        if len(g.frequencies) > 10:
-            out.append(f"| ({len(g.frequencies) - 10} more) | {100 * sum(f for _, f in g.frequencies[10:]):.1f}% |")
-        out += ["", "Co-assignment (share of resamples in which two languages share a group):", ""]
-        out += _matrix_md(g.coassignment, langs, nd=2) + [""]
-    st = a.settings
-    out += ["## Shared ratio", "",
-            f"Mean noise-corrected cosine between languages of different groups on the split module(s): "
-            f"{_f(a.ratio_raw)}. Clipped to [{st['ratio_min']:g}, {st['ratio_max']:g}] and quantised to steps of "
-            f"{st['ratio_step']:g}: **{a.ratio:g}** of each split module stays shared, the rest becomes one "
-            "private block per group. Groups that still agree keep more shared capacity.", ""]
-    if a.notes:
-        out += ["## Notes", ""] + [f"- {n}" for n in a.notes] + [""]
-    if figures:
-        out += ["## Figures", ""] + [f"![{os.path.splitext(f)[0]}]({f})" for f in figures] + [""]
-    return "\n".join(out)
+    return out
 
 
 # ------------------------------------------------------------------------ figures
@@ -467,7 +502,8 @@ def plot_dendrogram(a: Analysis, path: str) -> None:
 
 def plot_layer_profile(a: Analysis, path: str) -> None:
     series: Dict[str, List[tuple]] = {}
-    for order, m in enumerate(a.metrics):
+    # every tracked module: those with summed metrics, or (same-state records alone) every block
+    for order, m in enumerate(a.metrics or a.conflict.blocks):
         parsed = parse_layer(m)
         key, x = parsed if parsed else ("(no layer index: module order)", order)
         score = a.conflict.estimates[m].score if a.conflict is not None else a.metrics[m].conflict_score

@@ -124,6 +124,15 @@ class SameStateRecords:
         grams = torch.stack([self._grams[i] for i in keep])[:, sel].numpy()
         return updates, tokens, grams
 
+    def probes_per_language(self) -> Dict[str, int]:
+        """How many probes had target tokens of each language (of any of its units' halves)."""
+        counts = dict.fromkeys(self.languages, 0)
+        for tokens in self._tokens:
+            present = tokens.view(-1, 2).sum(1) > 0
+            for lang in {self.unit_languages[u] for u in torch.nonzero(present).flatten().tolist()}:
+                counts[lang] += 1
+        return counts
+
     def batch_keys(self, start: Optional[int] = None, end: Optional[int] = None) -> np.ndarray:
         """(P,) batch keys of the probes of ``arrays(start, end)``."""
         return np.array([k for u, k in zip(self._updates, self._keys)

@@ -55,8 +55,12 @@ from fairseq_gdps.gdps.same_state import SameStateRecords
 
 # 2: adds the same-state probe records (``same_state``); version 1 files are still read (they
 # have none, and the analysis then says that its decision rests on the drift-prone estimator).
+# 3: statistics of the same-state records alone (``summed=False``): they lack the summed part,
+# which code reading versions 1-2 would report as malformed. Statistics with the summed part are
+# still written as version 2, which they are.
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+SAME_STATE_ONLY_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 KIND = "gdps-gradient-statistics"
 
 _MASK64 = (1 << 64) - 1
@@ -117,15 +121,25 @@ class GradientStatistics:
         probe_units: units of the same-state probe (languages, or "language@speaker" pairs);
             None: no same-state records (``add_probe`` is then unavailable).
         probe_unit_languages: the language of every probe unit (default: the unit itself).
+        summed: keep the summed statistics (everything above but the same-state records). False
+            keeps the same-state records alone (and the counts of probes kept and of languages
+            left out for non-finite gradients): a probe then costs its Gram matrices only, none of
+            the sums, sketches and projections of its languages' gradients, and the analysis has
+            no summed-statistics diagnostics to report (``gdps-analyze`` says so). Needs
+            ``probe_units``; ``add_step`` is then unavailable.
     """
 
     def __init__(self, module_sizes: Mapping[str, int], languages: Optional[Sequence[str]] = None,
                  sketch_dim: Optional[int] = None, subspace_dim: int = 64, seed: int = 0,
                  model_signature: str = "", num_buckets: int = 16, aux_dim: int = 4096,
                  probe_units: Optional[Sequence[str]] = None,
-                 probe_unit_languages: Optional[Sequence[str]] = None):
+                 probe_unit_languages: Optional[Sequence[str]] = None, summed: bool = True):
         if not module_sizes:
             raise ValueError("GradientStatistics needs at least one module")
+        if not summed and probe_units is None:
+            raise ValueError("GradientStatistics without the summed statistics (summed=False) records the "
+                             "same-state records alone: it needs probe_units")
+        self.summed = bool(summed)
         self.module_names: List[str] = [str(m) for m in module_sizes]
         self.module_sizes: Dict[str, int] = {str(m): int(s) for m, s in module_sizes.items()}
         for m, s in self.module_sizes.items():
@@ -147,6 +161,9 @@ class GradientStatistics:
         self.source = ""  # the file these statistics were read from, named in merge errors
         self._proj_cache: Dict[str, tuple] = {}
         self._scratch = torch.empty(0, dtype=torch.float64)   # add_step's temporaries, reused (not saved)
+        # a probe's languages' rows per module (ProbeRecording), reused from probe to probe (not saved)
+        self._probe_rows: Dict[Optional[str], torch.Tensor] = {}
+        self._active_probe: Optional["ProbeRecording"] = None
         self._buffers: Dict[str, torch.Tensor] = {}
         self._alloc()
         if languages:
@@ -170,8 +187,10 @@ class GradientStatistics:
     def _specs(self):
         """(buffer name, shape without language axes, language axes), in a fixed order."""
         M, B, r = len(self.module_names), self.num_buckets, self.subspace_dim
-        specs = [("steps", (1,), ()), ("skipped", (), (0,)),
-                 ("n", (M,), (0,)), ("Q", (M,), (0,)), ("Q_exact", (M,), (0,)),
+        specs = [("steps", (1,), ()), ("skipped", (), (0,))]
+        if not self.summed:
+            return specs
+        specs += [("n", (M,), (0,)), ("Q", (M,), (0,)), ("Q_exact", (M,), (0,)),
                  ("bucket_n", (B, M), (1,)), ("bucket_Q", (B, M), (1,))]
         if r:
             specs.append(("pair_n", (M,), (0, 1)))
@@ -266,6 +285,21 @@ class GradientStatistics:
             self._scratch = torch.empty(numel, dtype=torch.float64, device=device)
         return self._scratch[:numel].view(*shape)
 
+    def _probe_rows_buffer(self, module: str, rows: int, device) -> torch.Tensor:
+        """Scratch ``(rows, d)`` float64 for a probe's languages' rows of ``module``, reused from
+        probe to probe: a fresh one is paid for page by page at every block (as much as the
+        product that fills it). An exact module's rows are ``_prepare``'s stored-space rows, kept
+        until ``_commit`` once every module is prepared, so such a module has a buffer of its own
+        (as large as its sums S); a sketched module's are dropped once sketched, so those share
+        one (the largest sketched module's)."""
+        d = self.module_sizes[module]
+        key = module if self.stored_dim(module) == d else None
+        buffer = self._probe_rows.get(key)
+        if buffer is None or buffer.device != torch.device(device) or buffer.numel() < rows * d:
+            buffer = torch.empty(rows * d, dtype=torch.float64, device=device)
+            self._probe_rows[key] = buffer
+        return buffer[: rows * d].view(rows, d)
+
     def bucket_of(self, step: int) -> int:
         """Bucket of a step: a seeded 64-bit mix of the step number, modulo ``num_buckets``."""
         return _splitmix64((int(step) & _MASK64) ^ _splitmix64(self.seed)) % self.num_buckets
@@ -279,6 +313,7 @@ class GradientStatistics:
         A language with any non-finite gradient is skipped for this step (all its modules),
         counted in ``skipped_nonfinite``; the others are recorded. Returns the skipped languages.
         """
+        self._require_summed("add_step")
         langs = [str(l) for l in grads]
         for l in langs:
             unknown = [m for m in grads[l] if m not in self.module_sizes]
@@ -306,6 +341,7 @@ class GradientStatistics:
         statistics, bit for bit, as :meth:`add_step` with the rows as separate gradients, but a
         contiguous float64 matrix is read in place instead of being copied.
         Returns the skipped (non-finite) languages."""
+        self._require_summed("add_step_rows")
         langs = [str(l) for l in languages]
         modules = []
         for m in self.module_names:
@@ -346,8 +382,11 @@ class GradientStatistics:
         return probe.finish()
 
     def begin_probe(self, step: int, tokens: torch.Tensor, batch_key: Optional[int] = None) -> "ProbeRecording":
-        """Start recording a probed update block by block (see :class:`ProbeRecording`)."""
-        return ProbeRecording(self, step, tokens, batch_key)
+        """Start recording a probed update block by block (see :class:`ProbeRecording`). One
+        probe at a time: a probe begun earlier and not finished can no longer be finished (the
+        languages' rows it had prepared live in buffers this one reuses)."""
+        self._active_probe = ProbeRecording(self, step, tokens, batch_key)
+        return self._active_probe
 
     def _prepare(self, m: str, rows: List[str], G: torch.Tensor):
         """One module's per-step quantities of ``_record``: (module index, module, its languages,
@@ -382,7 +421,7 @@ class GradientStatistics:
         if not langs or not results:
             return []
         self._ensure_languages(langs)
-        L, r = len(self.languages), self.subspace_dim
+        r = self.subspace_dim
         finite = {}
         # One device sync for the finiteness check of every (language, module).
         ok_rows = torch.cat([torch.isfinite(res[-1]).all(1) for res in results]).cpu().tolist()
@@ -417,16 +456,19 @@ class GradientStatistics:
             buf[f"S/{m}"].index_add_(0, idx, Y)
             buf[f"bucket_S/{m}"][b].index_add_(0, idx, Z)
             if r:
+                # Only the entries of two recorded languages change (the others would add zeros):
+                # [i, j] gets x_i (first), x_i x_i^T (second), x_i x_j^T (cross). The products are
+                # taken once into the reused scratch and added without an (L, L, r, r) temporary
+                # per sum (at 16 languages and r = 64, 8 MB per module and sum).
                 X = X.to(dev)
-                Xf = torch.zeros(L, r, dtype=torch.float64, device=dev)
-                Xf[idx] = X
-                p = torch.zeros(L, dtype=torch.float64, device=dev)
-                p[idx] = 1
-                outer_ii = torch.einsum("ia,ib->iab", Xf, Xf)
-                buf["pair_n"][:, :, mi] += p[:, None] * p[None, :]
-                buf[f"first/{m}"] += p[None, :, None] * Xf[:, None, :]
-                buf[f"second/{m}"] += p[None, :, None, None] * outer_ii[:, None]
-                buf[f"cross/{m}"] += torch.einsum("ia,jb->ijab", Xf, Xf)
+                n = len(keep)
+                outer = torch.mul(X[:, None, :, None], X[None, :, None, :], out=self._work((n, n, r, r), dev))
+                buf["pair_n"][:, :, mi].index_put_((idx[:, None], idx[None, :]),
+                                                   torch.ones((), dtype=torch.float64, device=dev), accumulate=True)
+                _add_at(buf[f"first/{m}"], idx, X[:, None, :].expand(n, n, r))
+                own = outer.diagonal(dim1=0, dim2=1).permute(2, 0, 1)   # x_i x_i^T, (n, r, r)
+                _add_at(buf[f"second/{m}"], idx, own[:, None].expand(n, n, r, r))
+                _add_at(buf[f"cross/{m}"], idx, outer)
         buf["steps"] += 1
         return skipped
 
@@ -440,14 +482,22 @@ class GradientStatistics:
     def skipped_nonfinite(self) -> Dict[str, int]:
         return {l: int(v) for l, v in zip(self.languages, self._buffers["skipped"].tolist())}
 
+    def _require_summed(self, what: str) -> None:
+        if not self.summed:
+            where = f"{self.source}: " if self.source else ""
+            raise ValueError(f"{where}{what}: these statistics hold the same-state records alone (recorded "
+                             "with --gdps-same-state-only), not the summed statistics")
+
     def counts(self) -> Dict[str, Dict[str, int]]:
         """``counts()[lang][module]``: number of recorded steps."""
+        self._require_summed("counts")
         n = self._buffers["n"].cpu()
         return {l: {m: int(n[i, j]) for j, m in enumerate(self.module_names)} for i, l in enumerate(self.languages)}
 
     def module_sums(self, module: str) -> Dict[str, torch.Tensor]:
         """Sums of ``module`` (CPU float64): ``n`` (L,), ``S`` (L, e), ``Q`` (L,) in S's space,
         ``Q_exact`` (L,) of the original gradients."""
+        self._require_summed("module_sums")
         mi = self.module_names.index(module)
         b = self._buffers
         return {"n": b["n"][:, mi].cpu(), "S": b[f"S/{module}"].cpu(),
@@ -455,6 +505,7 @@ class GradientStatistics:
 
     def bucket_sums(self, module: str) -> Dict[str, torch.Tensor]:
         """Per-bucket sums of ``module`` in aux space: ``n`` (B, L), ``S`` (B, L, k), ``Q`` (B, L)."""
+        self._require_summed("bucket_sums")
         mi = self.module_names.index(module)
         b = self._buffers
         return {"n": b["bucket_n"][:, :, mi].cpu(), "S": b[f"bucket_S/{module}"].cpu(),
@@ -464,6 +515,7 @@ class GradientStatistics:
         """Projected-gradient moments of ``module`` (None when subspace_dim == 0): ``pair_n``
         (L, L), ``first`` (L, L, r), ``second`` (L, L, r, r), ``cross`` (L, L, r, r); see the
         module docstring."""
+        self._require_summed("subspace_moments")
         if not self.subspace_dim:
             return None
         mi = self.module_names.index(module)
@@ -478,7 +530,8 @@ class GradientStatistics:
                 "sketch_dim": self.sketch_dim, "subspace_dim": self.subspace_dim, "seed": self.seed,
                 "num_buckets": self.num_buckets, "aux_dim": self.aux_dim,
                 "probe_units": None if self.same_state is None else list(self.same_state.units),
-                "probe_unit_languages": None if self.same_state is None else list(self.same_state.unit_languages)}
+                "probe_unit_languages": None if self.same_state is None else list(self.same_state.unit_languages),
+                "summed": self.summed}
 
     def flat_buffers(self) -> List[torch.Tensor]:
         """Every sum, in a fixed order: sum these element-wise across workers (e.g. with
@@ -558,7 +611,8 @@ class GradientStatistics:
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        return {"format_version": FORMAT_VERSION, "kind": KIND, "model_signature": self.model_signature,
+        version = FORMAT_VERSION if self.summed else SAME_STATE_ONLY_FORMAT_VERSION
+        return {"format_version": version, "kind": KIND, "model_signature": self.model_signature,
                 "languages": list(self.languages), **self.settings(),
                 "buffers": {name: self._buffers[name].detach().cpu().clone() for name, _, _ in self._specs()},
                 "same_state": None if self.same_state is None else self.same_state.state_dict()}
@@ -579,11 +633,18 @@ class GradientStatistics:
             raise ValueError(f"{source}: gradient statistics lack {missing}")
         try:
             same_state = d.get("same_state")
+            records = None if same_state is None else SameStateRecords.from_state_dict(same_state, source)
+            summed = d["format_version"] != SAME_STATE_ONLY_FORMAT_VERSION
+            if summed != d.get("summed", True):
+                raise ValueError(f"format version {d['format_version']} with summed={d.get('summed')!r}")
+            if records is None and not summed:
+                raise ValueError("no same-state records (and no summed statistics)")
             stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
                         sketch_dim=d["sketch_dim"], subspace_dim=d["subspace_dim"], seed=d["seed"],
-                        model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"])
-            if same_state is not None:
-                stats.same_state = SameStateRecords.from_state_dict(same_state, source)
+                        model_signature=d["model_signature"], num_buckets=d["num_buckets"], aux_dim=d["aux_dim"],
+                        probe_units=None if summed else records.units,
+                        probe_unit_languages=None if summed else records.unit_languages, summed=summed)
+            stats.same_state = records
             names = [name for name, _, _ in stats._specs()]
             missing = [n for n in names if n not in d["buffers"]]
             if missing:
@@ -619,6 +680,16 @@ class GradientStatistics:
                 f"steps={self.num_steps}, sketch_dim={self.sketch_dim}, subspace_dim={self.subspace_dim})")
 
 
+def _add_at(sums: torch.Tensor, idx: torch.Tensor, values: torch.Tensor) -> None:
+    """``sums[idx[a], idx[b]] += values[a, b]`` for a (L, L, ...) sum and (n, n, ...) values, in
+    place: every language pair (i, j) at once when all L languages are given, else row by row."""
+    if idx.numel() == sums.size(0) and bool((idx == torch.arange(idx.numel(), device=idx.device)).all()):
+        sums.add_(values)
+        return
+    for a in range(idx.numel()):
+        sums[idx[a]].index_add_(0, idx, values[a])
+
+
 class ProbeRecording:
     """One probed update recorded block by block: ``add_block`` for every module (any order),
     then ``finish``. Records exactly what ``GradientStatistics.add_probe`` records with all rows
@@ -629,7 +700,8 @@ class ProbeRecording:
     parameter times 2U (see ``per_language_update.py`` for when the criterion streams blocks).
     Nothing is added to the sums before ``finish``: a language with a non-finite value in any
     block is still left out of every block, and a probe with any non-finite row keeps no Gram
-    matrix."""
+    matrix. Statistics without the summed part (``summed=False``) take the Gram matrices alone;
+    a probe they cannot keep counts as skipped for the languages of its non-finite halves."""
 
     def __init__(self, stats: GradientStatistics, step: int, tokens: torch.Tensor, batch_key: Optional[int] = None):
         if stats.same_state is None:
@@ -665,23 +737,43 @@ class ProbeRecording:
         if tuple(Y.shape) != (self.R, stats.module_sizes[module]):
             raise ValueError(f"add_probe: rows of {module!r} have shape {tuple(Y.shape)}, "
                              f"expected ({self.R}, {stats.module_sizes[module]})")
+        self._check_active()
         self.grams[module] = (Y @ Y.T).cpu()
-        if self.present.numel():
-            lang_rows = self.mix.to(Y.device) @ Y
+        if self.present.numel() and stats.summed:
+            lang_rows = torch.matmul(self.mix.to(Y.device), Y,
+                                     out=stats._probe_rows_buffer(module, len(self.present), Y.device))
             self.results[module] = stats._prepare(module, self.present_languages, lang_rows)
+
+    def _check_active(self) -> None:
+        if self.stats._active_probe is not self:
+            raise RuntimeError(f"add_probe: the probe of step {self.step} was overtaken by another probe of the "
+                               "same statistics before it finished (one probe at a time)")
 
     def finish(self) -> List[str]:
         """Keep the Gram matrices and record the languages' rows. Returns the skipped languages."""
         stats = self.stats
+        self._check_active()
         missing = [m for m in stats.module_names if m not in self.grams]
         if missing:
             raise ValueError(f"add_probe: no rows for modules {missing}")
+        stats._active_probe = None
         if self.present.numel() == 0:
             return []
         grams = torch.stack([self.grams[m] for m in stats.module_names])
-        if bool(torch.isfinite(grams).all()):
+        finite = bool(torch.isfinite(grams).all())
+        if finite:
             stats.same_state.add(self.step, self.tokens, grams, self.batch_key)
-        return stats._commit(self.step, self.present_languages, [self.results[m] for m in stats.module_names])
+        if stats.summed:
+            return stats._commit(self.step, self.present_languages, [self.results[m] for m in stats.module_names])
+        if finite:
+            stats._buffers["steps"] += 1
+            return []
+        # the languages of the halves with a non-finite gradient (a non-finite squared norm)
+        rows = torch.nonzero((~torch.isfinite(torch.diagonal(grams, dim1=1, dim2=2))).any(0)).flatten().tolist()
+        skipped = list(dict.fromkeys(stats.same_state.unit_languages[r // 2] for r in rows))
+        for lang in skipped:
+            stats._buffers["skipped"][stats._lang_index[lang]] += 1
+        return skipped
 
 
 def synthetic_statistics(module_sizes: Mapping[str, int], languages: Sequence[str],

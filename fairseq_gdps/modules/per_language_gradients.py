@@ -90,8 +90,14 @@ class PerLanguageGradients:
     def _on_grad(self, key, x, has_bias, grad_output):
         skip = self.derived if key in self._derived_keys else None
         n, out_dim, in_dim = len(self.languages), grad_output.size(-1), x.size(-1)
-        weight = grad_output.new_zeros(n, out_dim, in_dim)
-        bias = grad_output.new_zeros(n, out_dim) if has_bias else None
+        # every row but the derived one is overwritten below: zeroing them all would cost a pass
+        # over L shares per layer; the derived row is zero until _shares forms it
+        weight = grad_output.new_empty(n, out_dim, in_dim)
+        bias = grad_output.new_empty(n, out_dim) if has_bias else None
+        if skip is not None:
+            weight[skip].zero_()
+            if has_bias:
+                bias[skip].zero_()
         for i, cols in enumerate(self.columns):
             if i == skip:
                 continue
@@ -132,22 +138,28 @@ class PerLanguageGradients:
         everything below it frozen): they have no per-language gradient to record."""
         return [name for name in self.blocks if any(key[0] == name for key in self._no_gradient_layers)]
 
+    def block_parts(self, name: str) -> List[Tensor]:
+        """The per-language shares of block ``name`` as the ``(L, n_k)`` parts of its flattened
+        gradient, in order (each layer's weight, then its bias; row i: ``self.languages[i]``):
+        views of the capture, so that a reader can place them where it wants them without first
+        concatenating them into a copy. A block of :meth:`blocks_without_gradient` is an error."""
+        parts = []
+        for k, layer in enumerate(self.blocks[name]):
+            if (name, k) not in self._weight:
+                why = " (its output needed none: it and everything below it are frozen)" \
+                    if (name, k) in self._no_gradient_layers else ""
+                raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass{why}")
+            parts.append(self._shares((name, k), "weight").flatten(1))
+            if layer.bias is not None:
+                parts.append(self._shares((name, k), "bias"))
+        return parts
+
     def gradients(self, names: Optional[Iterable[str]] = None) -> Dict[int, Dict[str, Tensor]]:
         """Per-language gradients of the blocks ``names`` (default: every block; see the class
         docstring); a block of :meth:`blocks_without_gradient` is an error."""
         out: Dict[int, Dict[str, Tensor]] = {lang: {} for lang in self.languages}
         for name in (self.blocks if names is None else names):
-            layers = self.blocks[name]
-            parts = []
-            for k, layer in enumerate(layers):
-                if (name, k) not in self._weight:
-                    why = " (its output needed none: it and everything below it are frozen)" \
-                        if (name, k) in self._no_gradient_layers else ""
-                    raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass{why}")
-                parts.append(self._shares((name, k), "weight").flatten(1))
-                if layer.bias is not None:
-                    parts.append(self._shares((name, k), "bias"))
-            flat = torch.cat(parts, dim=1)
+            flat = torch.cat(self.block_parts(name), dim=1)
             for i, lang in enumerate(self.languages):
                 out[lang][name] = flat[i]
         return out
