@@ -573,9 +573,12 @@ def readme_summary(results: dict, meta: dict) -> str:
         failed = sorted(set(cond["learned"]) - set(passed))
         lines.append(f"- **{condition}** (seeds that learned the content: {passed or 'none'}"
                      + (f"; left out: {failed}" if failed else "") + "):")
-        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline"):
+        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline", "full_split|tagged"):
             if key in cond["comparisons"]:
                 lines.append(f"  - {cond['comparisons'][key]['sentence']}")
+        if cond["systems"]:
+            best = max(cond["systems"], key=lambda k: cond["systems"][k]["average_bleu"][0])
+            lines.append(f"  - highest average BLEU: {best} ({cond['systems'][best]['average_bleu'][0]:.1f})")
         for seed, ch in cond["choices"].items():
             lines.append(f"  - seed {seed}: GDPS chose " + (
                 f"{', '.join(ch['modules'])}, {records.display_groups(ch['groups'])}" if len(ch["groups"]) > 1
