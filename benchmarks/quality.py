@@ -17,6 +17,8 @@ Systems (same prepared corpus, same total number of updates ``max_update``):
 * ``random_groups``  GDPS's module(s) and ratio, languages shuffled into groups of the plan's sizes;
 * ``param_diff``     the Parameter Differentiation rule: GDPS's module(s) copied whole per cluster,
                      two clusters (gdps-analyze --groups 2), no shared part;
+* ``gdps_unshared``  (opt-in) GDPS's module(s) and groups with no shared units: tells the grouping's
+                     effect from the shared part's;
 * ``bilingual``      (opt-in: ``--systems ... bilingual``) one stock model per language,
                      ``max_update / n_languages`` updates each.
 
@@ -62,9 +64,11 @@ import quality_records as records
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
-SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "bilingual")
-DEFAULT_SYSTEMS = SYSTEMS[:-1]  # bilingual models answer another question and cost the most: opt-in
-SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff")
+SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_unshared", "bilingual")
+# opt-in: bilingual models answer another question and cost the most; gdps_unshared is a
+# diagnostic (GDPS's grouping with no shared units: is it the grouping or the shared part?)
+DEFAULT_SYSTEMS = SYSTEMS[:-2]
+SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff", "gdps_unshared")
 CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
 
@@ -237,6 +241,8 @@ class Benchmark:
         modules = ",".join(plan["modules"])
         if control == "full_split":
             groups, ratio = [[lang] for lang in langs], 0.0
+        elif control == "gdps_unshared":
+            groups, ratio = plan["groups"], 0.0
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
             if {frozenset(g) for g in groups} == {frozenset(g) for g in plan["groups"]}:
