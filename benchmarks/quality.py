@@ -579,7 +579,7 @@ def readme_summary(results: dict, meta: dict) -> str:
         failed = sorted(set(cond["learned"]) - set(passed))
         lines.append(f"- **{condition}** (seeds that learned the content: {passed or 'none'}"
                      + (f"; left out: {failed}" if failed else "") + "):")
-        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline", "full_split|tagged"):
+        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline", "full_split|tagged", "gdps_unshared|tagged"):
             if key in cond["comparisons"]:
                 lines.append(f"  - {cond['comparisons'][key]['sentence']}")
         if cond["systems"]:
