@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import sys
 import time
@@ -28,6 +27,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fairseq_gdps.data import features as F
+from fairseq_gdps.process_pool import pool_context
 from fairseq_gdps.data.manifest import (
     LANG_CODE_HELP,
     SPECAUGMENT_POLICIES,
@@ -67,17 +67,12 @@ def _extract_task(task: Tuple[int, str, Optional[float]]):
         return idx, None, 0, f"{path}: feature extraction failed: {type(e).__name__}: {e}"
 
 
-def _pool_context():
-    methods = multiprocessing.get_all_start_methods()
-    return multiprocessing.get_context("fork" if "fork" in methods else None)
-
-
 def _iter_results(tasks, jobs: int):
     if jobs <= 1 or len(tasks) <= 1:
         for t in tasks:
             yield _extract_task(t)
         return
-    ctx = _pool_context()
+    ctx = pool_context()
     chunk = max(1, min(16, len(tasks) // (jobs * 8) or 1))
     with ctx.Pool(jobs) as pool:
         yield from pool.imap(_extract_task, tasks, chunksize=chunk)

@@ -261,10 +261,9 @@ def _pool_map(fn, tasks, jobs: int):
         for t in tasks:
             yield fn(t)
         return
-    import multiprocessing
+    from fairseq_gdps.process_pool import pool_context
 
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
+    ctx = pool_context()
     chunk = max(1, min(64, len(tasks) // (jobs * 8) or 1))
     with ctx.Pool(jobs) as pool:
         yield from pool.imap(fn, tasks, chunksize=chunk)
