@@ -56,6 +56,7 @@ from typing import Dict, List, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import speed  # noqa: E402  (benchmarks/speed.py)
 from machine import machine, machine_details  # noqa: E402  (benchmarks/machine.py)
+from publish import print_results_markdown  # noqa: E402  (benchmarks/publish.py)
 from planted_truth import SPLITS, link_prepared_files, read_tsv, write_tsv  # noqa: E402
 from scale import summed_bytes  # noqa: E402  (benchmarks/scale.py)
 from statistics_cost import statistics_bytes, timed_analyze  # noqa: E402  (benchmarks/statistics_cost.py)
@@ -453,10 +454,7 @@ def main(argv=None) -> int:
                    metavar="JSON", help="print the markdown of an existing results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
-        path = Path(args.markdown)
-        if not path.is_file():
-            p.error(f"--markdown: {path} not found (run the benchmark first)")
-        sys.stdout.write(markdown(json.loads(path.read_text())))
+        print_results_markdown(p, args.markdown, markdown)
         return 0
     if min(args.languages) < 2 or len(set(args.languages)) != len(args.languages):
         p.error("--languages: distinct numbers, each >= 2")

@@ -1,6 +1,7 @@
 """Generated sections of the README and docs pages: the text between ``<!-- NAME:begin -->`` and
 ``<!-- NAME:end -->`` is replaced by what a benchmark or the demo wrote, never typed by hand.
 Used by benchmarks/planted_truth.py and scripts/publish_*_results.sh."""
+import json
 import sys
 from pathlib import Path
 
@@ -18,3 +19,12 @@ def replace_between(path, name: str, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(head + begin + "\n" + text.rstrip("\n") + "\n" + end + tail)
     tmp.replace(path)
+
+
+def print_results_markdown(parser, results_json: str, markdown) -> None:
+    """A benchmark's ``--markdown JSON``: print the markdown ``markdown(results)`` of an existing
+    results file (a missing file is a usage error that names it)."""
+    path = Path(results_json)
+    if not path.is_file():
+        parser.error(f"--markdown: {path} not found (run the benchmark first)")
+    sys.stdout.write(markdown(json.loads(path.read_text())))

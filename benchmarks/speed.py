@@ -35,7 +35,6 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import logging
 import os
@@ -44,9 +43,8 @@ import shlex
 import statistics as pystats
 import subprocess
 import sys
-import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -54,6 +52,7 @@ from typing import Dict, List, Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import statistics_cost  # noqa: E402  (benchmarks/statistics_cost.py)
 from machine import machine, machine_details  # noqa: E402  (benchmarks/machine.py)
+from publish import print_results_markdown  # noqa: E402  (benchmarks/publish.py)
 from statistics_cost import measure_analyze_time, measure_statistics_memory, statistics_markdown  # noqa: E402
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
@@ -645,10 +644,7 @@ def main(argv=None) -> int:
                    help="print the markdown of an existing results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
-        path = Path(args.markdown)
-        if not path.is_file():
-            p.error(f"--markdown: {path} not found (run the benchmark first)")
-        sys.stdout.write(markdown(json.loads(path.read_text())))
+        print_results_markdown(p, args.markdown, markdown)
         return 0
     if args.threads < 1:
         p.error("--threads must be >= 1")
