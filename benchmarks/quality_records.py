@@ -293,7 +293,7 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
                                  "conflict_language_alone": [CONFLICT_LANGUAGE] in plan["groups"],
                                  "conflict_pair_rho": _pair_rho(plan, CONFLICT_BASE, CONFLICT_LANGUAGE)}
         out[condition] = {"learned": checks, "passed_seeds": passed, "systems": summary, "comparisons": comparisons,
-                          "choices": choices, "targets": _targets(condition, summary, comparisons)}
+                          "choices": choices, "targets": _targets(condition, comparisons)}
     return out
 
 
@@ -333,7 +333,7 @@ def _decision_summary(plan: dict) -> str:
     return text
 
 
-def _targets(condition: str, summary: dict, comparisons: dict) -> list[str]:
+def _targets(condition: str, comparisons: dict) -> list[str]:
     """The project's targets for this condition, each said met or not from the numbers."""
     wanted = TARGETS.get(condition)
     c = comparisons.get("gdps|tagged")

@@ -157,7 +157,7 @@ def test_records_of_another_setting_or_edited_hypotheses_are_refused(tmp_path):
 def test_conflict_targets_are_checked_per_language():
     per_seed = [{"delta_average": 1.5, "delta_languages": {"xx": 4.0, "et": 0.2, "ar": -0.7}, "pooled_delta": 1.5,
                  "pooled_p": 0.01, "languages_p": {}}]
-    lines = records._targets("conflict", {}, {"gdps|tagged": {"per_seed": per_seed}})
+    lines = records._targets("conflict", {"gdps|tagged": {"per_seed": per_seed}})
     assert lines[0].startswith("GDPS - tagged baseline, average BLEU: +1.50") and lines[0].count("met") == 1
     assert "on xx: +4.00" in lines[1] and lines[1].endswith("met")
     assert lines[2] == "Lowest other language: ar -0.70 (target >= -0.5): NOT met"
