@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import multiprocessing as mp
 import os
 import re
 import shutil
@@ -55,6 +54,7 @@ from fairseq_gdps.data.speech_synthesis import (  # noqa: F401  (diacritise, wri
     SAMPLE_RATE, SynthesisUnavailable, _synth_chunk, diacritise, espeak_version, resolve_backend, write_wav,
 )
 from fairseq_gdps.atomic import atomic_write
+from fairseq_gdps.process_pool import pool_context
 
 VERSION = 1
 SPLITS = ("train", "dev", "test")
@@ -617,15 +617,16 @@ def generate(cfg: CorpusConfig, out: str, progress: bool = True, force: bool = F
                      for u in us[i:i + CHUNK_SIZE]]
             tasks.append((us[i:i + CHUNK_SIZE], (backend, out, cfg.snr_db, items)))
 
-    import scipy.signal  # noqa: F401  (import once here, not in every fresh worker)
     from tqdm import tqdm
 
-    tqdm.monitor_interval = 0  # no monitor thread in a process that forks
+    tqdm.monitor_interval = 0  # no monitor thread in this process
 
     t_synth = time.time()
     bar = tqdm(total=len(utts), desc="synthesising", unit="utt", file=sys.stderr, disable=not progress,
                dynamic_ncols=True)
-    ctx = mp.get_context("fork")
+    # a fresh worker per chunk (espeak-ng keeps state between utterances), forked by a fork server
+    # that has imported the synthesis module once
+    ctx = pool_context(preload=["fairseq_gdps.data.speech_synthesis", "scipy.signal"])
     with ctx.Pool(min(cfg.jobs, max(1, len(tasks))), maxtasksperchild=1) as pool:
         for (us, _), res in zip(tasks, pool.imap(_synth_chunk, [t for _, t in tasks])):
             for u, (n, rms) in zip(us, res):

@@ -12,7 +12,6 @@ Pure Python + numpy/scipy (mishkal for Arabic); no fairseq import.
 from __future__ import annotations
 
 import math
-import multiprocessing as mp
 import os
 import shutil
 import subprocess
@@ -22,6 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_gdps.data import cldr_text as ct
+from fairseq_gdps.process_pool import pool_context
 
 SAMPLE_RATE = 16000
 PAD_SECONDS = 0.1  # silence kept before and after the speech
@@ -86,7 +86,7 @@ def diacritise(texts: Sequence[str], jobs: int = 1) -> Dict[str, str]:
     else:
         n = min(jobs, len(texts))
         parts = [texts[i::n] for i in range(n)]
-        with mp.get_context("fork").Pool(n) as pool:
+        with pool_context().Pool(n) as pool:
             outs = pool.map(_tashkeel_batch, parts)
         res = [None] * len(texts)
         for i in range(n):
