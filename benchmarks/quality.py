@@ -542,13 +542,19 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
     logging.getLogger("sacrebleu").setLevel(logging.WARNING)
     results = records.aggregate(found, references, setting["bootstrap"], cache, setting["criterion"])
     records.write_json(cache_path, cache)
-    planned = [f"{c}/seed{s}/{sys}" for s in setting["seeds"] for c in setting["conditions"] for sys in systems]
+    # the report covers the whole run set, not only this call's part of it: a call restricted to one
+    # seed or condition must not shrink the report to that part (or to "0 of N recorded")
+    default = SETTINGS[setting_name]
+    seeds = sorted(set(default["seeds"]) | set(setting["seeds"]) | {r["seed"] for r in found})
+    conditions = [c for c in ("natural", "conflict")
+                  if c in default["conditions"] or c in setting["conditions"] or any(r["condition"] == c for r in found)]
+    planned_systems = [s for s in SYSTEMS if s in DEFAULT_SYSTEMS or s in systems]
+    planned = [f"{c}/seed{s}/{sys}" for s in seeds for c in conditions for sys in planned_systems]
     have = {f"{r['condition']}/seed{r['seed']}/{r['system']}" for r in found}
     plot = results_dir / "quality_learning_curves.png"
     if found:
         records.plot_learning_curves(found, plot)
-    meta = {"setting": setting_name, "run_setting": run_setting, "seeds": setting["seeds"],
-            "conditions": setting["conditions"], "bootstrap": setting["bootstrap"], "criterion": setting["criterion"],
+    meta = {"setting": setting_name, "run_setting": run_setting, "seeds": seeds, "conditions": conditions, "bootstrap": setting["bootstrap"], "criterion": setting["criterion"],
             "records_dir": str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root),
             "planned": len(planned), "recorded": len(have & set(planned)),
             "missing": [p for p in planned if p not in have],

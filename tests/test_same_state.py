@@ -229,8 +229,10 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
     assert plan.scores["decoder.layers.0.ffn"]["same_state_rank"] == 1
     report = (tmp_path / "a" / "report.md").read_text()
     for needle in ("## Same-state analysis (what decides)", "**separated**", "| **no** |",
-                   "(diagnostic: not what decides)", "conflict edges"):
+                   "(diagnostic: not what decides)", "conflict edges",
+                   "the groups come from conflict edges (see above), not from clustering this distance"):
         assert needle in report, needle
+    assert "average linkage" not in report
     # a window without probes falls back, and says so
     assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "b"), "--resamples", "0",
                  "--window-start", "1000"]) == 0

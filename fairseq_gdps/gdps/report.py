@@ -333,9 +333,11 @@ def report_markdown(a: Analysis, figures: Sequence[str] = ()) -> str:
     g = a.grouping
     # what the grouping and the ratio were computed from (same-state statistics may lack the cosines)
     similarity = "same-state similarity" if a.conflict is not None else "noise-corrected cosine"
+    how = ("average linkage of this distance." if g.info.get("linkage") is not None else
+           "the groups come from conflict edges (see above), not from clustering this distance; it is shown "
+           "for reference.")
     out += ["## Language grouping", "",
-            f"Distance = 1 - {similarity}, averaged over {', '.join(f'`{m}`' for m in g.modules)}; "
-            "average linkage.", ""]
+            f"Distance = 1 - {similarity}, averaged over {', '.join(f'`{m}`' for m in g.modules)}; {how}", ""]
     out += _matrix_md(g.distance, langs) + [""]
     out += [f"- rule: {g.info.get('rule')}"]
     if g.info.get("silhouettes"):
