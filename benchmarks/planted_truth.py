@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import json
 import os
 import subprocess
@@ -123,7 +122,8 @@ def make_data(args) -> int:
 
 def train_command(data: Path, save: Path, seed: int, a) -> str:
     flags = (f"--gdps-probe-interval {a.probe_interval} --gdps-probe-start {a.probe_start} "
-             f"--gdps-stats {save}/gdps_stats.pt" + (" --gdps-probe-speakers" if a.speakers else ""))
+             f"--gdps-stats {save}/gdps_stats.pt" + (" --gdps-probe-speakers" if a.speakers else "")
+             + (" --gdps-lang-embedding" if a.lang_embedding else ""))
     return (f"source {RECIPES}/common.sh && fairseq-train {data} --user-dir $USER_DIR --task speech_to_text_gdps "
             f"--train-subset train --valid-subset dev --config-yaml config.yaml --arch $GDPS_ARCH "
             f"\"${{SIZE_ARGS[@]}}\" \"${{DATA_ARGS[@]}}\" \"${{OPTIM_ARGS[@]}}\" "
@@ -159,7 +159,7 @@ def run(args) -> int:
                 (work / f"seed{s}" / "done.json").write_text(json.dumps(
                     {"seed": s, "wall_seconds": round(time.time() - t0, 1), "updates": args.updates,
                      "probe_start": args.probe_start, "probe_interval": args.probe_interval,
-                     "speakers": args.speakers}) + "\n")
+                     "speakers": args.speakers, "lang_embedding": args.lang_embedding}) + "\n")
                 print(f"seed {s} done in {time.time() - t0:.0f} s")
     return 0
 
@@ -273,7 +273,9 @@ def report(args) -> int:
                                             f"permuted numbers), duplicate pair {t['duplicate'][0]}/{t['duplicate'][1]}"
                                             if t["kind"] == "conflict" else "") +
                   f". Stage-1 probe: {r0['updates']} updates, probed every {r0['probe_interval']} from update "
-                  f"{r0['probe_start']}, units {'(language, speaker)' if r0['speakers'] else 'languages'}.", ""]
+                  f"{r0['probe_start']}, units {'(language, speaker)' if r0['speakers'] else 'languages'}"
+                  + (", with the language embedding (as GDPS trains in the quality benchmark)"
+                     if r0.get("lang_embedding") else ", no language information") + ".", ""]
         for window in ("all", "second_half", "first_half"):
             lines += [f"Window `{window}`:", "",
                       "| seed | probes | split | groups (stability) | top vs next separated | conflict pair apart "
@@ -341,6 +343,8 @@ def main(argv=None) -> int:
     r.add_argument("--probe-start", type=int, default=500)
     r.add_argument("--probe-interval", type=int, default=4)
     r.add_argument("--speakers", action="store_true")
+    r.add_argument("--lang-embedding", action="store_true",
+                   help="train with --gdps-lang-embedding (the model can tell NAME from BASE and resolve the conflict)")
     r.add_argument("--parallel", type=int, default=2)
     r.add_argument("--threads", type=int, default=1)
     rec = sub.add_parser("record")

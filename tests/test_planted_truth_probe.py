@@ -64,3 +64,13 @@ def test_shuffled_labels_give_no_stable_grouping(probed):
     assert a.estimator == "same-state"
     g = a.grouping
     assert len(g.partition) == 1 or g.chosen_frequency < 0.5, (g.partition, g.chosen_frequency)
+
+
+def test_run_trains_with_the_language_embedding_only_when_asked(tmp_path):
+    from types import SimpleNamespace
+
+    base = dict(probe_interval=4, probe_start=0, speakers=False, updates=10)
+    plain = planted_truth.train_command(tmp_path, tmp_path / "s", 1, SimpleNamespace(**base, lang_embedding=False))
+    tagged = planted_truth.train_command(tmp_path, tmp_path / "s", 1, SimpleNamespace(**base, lang_embedding=True))
+    assert "--gdps-lang-embedding" not in plain and "--gdps-lang-embedding" in tagged
+    assert tagged.replace(" --gdps-lang-embedding", "") == plain
