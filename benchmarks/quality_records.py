@@ -291,6 +291,8 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
                                  "shared_ratio": plan["shared_ratio"],
                                  "decision": _decision_summary(plan),
                                  "conflict_language_alone": [CONFLICT_LANGUAGE] in plan["groups"],
+                                 "conflict_pair_apart": not any({CONFLICT_BASE, CONFLICT_LANGUAGE} <= set(g)
+                                                                for g in plan["groups"]),
                                  "conflict_pair_rho": _pair_rho(plan, CONFLICT_BASE, CONFLICT_LANGUAGE)}
         out[condition] = {"learned": checks, "passed_seeds": passed, "systems": summary, "comparisons": comparisons,
                           "choices": choices, "targets": _targets(condition, comparisons)}
@@ -447,7 +449,10 @@ def to_markdown(results: dict, meta: dict) -> str:
             for seed, ch in cond["choices"].items():
                 alone = ""
                 if condition == "conflict":
-                    alone = f"; `{CONFLICT_LANGUAGE}` " + ("isolated" if ch["conflict_language_alone"] else "not isolated")
+                    # what resolves the conflict is the pair in different groups (either one alone will do)
+                    apart = ch.get("conflict_pair_apart", ch["conflict_language_alone"])
+                    alone = (f"; `{CONFLICT_BASE}` and `{CONFLICT_LANGUAGE}` " + ("apart" if apart else "in one group")
+                             + (f" (`{CONFLICT_LANGUAGE}` alone)" if ch["conflict_language_alone"] else ""))
                 what = (f"split {', '.join(ch['modules'])}, groups {display_groups(ch['groups'])}, shared ratio "
                         f"{ch['shared_ratio']}" if len(ch["groups"]) > 1 else
                         f"one group (no conflict measured): {', '.join(ch['modules'])} re-laid with no routing difference, "

@@ -239,3 +239,28 @@ def test_the_conflict_pairs_agreement_is_read_from_the_plan():
     assert records._pair_rho(plan, "et", "ga") == {}
     assert records._pair_rho({"provenance": {}}, "et", "xx") == {}
     assert [records._short_block(b) for b in plan["provenance"]["same_state"]["rho"]] == ["dec0", "enc2"]
+
+
+def test_the_report_says_whether_the_conflict_pair_was_put_apart():
+    """Either language of the conflicting pair alone resolves the conflict: the report says
+    "apart" for both, and says which one was alone."""
+    refs = {lang: {f"{lang}{i}": f"in {n} days" for i, n in enumerate(range(12))}
+            for lang in ("ar", "et", "ga", "sw", "xx")}
+    plans = {1: [["ar", "ga", "sw", "xx"], ["et"]], 2: [["ar", "et", "ga", "sw"], ["xx"]], 3: [["ar", "et", "ga", "sw", "xx"]]}
+    found = []
+    for seed, groups in plans.items():
+        for system in ("baseline", "tagged", "gdps"):
+            r = _record(system, seed, refs, refs, condition="conflict")
+            if system == "gdps":
+                r["plan"] = {"modules": ["decoder.layers.0.ffn"], "groups": groups, "shared_ratio": 0.375}
+            found.append(r)
+    out = records.aggregate(found, {"conflict": {"references": refs}}, 10, {},
+                            {"min_average_bleu": 0.0, "min_final_dev_accuracy": 0.0})
+    assert [out["conflict"]["choices"][s]["conflict_pair_apart"] for s in (1, 2, 3)] == [True, True, False]
+    meta = {"setting": "learned", "run_setting": {"max_update": 10, "stage1": 5, "probe_interval": 1}, "seeds": [1, 2, 3],
+            "conditions": ["conflict"], "bootstrap": 10, "criterion": records.LEARNED_CRITERION, "records_dir": "x",
+            "planned": 9, "recorded": 9, "missing": [], "plot": None}
+    text = records.to_markdown(out, meta)
+    assert "- seed 1: split decoder.layers.0.ffn, groups {ar, ga, sw, xx} / {et}, shared ratio 0.375; `et` and `xx` apart" in text
+    assert "`et` and `xx` apart (`xx` alone)" in text
+    assert "- seed 3: one group" in text and "`et` and `xx` in one group" in text
