@@ -626,7 +626,7 @@ def generate(cfg: CorpusConfig, out: str, progress: bool = True, force: bool = F
                dynamic_ncols=True)
     # a fresh worker per chunk (espeak-ng keeps state between utterances), forked by a fork server
     # that has imported the synthesis module once
-    ctx = pool_context(preload=["fairseq_gdps.data.speech_synthesis", "scipy.signal"])
+    ctx = pool_context()
     with ctx.Pool(min(cfg.jobs, max(1, len(tasks))), maxtasksperchild=1) as pool:
         for (us, _), res in zip(tasks, pool.imap(_synth_chunk, [t for _, t in tasks])):
             for u, (n, rms) in zip(us, res):
