@@ -554,7 +554,8 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
     plot = results_dir / "quality_learning_curves.png"
     if found:
         records.plot_learning_curves(found, plot)
-    meta = {"setting": setting_name, "run_setting": run_setting, "seeds": seeds, "conditions": conditions, "bootstrap": setting["bootstrap"], "criterion": setting["criterion"],
+    meta = {"setting": setting_name, "run_setting": run_setting, "seeds": seeds, "conditions": conditions,
+            "bootstrap": setting["bootstrap"], "criterion": setting["criterion"],
             "records_dir": str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root),
             "planned": len(planned), "recorded": len(have & set(planned)),
             "missing": [p for p in planned if p not in have],

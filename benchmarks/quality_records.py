@@ -450,8 +450,8 @@ def to_markdown(results: dict, meta: dict) -> str:
                 alone = ""
                 if condition == "conflict":
                     # what resolves the conflict is the pair in different groups (either one alone will do)
-                    apart = ch.get("conflict_pair_apart", ch["conflict_language_alone"])
-                    alone = (f"; `{CONFLICT_BASE}` and `{CONFLICT_LANGUAGE}` " + ("apart" if apart else "in one group")
+                    alone = (f"; `{CONFLICT_BASE}` and `{CONFLICT_LANGUAGE}` "
+                             + ("apart" if ch["conflict_pair_apart"] else "in one group")
                              + (f" (`{CONFLICT_LANGUAGE}` alone)" if ch["conflict_language_alone"] else ""))
                 what = (f"split {', '.join(ch['modules'])}, groups {display_groups(ch['groups'])}, shared ratio "
                         f"{ch['shared_ratio']}" if len(ch["groups"]) > 1 else

@@ -494,10 +494,10 @@ def plot_dendrogram(a: Analysis, path: str) -> None:
         dendrogram(Z, labels=a.languages, ax=ax, color_threshold=0)
         if a.settings.get("distance_threshold") is not None:
             ax.axhline(a.settings["distance_threshold"], ls="--", c="gray")
-    else:
+        ax.set_ylabel("1 - noise-corrected cosine (average linkage)")
+    else:  # no linkage, so no distance axis to label
         ax.text(0.5, 0.5, "a single language" if len(a.languages) == 1 else
                 "groups from conflict edges\n(no dendrogram; see report.md)", ha="center", transform=ax.transAxes)
-    ax.set_ylabel("1 - noise-corrected cosine (average linkage)")
     ax.set_title("groups: " + _groups_str(a.grouping.partition), fontsize=8)
     _save(fig, path)
 
