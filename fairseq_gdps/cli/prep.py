@@ -27,7 +27,7 @@ from collections import defaultdict
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from fairseq_gdps.data import features as F
-from fairseq_gdps.process_pool import pool_context
+from fairseq_gdps.process_pool import parallel_map
 from fairseq_gdps.data.manifest import (
     LANG_CODE_HELP,
     SPECAUGMENT_POLICIES,
@@ -65,17 +65,6 @@ def _extract_task(task: Tuple[int, str, Optional[float]]):
         return idx, None, 0, str(e)
     except Exception as e:  # never kill the pool; report against the row
         return idx, None, 0, f"{path}: feature extraction failed: {type(e).__name__}: {e}"
-
-
-def _iter_results(tasks, jobs: int):
-    if jobs <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            yield _extract_task(t)
-        return
-    ctx = pool_context()
-    chunk = max(1, min(16, len(tasks) // (jobs * 8) or 1))
-    with ctx.Pool(jobs) as pool:
-        yield from pool.imap(_extract_task, tasks, chunksize=chunk)
 
 
 def _fail(bad: List[BadLine], hint: bool = True) -> PrepError:
@@ -209,8 +198,8 @@ def prepare(
         with FeatureZipWriter(zip_tmp) as zw, tqdm(
             total=len(tasks), unit="utt", desc="fbank80", disable=quiet, file=sys.stderr,
             mininterval=0.1 if sys.stderr.isatty() else 5.0,
-        ) as bar:
-            for idx, npy, n, err in _iter_results(tasks, jobs):
+        ) as bar, parallel_map(_extract_task, tasks, jobs) as results:
+            for idx, npy, n, err in results:
                 row = rows[idx]
                 bar.update(1)
                 if err is not None:

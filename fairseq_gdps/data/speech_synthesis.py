@@ -21,7 +21,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from fairseq_gdps.data import cldr_text as ct
-from fairseq_gdps.process_pool import pool_context
+from fairseq_gdps.process_pool import parallel_map
 
 SAMPLE_RATE = 16000
 PAD_SECONDS = 0.1  # silence kept before and after the speech
@@ -86,8 +86,8 @@ def diacritise(texts: Sequence[str], jobs: int = 1) -> Dict[str, str]:
     else:
         n = min(jobs, len(texts))
         parts = [texts[i::n] for i in range(n)]
-        with pool_context().Pool(n) as pool:
-            outs = pool.map(_tashkeel_batch, parts)
+        with parallel_map(_tashkeel_batch, parts, n) as batches:
+            outs = list(batches)
         res = [None] * len(texts)
         for i in range(n):
             res[i::n] = outs[i]

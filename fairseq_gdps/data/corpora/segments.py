@@ -38,6 +38,7 @@ import numpy as np
 
 from fairseq_gdps.atomic import atomic_write
 from fairseq_gdps.data.manifest import BadLine, PrepError
+from fairseq_gdps.process_pool import parallel_map
 
 SAMPLE_RATE = 16000
 MIN_SAMPLES = 400  # one 25 ms fbank frame at 16 kHz: gdps-prep rejects anything shorter
@@ -256,19 +257,6 @@ def _process_recording(task: Tuple[str, List[Tuple[int, Segment]], _Options]) ->
     return results
 
 
-def _pool_map(fn, tasks, jobs: int):
-    if jobs <= 1 or len(tasks) <= 1:
-        for t in tasks:
-            yield fn(t)
-        return
-    from fairseq_gdps.process_pool import pool_context
-
-    ctx = pool_context()
-    chunk = max(1, min(64, len(tasks) // (jobs * 8) or 1))
-    with ctx.Pool(jobs) as pool:
-        yield from pool.imap(fn, tasks, chunksize=chunk)
-
-
 # ----------------------------------------------------------------------------- corpus TSVs
 
 
@@ -345,14 +333,15 @@ def write_corpus(
     tasks = [(path, items, opt) for path, items in groups.items()]
     results: Dict[int, _Result] = {}
     n_done = 0
-    for res in _pool_map(_process_recording, tasks, jobs):
-        for r in res:
-            if r.bad is not None and not skip_bad:
-                raise fail([r.bad])
-            results[r.index] = r
-        n_done += 1
-        if not quiet and n_done % 500 == 0:
-            print(f"gdps-prep-corpus: {n_done}/{len(tasks)} recordings", file=sys.stderr, flush=True)
+    with parallel_map(_process_recording, tasks, jobs, max_chunk=64) as per_recording:
+        for res in per_recording:
+            for r in res:
+                if r.bad is not None and not skip_bad:
+                    raise fail([r.bad])
+                results[r.index] = r
+            n_done += 1
+            if not quiet and n_done % 500 == 0:
+                print(f"gdps-prep-corpus: {n_done}/{len(tasks)} recordings", file=sys.stderr, flush=True)
     bad += [r.bad for r in results.values() if r.bad is not None]
     dropped = [(segments[i], r.dropped) for i, r in sorted(results.items()) if r.dropped]
 
