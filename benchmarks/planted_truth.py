@@ -260,6 +260,20 @@ def _groups(g):
     return " / ".join("{" + ", ".join(x) + "}" for x in g)
 
 
+def readme_tables(lines):
+    """The README's part of the report: every condition's heading and its primary window (all
+    probes); docs/analysis.md gets all of it."""
+    short, keep = [], True
+    for line in lines:
+        if line.startswith("### Condition"):
+            keep = True
+        elif line.startswith("Window `"):
+            keep = line.startswith("Window `all`")
+        if keep:
+            short.append(line)
+    return "\n".join(short).strip("\n")
+
+
 def report(args) -> int:
     """Markdown summary of every record under --records (what the README shows)."""
     records = [json.loads(p.read_text()) for p in sorted(Path(args.records).glob("*_seed*.json"))]
@@ -309,16 +323,9 @@ def report(args) -> int:
     out.write_text(text)
     print(text)
     if args.publish:
-        # the README gets the primary window (all probes) of every condition; docs/analysis.md all of it
-        short, keep = [], True
-        for line in lines:
-            if line.startswith("Window `"):
-                keep = line.startswith("Window `all`")
-            if keep:
-                short.append(line)
         from publish import replace_between
 
-        replace_between(REPO / "README.md", "planted-truth", "\n".join(short[2:]).strip("\n"))
+        replace_between(REPO / "README.md", "planted-truth", readme_tables(lines[2:]))
         replace_between(REPO / "docs" / "analysis.md", "planted-truth",
                         "\n".join(lines[2:]).replace("### Condition", "#### Condition").strip("\n"))
         print("published into README.md and docs/analysis.md")

@@ -74,3 +74,12 @@ def test_run_trains_with_the_language_embedding_only_when_asked(tmp_path):
     tagged = planted_truth.train_command(tmp_path, tmp_path / "s", 1, SimpleNamespace(**base, lang_embedding=True))
     assert "--gdps-lang-embedding" not in plain and "--gdps-lang-embedding" in tagged
     assert tagged.replace(" --gdps-lang-embedding", "") == plain
+
+
+def test_readme_tables_keep_every_condition_heading_and_only_window_all():
+    lines = ["### Condition `a` (1 seeds)", "truth a", "Window `all`:", "| a all |", "Window `second_half`:",
+             "| a second |", "Window `first_half`:", "| a first |",
+             "### Condition `b` (1 seeds)", "truth b", "Window `all`:", "| b all |", "Window `first_half`:", "| b first |"]
+    assert planted_truth.readme_tables(lines).split("\n") == [
+        "### Condition `a` (1 seeds)", "truth a", "Window `all`:", "| a all |",
+        "### Condition `b` (1 seeds)", "truth b", "Window `all`:", "| b all |"]
