@@ -9,9 +9,13 @@ completed over several sittings and re-reported without the run folders:
   NAME, their English number words permuted by a fixed derangement: NAME differs from BASE in
   meaning only. One more language's utterances are split at random into two pseudo-languages
   (the duplicate control: identical in everything).
+* ``corpus-conflict``: the corpus already holds the conflict pair (``gdps-make-corpus
+  --conflict-language NAME:BASE --conflict-speakers shared``: NAME spoken by BASE's speakers, as
+  many utterances as any language, numbers and units permuted), as in the quality benchmark's
+  conflict condition; only the duplicate control is derived.
 * ``shuffled``: every utterance's language label drawn at random: no language structure at all.
 
-    python benchmarks/planted_truth.py make-data --data PREPARED --out DIR --kind conflict|shuffled
+    python benchmarks/planted_truth.py make-data --data PREPARED --out DIR --kind conflict|corpus-conflict|shuffled
     python benchmarks/planted_truth.py run --data DIR --work WORK --seeds 1 2 3 4 5
     python benchmarks/planted_truth.py record --data DIR --work WORK --name conflict
     python benchmarks/planted_truth.py report [--publish]
@@ -93,17 +97,29 @@ def make_data(args) -> int:
     src, out = Path(args.data), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
-    truth = {"kind": args.kind, "source": str(src), "seed": args.seed}
-    if args.kind == "conflict":
+    truth = {"kind": "conflict" if args.kind == "corpus-conflict" else args.kind, "source": str(src),
+             "seed": args.seed}
+    if args.kind in ("conflict", "corpus-conflict"):
         base, name = args.conflict.split(":")
         dup_base, dup_name = args.duplicate.split(":")
+        truth.update(conflict=[base, name], duplicate=[dup_base, dup_name])
+    if args.kind == "conflict":
         mapping = _derangement(NUMBERS, rng)
-        truth.update(conflict=[base, name], duplicate=[dup_base, dup_name], number_map=mapping)
+        truth.update(number_map=mapping, planted_by="this script: half of the base language relabelled")
+    elif args.kind == "corpus-conflict":
+        present = {r["src_lang"] for r in read_tsv(src / "train.tsv")[1]}
+        if not {base, name, dup_base} <= present:
+            raise SystemExit(f"make-data: {src}/train.tsv has no {sorted({base, name, dup_base} - present)}; "
+                             "--kind corpus-conflict needs a corpus made with --conflict-language NAME:BASE")
+        truth.update(planted_by="the corpus (gdps-make-corpus --conflict-language, shared speakers)")
     for split in SPLITS:
         fields, rows = read_tsv(src / f"{split}.tsv")
         langs = sorted({r["src_lang"] for r in rows})
         for r in rows:
-            if args.kind == "conflict":
+            if args.kind == "corpus-conflict":
+                if r["src_lang"] == dup_base and rng.random() < 0.5:
+                    r["src_lang"] = dup_name
+            elif args.kind == "conflict":
                 if r["src_lang"] == base and rng.random() < 0.5:
                     r["src_lang"] = name
                     r["tgt_text"] = remap_numbers(r["tgt_text"], mapping)
@@ -284,7 +300,10 @@ def report(args) -> int:
         r0 = rows[0]["run"]
         lines += [f"### Condition `{cond}` ({len(rows)} seeds)", "",
                   f"Truth: {t['kind']}" + (f"; conflict pair {t['conflict'][0]}/{t['conflict'][1]} (same speakers, "
-                                            f"permuted numbers), duplicate pair {t['duplicate'][0]}/{t['duplicate'][1]}"
+                                            + ("numbers and units permuted, planted by the corpus, as many utterances "
+                                               "as any language" if t.get("planted_by", "").startswith("the corpus")
+                                               else "permuted numbers, half of the base language each")
+                                            + f"), duplicate pair {t['duplicate'][0]}/{t['duplicate'][1]}"
                                             if t["kind"] == "conflict" else "") +
                   f". Stage-1 probe: {r0['updates']} updates, probed every {r0['probe_interval']} from update "
                   f"{r0['probe_start']}, units {'(language, speaker)' if r0['speakers'] else 'languages'}"
@@ -338,7 +357,7 @@ def main(argv=None) -> int:
     m = sub.add_parser("make-data")
     m.add_argument("--data", required=True)
     m.add_argument("--out", required=True)
-    m.add_argument("--kind", choices=["conflict", "shuffled"], default="conflict")
+    m.add_argument("--kind", choices=["conflict", "corpus-conflict", "shuffled"], default="conflict")
     m.add_argument("--conflict", default="et:xx", metavar="BASE:NAME")
     m.add_argument("--duplicate", default="sw:sw2", metavar="BASE:NAME")
     m.add_argument("--seed", type=int, default=1)
