@@ -95,7 +95,6 @@ def link_prepared_files(src: Path, out: Path) -> None:
 
 def make_data(args) -> int:
     src, out = Path(args.data), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(args.seed)
     truth = {"kind": "conflict" if args.kind == "corpus-conflict" else args.kind, "source": str(src),
              "seed": args.seed}
@@ -112,6 +111,7 @@ def make_data(args) -> int:
             raise SystemExit(f"make-data: {src}/train.tsv has no {sorted({base, name, dup_base} - present)}; "
                              "--kind corpus-conflict needs a corpus made with --conflict-language NAME:BASE")
         truth.update(planted_by="the corpus (gdps-make-corpus --conflict-language, shared speakers)")
+    out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         fields, rows = read_tsv(src / f"{split}.tsv")
         langs = sorted({r["src_lang"] for r in rows})

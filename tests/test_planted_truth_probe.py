@@ -83,3 +83,31 @@ def test_readme_tables_keep_every_condition_heading_and_only_window_all():
     assert planted_truth.readme_tables(lines).split("\n") == [
         "### Condition `a` (1 seeds)", "truth a", "Window `all`:", "| a all |",
         "### Condition `b` (1 seeds)", "truth b", "Window `all`:", "| b all |"]
+
+
+def test_corpus_conflict_keeps_the_corpus_pair_and_derives_only_the_duplicate(tmp_path):
+    import json
+
+    src, out = tmp_path / "prepared", tmp_path / "planted"
+    src.mkdir()
+    fields = ["id", "audio", "n_frames", "tgt_text", "speaker", "src_lang"]
+    for split in planted_truth.SPLITS:
+        rows = [{"id": f"{lang}_{split}_{i}", "audio": "fbank80.zip:1:2", "n_frames": "10", "tgt_text": "five cats",
+                 "speaker": "s", "src_lang": lang} for lang in ("et", "sw", "xx") for i in range(40)]
+        planted_truth.write_tsv(src / f"{split}.tsv", fields, rows)
+    (src / "config.yaml").write_text("input_channels: 1\n")
+    assert planted_truth.main(["make-data", "--data", str(src), "--out", str(out), "--kind", "corpus-conflict"]) == 0
+    truth = json.loads((out / "planted_truth.json").read_text())
+    assert truth["kind"] == "conflict" and truth["conflict"] == ["et", "xx"] and truth["duplicate"] == ["sw", "sw2"]
+    _, train = planted_truth.read_tsv(out / "train.tsv")
+    by_lang = {}
+    for r in train:
+        by_lang.setdefault(r["src_lang"], []).append(r)
+    assert len(by_lang["et"]) == len(by_lang["xx"]) == 40 and len(by_lang["sw"]) + len(by_lang["sw2"]) == 40
+    assert 5 < len(by_lang["sw2"]) < 35 and all(r["tgt_text"] == "five cats" for r in train)  # no text changed
+    assert (out / "config.yaml").is_symlink() and (out / "train_sw2.tsv").is_file()
+    # a corpus without the pair is refused, naming what is missing
+    with pytest.raises(SystemExit, match=r"train.tsv has no \['yy'\]"):
+        planted_truth.main(["make-data", "--data", str(src), "--out", str(tmp_path / "p2"), "--kind", "corpus-conflict",
+                            "--conflict", "et:yy"])
+    assert not (tmp_path / "p2").exists()
