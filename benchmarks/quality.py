@@ -243,7 +243,8 @@ class Benchmark:
         if control == "full_split":
             groups, ratio = [[lang] for lang in langs], 0.0
         elif control == "gdps_similarity_ratio":
-            groups, ratio = plan["groups"], plan["provenance"]["ratio"]["similarity_rule"]
+            # a plan made before the conflict rule has the similarity rule's ratio as its own
+            groups, ratio = plan["groups"], plan["provenance"]["ratio"].get("similarity_rule", plan["shared_ratio"])
             if ratio == plan["shared_ratio"]:
                 # the plan already has the similarity rule's ratio (no groups from conflict edges):
                 # the run would be GDPS's stage 2 again, so its result is reused
