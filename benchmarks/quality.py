@@ -17,8 +17,9 @@ Systems (same prepared corpus, same total number of updates ``max_update``):
 * ``random_groups``  GDPS's module(s) and ratio, languages shuffled into groups of the plan's sizes;
 * ``param_diff``     the Parameter Differentiation rule: GDPS's module(s) copied whole per cluster,
                      two clusters (gdps-analyze --groups 2), no shared part;
-* ``gdps_unshared``  (opt-in) GDPS's module(s) and groups with no shared units: tells the grouping's
-                     effect from the shared part's;
+* ``gdps_similarity_ratio`` (opt-in) GDPS's module(s) and groups with the similarity rule's shared
+                     ratio (``gdps-analyze --conflict-shared-ratio similarity``, the rule before groups
+                     from conflict edges got none): what the shared part costs or gives;
 * ``bilingual``      (opt-in: ``--systems ... bilingual``) one stock model per language,
                      ``max_update / n_languages`` updates each.
 
@@ -64,11 +65,11 @@ import quality_records as records
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
-SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_unshared", "bilingual")
-# opt-in: bilingual models answer another question and cost the most; gdps_unshared is a
-# diagnostic (GDPS's grouping with no shared units: is it the grouping or the shared part?)
+SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_similarity_ratio", "bilingual")
+# opt-in: bilingual models answer another question and cost the most; gdps_similarity_ratio is a
+# diagnostic (GDPS's grouping with the similarity rule's shared part: what does sharing do?)
 DEFAULT_SYSTEMS = SYSTEMS[:-2]
-SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff", "gdps_unshared")
+SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff", "gdps_similarity_ratio")
 CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
 
@@ -241,8 +242,14 @@ class Benchmark:
         modules = ",".join(plan["modules"])
         if control == "full_split":
             groups, ratio = [[lang] for lang in langs], 0.0
-        elif control == "gdps_unshared":
-            groups, ratio = plan["groups"], 0.0
+        elif control == "gdps_similarity_ratio":
+            # a plan made before the conflict rule has the similarity rule's ratio as its own
+            groups, ratio = plan["groups"], plan["provenance"]["ratio"].get("similarity_rule", plan["shared_ratio"])
+            if ratio == plan["shared_ratio"]:
+                # the plan already has the similarity rule's ratio (no groups from conflict edges):
+                # the run would be GDPS's stage 2 again, so its result is reused
+                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio})
+                return
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
             if {frozenset(g) for g in groups} == {frozenset(g) for g in plan["groups"]}:
@@ -586,7 +593,7 @@ def readme_summary(results: dict, meta: dict) -> str:
         failed = sorted(set(cond["learned"]) - set(passed))
         lines.append(f"- **{condition}** (seeds that learned the content: {passed or 'none'}"
                      + (f"; left out: {failed}" if failed else "") + "):")
-        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline", "full_split|tagged", "gdps_unshared|tagged"):
+        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline", "full_split|tagged", "gdps_similarity_ratio|tagged"):
             if key in cond["comparisons"]:
                 lines.append(f"  - {cond['comparisons'][key]['sentence']}")
         if cond["systems"]:

@@ -21,7 +21,7 @@ from typing import Optional
 
 RECORD_FORMAT = 1
 CONFLICT_LANGUAGE, CONFLICT_BASE = "xx", "et"
-SPLIT_SYSTEMS = ("gdps", "full_split", "random_groups", "param_diff", "gdps_unshared")
+SPLIT_SYSTEMS = ("gdps", "full_split", "random_groups", "param_diff", "gdps_similarity_ratio")
 BASELINES = ("baseline", "tagged")
 
 # What each system knows of an utterance's language (the report prints it per condition).
@@ -32,7 +32,7 @@ LANGUAGE_INFORMATION = {
     "full_split": "the language embedding, and GDPS's FFN(s) routed by language (a block per language, no shared units)",
     "random_groups": "the language embedding, and GDPS's FFN(s) and ratio routed by random groups of the plan's sizes",
     "param_diff": "the language embedding, and GDPS's FFN(s) copied whole per cluster (two clusters)",
-    "gdps_unshared": "the language embedding, and GDPS's FFN(s) and groups with no shared units",
+    "gdps_similarity_ratio": "the language embedding, and GDPS's FFN(s) and groups with the similarity rule's shared ratio",
     "bilingual": "one model per language",
 }
 
@@ -300,7 +300,7 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
 
 
 def _system_order(system: str) -> int:
-    order = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_unshared", "bilingual")
+    order = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_similarity_ratio", "bilingual")
     return order.index(system) if system in order else len(order)
 
 

@@ -35,7 +35,8 @@ def test_plan_validation_errors():
         good_plan().validate(languages=["aeb", "bem", "est", "gle", "swa"])
     with pytest.raises(PlanError, match=r"\['gle'\] are missing from the data"):
         good_plan().validate(languages=["aeb", "bem", "est"])
-    for bad in (0.0, 1.0, 1.2, -0.1, float("nan")):
+    good_plan(shared_ratio=0.0).validate()  # no shared units (groups from conflict edges)
+    for bad in (1.0, 1.2, -0.1, float("nan")):
         with pytest.raises(PlanError, match="shared_ratio"):
             good_plan(shared_ratio=bad).validate()
     with pytest.raises(PlanError, match="overlap"):

@@ -184,11 +184,20 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
     assert "stats_file" not in by_system["gdps"]["plan"]["provenance"]  # no machine paths in the records
     assert by_system["full_split"]["split"]["groups"] == [[l] for l in languages]
     assert len(by_system["param_diff"]["split"]["groups"]) == 2
+    # the opt-in diagnostic: GDPS's groups with the similarity rule's shared ratio (a plan that
+    # already has that ratio makes it GDPS's own run, reused)
+    assert quality.main(args + ["--systems", "gdps_similarity_ratio"]) == 0
+    sim = json.loads((root / "natural" / "seed1" / "gdps_similarity_ratio.json").read_text())
+    ratio = by_system["gdps"]["plan"]["provenance"]["ratio"]
+    assert sim["split"]["groups"] == by_system["gdps"]["plan"]["groups"]
+    assert sim["split"]["shared_ratio"] == ratio["similarity_rule"]
+    if ratio["rule"] == "similarity":
+        assert sim["hypotheses_sha256"] == by_system["gdps"]["hypotheses_sha256"] and "reused from gdps" in sim["notes"]
     report = json.loads((results / "quality.json").read_text())
-    assert report["meta"]["recorded"] == report["meta"]["planned"] == len(quality.DEFAULT_SYSTEMS)
+    assert report["meta"]["recorded"] == report["meta"]["planned"] == len(quality.DEFAULT_SYSTEMS) + 1
     assert "gdps|tagged" in report["results"]["natural"]["comparisons"]
     text = (results / "quality.md").read_text()
-    assert "**6 of 6 runs recorded**" in text and "PARTIAL" not in text
+    assert "**7 of 7 runs recorded**" in text and "PARTIAL" not in text
     # the report comes from the records alone: without the run folders it is the same
     shutil.rmtree(work)
     assert quality.main(args + ["--report-only"]) == 0
@@ -203,7 +212,7 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
     assert quality.main(args + ["--systems", "baseline", "gdps"]) == 0
     assert (root / "natural" / "seed1" / "baseline.json").is_file() and not (work / "natural" / "seed1" / "gdps").exists()
     # a call restricted to part of the run set still reports the whole set
-    assert "**6 of 6 runs recorded**" in (results / "quality.md").read_text()
+    assert "**7 of 7 runs recorded**" in (results / "quality.md").read_text()
     # runs of another budget never mix into a records folder
     (root / "setting.json").write_text(json.dumps({"max_update": 8}))
     with pytest.raises(SystemExit, match=r"setting\.json holds runs made with another setting"):

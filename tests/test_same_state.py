@@ -233,6 +233,20 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
                    "the groups come from conflict edges (see above), not from clustering this distance"):
         assert needle in report, needle
     assert "average linkage" not in report
+    # groups from conflict edges share nothing of the split block (what is shared carries the
+    # conflict again); 'similarity' restores the similarity rule, whose value the plan keeps
+    assert plan.shared_ratio == 0.0 and prov["ratio"]["rule"] == "conflict"
+    assert "The groups come from conflict edges" in report and "**0** of the" in report
+    assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "sim"), "--resamples", "0",
+                 "--conflict-shared-ratio", "similarity"]) == 0
+    sim = Plan.load(tmp_path / "sim" / "plan.json", languages=langs)
+    assert sim.groups == plan.groups and sim.provenance["ratio"]["rule"] == "similarity"
+    assert 0.25 <= sim.shared_ratio <= 0.75 and sim.shared_ratio == prov["ratio"]["similarity_rule"]
+    for bad in ("1", "-0.5", "half"):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "x"), "--conflict-shared-ratio", bad])
+        assert "--conflict-shared-ratio" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     # a window without probes falls back, and says so
     assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "b"), "--resamples", "0",
                  "--window-start", "1000"]) == 0

@@ -4,7 +4,8 @@
                  [--select top1|topk | --modules M [M ...]]
                  [--window-start U] [--window-end U] [--reference-blocks GLOBS]
                  [--conflict-tau 0.1] [--min-reference-agreement 0.5] [--identifiability-margin 0.05] [--interval-level 0.9]
-                 [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--resamples 200] [--seed 0]
+                 [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--conflict-shared-ratio 0|R|similarity]
+                 [--resamples 200] [--seed 0]
 
 The decision comes from the same-state probe records (``fairseq_gdps.gdps.same_state``: the
 estimator; ``fairseq_gdps.gdps.conflict``: conflict, identifiability, groups). Statistics recorded
@@ -16,6 +17,19 @@ from __future__ import annotations
 
 import argparse
 import sys
+
+
+def conflict_shared_ratio(text: str):
+    """--conflict-shared-ratio: a share in [0, 1), or 'similarity' (None: the similarity rule)."""
+    if text == "similarity":
+        return None
+    try:
+        r = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1) or 'similarity', got {text!r}") from None
+    if not 0 <= r < 1:
+        raise argparse.ArgumentTypeError(f"must lie in [0, 1), got {text}")
+    return r
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ratio-min", type=float, default=0.25)
     p.add_argument("--ratio-max", type=float, default=0.75)
     p.add_argument("--ratio-step", type=float, default=0.125)
+    p.add_argument("--conflict-shared-ratio", type=conflict_shared_ratio, default=0.0, metavar="R|similarity",
+                   help="shared ratio of a split whose groups come from conflict edges (units the groups share "
+                   "carry their conflict again); 'similarity': the --ratio-min/max/step rule, as for other groups")
     p.add_argument("--resamples", type=int, default=200, help="bucket-bootstrap resamples for grouping stability (0: none)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--subspace-rank", type=int, default=8, help="rank of each language's gradient subspace (SVD/CCA)")
@@ -99,7 +116,8 @@ def main(argv=None) -> int:
                     min_split_distance=args.min_split_distance, window_start=args.window_start,
                     window_end=args.window_end, reference=args.reference_blocks, conflict_tau=args.conflict_tau,
                     identifiability_margin=args.identifiability_margin, interval_level=args.interval_level,
-                    min_reference_agreement=args.min_reference_agreement)
+                    min_reference_agreement=args.min_reference_agreement,
+                    conflict_shared_ratio=args.conflict_shared_ratio)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gdps-analyze: {exc}", file=sys.stderr)
         return 1

@@ -5,7 +5,7 @@
     gdps-split-checkpoint STAGE1.pt --split-modules M1,M2 --groups 'a,b;c' --shared-ratio R --out SPLIT.pt
 
 The second form takes the split from the same fields as the model's --gdps-split-modules /
---gdps-groups / --gdps-shared-ratio (e.g. a ratio of 0 for a full split, which a plan cannot hold);
+--gdps-groups / --gdps-shared-ratio (a split of your own, e.g. a control's: one block per language, none shared);
 stage 2 must then be trained with those same flags instead of --gdps-plan.
 
 The model is split as ``--gdps-plan``/``--gdps-init-from`` split it (function-preserving). Adam's

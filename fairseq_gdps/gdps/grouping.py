@@ -33,6 +33,9 @@ Shared ratio. ``x`` = mean noise-corrected cosine over language pairs in *differ
 pairs when there is a single group), averaged over the split modules: how much the groups still
 agree. ``ratio = clip(ratio_min + step * round((x - ratio_min) / step), ratio_min, ratio_max)``
 (defaults 0.25 .. 0.75 by 0.125): agreeing groups keep more of the layer shared, opposed ones less.
+This rule applies where groups come from similarity; groups put apart by conflict edges (the
+same-state analysis, ``conflict.py``) share nothing of the split block by default
+(``report.analyze(conflict_shared_ratio=0)``).
 """
 from __future__ import annotations
 

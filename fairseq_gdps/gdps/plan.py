@@ -50,7 +50,7 @@ def _clean(x):
 class Plan:
     modules: List[str]                                   # modules to split, most conflicting first
     groups: List[List[str]]                              # language groups (partition)
-    shared_ratio: float                                  # share of each split module kept shared, in (0, 1)
+    shared_ratio: float                                  # share of each split module kept shared, in [0, 1)
     language_to_group: Dict[str, int] = field(default_factory=dict)
     scores: Dict[str, Dict[str, Optional[float]]] = field(default_factory=dict)  # every module's scores
     provenance: dict = field(default_factory=dict)       # stats file + sha256, settings (no timestamp)
@@ -91,11 +91,11 @@ class Plan:
         if len(set(self.modules)) != len(self.modules):
             raise PlanError(f"the plan names a module twice: {self.modules}")
         r = self.shared_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 < r < 1:
-            raise PlanError(f"shared_ratio must lie strictly between 0 and 1, got {r!r}")
-        if not 0 < _clean(float(r)) < 1:  # as stored: 10 significant digits
-            raise PlanError(f"shared_ratio {r!r} is stored as {_clean(float(r))!r}: it must lie strictly between "
-                            f"0 and 1 with 10 significant digits")
+        if isinstance(r, bool) or not isinstance(r, (int, float)) or not math.isfinite(r) or not 0 <= r < 1:
+            raise PlanError(f"shared_ratio must lie in [0, 1), got {r!r}")
+        if not 0 <= _clean(float(r)) < 1:  # as stored: 10 significant digits
+            raise PlanError(f"shared_ratio {r!r} is stored as {_clean(float(r))!r}: it must lie in [0, 1) with "
+                            f"10 significant digits")
         for m in self.modules:  # joined with ',' into --gdps-split-modules when the plan is resolved
             if not m or m != m.strip() or "," in m or any(c.isspace() for c in m):
                 raise PlanError(f"invalid module name {m!r} (no spaces or commas)")
