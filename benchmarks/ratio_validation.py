@@ -10,9 +10,11 @@ folder of their own (no stock baseline or other controls, so not a quality run s
 
     python benchmarks/quality.py --results R --seeds 4 5 6 --conditions conflict \\
         --systems tagged gdps gdps_similarity_ratio
-    python benchmarks/ratio_validation.py --records R/quality/learned [--out benchmarks/results]
+    python benchmarks/ratio_validation.py --records R/quality/learned [--out benchmarks/results] [--publish]
 
-writes ratio_validation.md / .json from the records alone (paired bootstrap per seed).
+writes ratio_validation.md / .json from the records alone (paired bootstrap per seed); --publish
+also puts the table into docs/benchmarks.md (its ratio-validation markers). The records
+themselves are kept in benchmarks/results/ratio_validation/.
 """
 from __future__ import annotations
 
@@ -88,12 +90,17 @@ def main(argv=None) -> int:
     p.add_argument("--records", type=Path, required=True, help="RESULTS/quality/learned of the validation runs")
     p.add_argument("--out", type=Path, default=quality.REPO / "benchmarks" / "results")
     p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--publish", action="store_true", help="also write the table into docs/benchmarks.md")
     args = p.parse_args(argv)
     summary = summarise(args.records, args.bootstrap)
     text = to_markdown(summary)
     (args.out / "ratio_validation.md").write_text(text)
     (args.out / "ratio_validation.json").write_text(json.dumps(summary, indent=1, sort_keys=True) + "\n")
     print(text)
+    if args.publish:
+        from publish import replace_between
+
+        replace_between(quality.REPO / "docs" / "benchmarks.md", "ratio-validation", text)
     return 0
 
 
