@@ -186,7 +186,7 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
     assert len(by_system["param_diff"]["split"]["groups"]) == 2
     # the opt-in diagnostic: GDPS's groups with the similarity rule's shared ratio (a plan that
     # already has that ratio makes it GDPS's own run, reused)
-    assert quality.main(args + ["--systems", "gdps_similarity_ratio"]) == 0
+    assert quality.main(args + ["--systems", "gdps", "gdps_similarity_ratio"]) == 0
     sim = json.loads((root / "natural" / "seed1" / "gdps_similarity_ratio.json").read_text())
     ratio = by_system["gdps"]["plan"]["provenance"]["ratio"]
     assert sim["split"]["groups"] == by_system["gdps"]["plan"]["groups"]
