@@ -555,7 +555,7 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
     seeds = sorted(set(default["seeds"]) | set(setting["seeds"]) | {r["seed"] for r in found})
     conditions = [c for c in ("natural", "conflict")
                   if c in default["conditions"] or c in setting["conditions"] or any(r["condition"] == c for r in found)]
-    planned_systems = [s for s in SYSTEMS if s in DEFAULT_SYSTEMS or s in systems]
+    planned_systems = [s for s in SYSTEMS if s in DEFAULT_SYSTEMS or s in systems or any(r["system"] == s for r in found)]
     planned = [f"{c}/seed{s}/{sys}" for s in seeds for c in conditions for sys in planned_systems]
     have = {f"{r['condition']}/seed{r['seed']}/{r['system']}" for r in found}
     plot = results_dir / "quality_learning_curves.png"
