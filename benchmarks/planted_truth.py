@@ -21,7 +21,7 @@ completed over several sittings and re-reported without the run folders:
     python benchmarks/planted_truth.py report [--publish]
 
 The checks (the analysis' decision per seed): the duplicate pair is never put in different groups
-and agrees at rho >= 0.9 in every block; the conflict pair is put in different groups at a block
+(its similarity interval contains 1 in every block); the conflict pair is put in different groups at a block
 where the conflict lives; with shuffled labels no stable grouping comes out.
 """
 from __future__ import annotations

@@ -177,6 +177,34 @@ def test_conflict_found_where_inputs_agree_and_outputs_do_not():
     assert others[int(np.argmax(ref[i["et"], others]))] == i["xx"]
 
 
+def test_duplicate_halves_stay_together_when_noise_lowers_their_point_estimate():
+    """The duplicate rule is the complement of the edge rule (1 inside the similarity interval in
+    every block), without a point threshold: a planted run gave two halves of one language
+    rho 0.85-0.87 in the decoder FFNs with intervals reaching above 1, and one half had a noise
+    edge the other lacked."""
+    stats, langs = planted_model()
+    ca = C.analyse(stats.same_state, resamples=200, seed=0)
+    i = {l: k for k, l in enumerate(langs)}
+    sw, sw2, et = i["sw"], i["sw2"], i["et"]
+    assert C.indistinguishable(ca)[sw, sw2] and not C.indistinguishable(ca)[et, i["xx"]]
+    e = ca.estimates["decoder.layers.0.ffn"]
+    for a, b in ((sw, sw2), (sw2, sw)):          # a low point estimate whose interval still holds 1
+        e.rho[a, b], e.rho_interval[0][a, b], e.rho_interval[1][a, b] = 0.85, 0.70, 1.04
+    for a, b in ((sw, et), (et, sw)):            # a noise edge of sw alone, where inputs agree
+        e.conflict[a, b], e.conflict_interval[0][a, b], e.rho_interval[1][a, b] = 0.3, 0.05, 0.8
+        ca.reference[a, b] = 0.8
+    same = C.indistinguishable(ca)
+    assert same[sw, sw2]
+    partition = C.group(ca, ["decoder.layers.0.ffn"]).partition
+    assert any({"sw", "sw2"} <= set(g) for g in partition), partition
+    assert not any({"sw", "et"} <= set(g) or {"sw2", "et"} <= set(g) for g in partition), partition
+    # an interval below 1 in one block is enough to tell the halves apart: then the edge splits them
+    e.rho_interval[1][sw, sw2] = e.rho_interval[1][sw2, sw] = 0.95
+    assert not C.indistinguishable(ca)[sw, sw2]
+    partition = C.group(ca, ["decoder.layers.0.ffn"]).partition
+    assert not any({"sw", "sw2"} <= set(g) for g in partition), partition
+
+
 def test_shuffled_labels_give_no_grouping():
     stats, langs = planted_model()
     rec = stats.same_state
