@@ -169,7 +169,6 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
     tokens = torch.zeros(R, dtype=torch.float64).index_add_(0, rows, torch.full((utterances,), 20.0, dtype=torch.float64))
     stats = GradientStatistics(sizes, languages=languages, sketch_dim=4096, probe_units=languages, seed=1)
     update = PerLanguageUpdate(sizes, R) if mode == "buffer" else None
-    work = [None]   # record_blockwise's rows buffer, kept between probes as the criterion keeps it
 
     def step(probed: bool, step_num: int):
         for m in modules.values():
@@ -190,7 +189,7 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
             t, halves = update.per_token_halves()
             stats.add_probe(step_num, t, halves)
         else:
-            work[0] = record_blockwise(stats, step_num, capture, tokens, sizes, work=work[0])[1]
+            record_blockwise(stats, step_num, capture, tokens, sizes)
         return time.process_time() - start
 
     step(False, 0)
@@ -218,8 +217,9 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
             "peak_reset_supported": can_reset,
             "transient_bytes_probed": peak - before, "transient_bytes_unprobed": peak_unprobed - before_unprobed,
             "resident_bytes_before": before,
-            # kept between probed updates (allocated before the measured one): the buffer, or the rows buffer
-            "persistent_bytes": (update.buffer.numel() * 8 if update is not None else work[0].numel() * 8),
+            # kept between probed updates (allocated before the measured one): the buffer (the blockwise
+            # path keeps none of its own; both keep the statistics' language-row buffers)
+            "persistent_bytes": update.buffer.numel() * 8 if update is not None else 0,
             "same_state_probes": stats.same_state.num_probes}
 
 

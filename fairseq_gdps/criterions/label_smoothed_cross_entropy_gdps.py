@@ -106,7 +106,6 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self._spare_update: Optional[PerLanguageUpdate] = None   # its buffer, kept between probed updates
         # (PerLanguageGradients, tokens, loss scale): a probed update's only micro-batch so far, not yet copied
         self._pending = None
-        self._block_rows: Optional[torch.Tensor] = None   # record_blockwise's rows buffer, kept between probes
         self._reduce_seconds, self._reduced_updates = 0.0, 0
         self._update_key = 0   # batch_key of the update in progress (this worker's utterances)
 
@@ -160,7 +159,7 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
                              "train at least one FFN block or a layer below one (--gdps-train-only / --gdps-freeze)")
         logger.warning(f"GDPS probe: {len(blocks)} FFN block(s) get no gradient (frozen, with everything below them) "
                        f"and are not tracked: {names}")
-        self._tracked, self._block_sizes, self._spare_update, self._block_rows = remaining, None, None, None
+        self._tracked, self._block_sizes, self._spare_update = remaining, None, None
         logger.info(f"GDPS probe tracks {len(remaining)} FFN blocks: {', '.join(remaining)}")
 
     def _resumed_statistics(self, update_num: int) -> Optional[GradientStatistics]:
@@ -272,7 +271,8 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         update's utterances. Every worker must call this for every probed update.
 
         One micro-batch on one worker: recorded block by block from the capture (the same
-        numbers, bit for bit: the rows are formed as the buffer would form them)."""
+        numbers up to float32 rounding: the Gram matrices and language rows are formed from the
+        shares in their own dtype, without the float64 rows)."""
         single_worker = distributed_utils.get_data_parallel_world_size() <= 1
         if self._pending is not None and single_worker:
             self._record_streamed(update_num)
@@ -302,15 +302,15 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
 
     def _record_streamed(self, update_num: int) -> None:
         """Record a one-micro-batch update from its capture, one block at a time
-        (``per_language_update.record_blockwise``: the buffer path's numbers, one block's rows
-        in memory at a time)."""
+        (``per_language_update.record_blockwise``: the buffer path's numbers up to float32
+        rounding, one block's shares in memory at a time)."""
         capture, tokens, loss_scale = self._pending
         self._pending = None
         if not bool((tokens > 0).any()):
             return
         statistics = self._statistics_for(self._tracked, update_num)
-        skipped, self._block_rows = record_blockwise(statistics, update_num, capture, tokens, self.block_sizes(),
-                                                     loss_scale, self._block_rows, self._update_key)
+        skipped = record_blockwise(statistics, update_num, capture, tokens, self.block_sizes(), loss_scale,
+                                   self._update_key)
         self._warn_skipped(update_num, skipped)
 
     @staticmethod

@@ -18,8 +18,8 @@ The buffer holds every tracked gradient element per row in float64, so its size 
 the tracked parameters x 8 bytes (26 GB for 4 languages and an encoder of SeamlessM4T-Medium's
 shape). An update of one micro-batch on one worker, whose sums are complete as soon as its
 backward pass ends, skips it: ``record_blockwise`` records such an update block by block straight
-from the capture, one block's rows in memory at a time (same numbers, bit for bit). This file
-imports no fairseq.
+from the capture, forming each block's Gram matrix and language rows from the shares in their own
+dtype (the same numbers up to float32 rounding). This file imports no fairseq.
 """
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -129,74 +129,66 @@ class PerLanguageUpdate:
 
 
 def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes: Mapping[str, int],
-                     loss_scale: float = 1.0, work: Optional[Tensor] = None,
-                     batch_key: Optional[int] = None) -> Tuple[List[str], Tensor]:
+                     loss_scale: float = 1.0, batch_key: Optional[int] = None) -> List[str]:
     """Record one probed update of ONE micro-batch on ONE worker straight from its capture
     (``PerLanguageGradients``, shares completed), block by block, without a ``PerLanguageUpdate``.
+    Returns the languages skipped for non-finite gradients.
 
     Why. The buffer holds 2U rows x every tracked gradient element in float64: for an encoder of
     SeamlessM4T-Medium's shape (48 FFN blocks of 8.4M parameters, 403M in all) and 4 languages,
     8 x 403M x 8 B = 26 GB, on top of the capture's shares (2U x 403M in the gradients' dtype).
-    A block's Gram matrix needs only that block's rows, and its languages' rows go to the
-    (sketched) sums at once (``GradientStatistics.begin_probe``), so here each block's (2U, d)
-    float64 rows are formed, recorded and dropped, and the capture's shares of the block are
-    freed, before the next block: the transient memory is one block's rows (8 x 8.4M x 8 B =
-    0.5 GB at that shape) and the capture, which shrinks as blocks are recorded.
+    Neither a block's Gram matrix nor its languages' rows need the others' blocks, so each block
+    is recorded and its shares freed before the next one.
 
-    The trade-off. Only an update whose sums are complete after one micro-batch on one worker can
-    be recorded this way: with ``--update-freq`` > 1 or data-parallel workers every block's sums
-    must be complete (summed over micro-batches, reduced over workers) before any Gram matrix
-    is formed, which needs the buffer (kept in float64 so that sums and the all_reduce add no
-    rounding; sketching before the reduction is not an option either: the Gram matrices need the
-    exact rows). Those runs keep the buffer's memory. The numbers are the buffer path's, bit for
-    bit: each row is the share times 1 / loss scale (rounded once, as ``add`` rounds it onto the
-    buffer's zeros), then divided by the row's tokens (clamped at 1), in float64, as ``add`` and
-    ``per_token_halves`` form them. (One exception, equal in value: a share element of -0.0 stays
-    -0.0 here, where adding it to the buffer's zeros makes it +0.0.)
+    How, and what it costs in exactness. A block's quantities are formed from the capture's
+    shares directly, part by part (each layer's weight and bias), with no float64 copy of the
+    2U rows (forming that copy and its Gram matrix took most of a probed update's recording
+    time, ``benchmarks/speed.py``):
+
+    * its Gram matrix: the sum over parts of ``part @ part.T`` in the shares' dtype (float32,
+      or float32 for half-precision shares), accumulated in float64, then divided by
+      ``loss_scale^2 x tokens_r x tokens_s`` (tokens clamped at 1, as ``per_token_halves``);
+    * its languages' per-token rows (the summed statistics, when kept): ``mix @ part`` with each
+      half's weight ``tokens_r / tokens_language / (loss_scale x tokens_r)`` folded into the
+      mixing matrix, in the shares' dtype, stored in float64.
+
+    The buffer path (``--update-freq`` > 1 or data-parallel workers, whose sums must be complete
+    before any Gram matrix is formed) computes the same quantities from float64 rows; the two
+    agree to float32 rounding (about 1e-6 of the rows' norms, against half-gradient cosines of
+    1e-3 and more and bootstrap intervals of 1e-2), not bit for bit.
 
     ``tokens``: (2U,) target tokens per row; ``block_sizes``: the blocks to record, in the
-    statistics' module order; ``work``: the float64 rows buffer returned by the previous call
-    (reused: a fresh 2U x block buffer per block would be paid for page by page). Returns the
-    languages skipped for non-finite gradients and the rows buffer (2U x the largest block)."""
+    statistics' module order."""
     if not loss_scale > 0:
         raise ValueError(f"loss_scale must be positive, got {loss_scale}")
     tokens = tokens.to(torch.float64)
     probe = statistics.begin_probe(step, tokens.cpu(), batch_key)
-    divisor = tokens.clamp(min=1.0)[:, None]
     R = len(tokens)
-    captured = [int(row) for row in capture.languages]   # the rows with utterances (sorted)
-    absent = torch.tensor(sorted(set(range(R)) - set(captured)), dtype=torch.int64)
-    # Rows without utterances are zero. Nothing but the scaling of zeros writes them, so in the
-    # reused buffer they stay zero from one block to the next of the same size (same layout).
-    zeroed_size = None
+    captured = torch.tensor([int(row) for row in capture.languages], dtype=torch.int64)  # rows with utterances
+    scale = 1.0 / (loss_scale * tokens.cpu().clamp(min=1.0))          # (R,) row r = share_r x scale_r
+    gram_scale = (scale[captured, None] * scale[None, captured])
+    mix = (probe.mix[:, captured] * scale[None, captured]) if probe.mix.numel() else None
     for name, size in block_sizes.items():
         parts = capture.block_parts(name)
+        if sum(part.size(1) for part in parts) != size:
+            raise ValueError(f"{name}: the capture has {sum(part.size(1) for part in parts)} gradient elements, "
+                             f"expected {size}")
         device = parts[0].device
-        if work is None or work.device != device or work.numel() < R * max(block_sizes.values()):
-            work = torch.empty(R * max(block_sizes.values()), dtype=torch.float64, device=device)
-            zeroed_size = None
-        rows = work[: R * size].view(R, size)
-        # Each part is copied (converted to float64, exactly) to its place in the rows: one pass,
-        # where zeroing the rows, adding a concatenated copy of the shares and dividing took four.
-        # Multiplying by 1 / loss_scale afterwards rounds as add_(share, alpha=1 / loss_scale) onto
-        # zeros does (the buffer path), and is skipped when it is 1.
-        if absent.numel() and size != zeroed_size:
-            rows.index_fill_(0, absent.to(device), 0.0)
-            zeroed_size = size
+        dtype = parts[0].dtype if parts[0].dtype in (torch.float32, torch.float64) else torch.float32
+        n = len(captured)
+        gram = torch.zeros(n, n, dtype=torch.float64, device=device)
+        lang_rows = probe.language_rows(name, device) if mix is not None and statistics.summed else None
+        mix_d = mix.to(device=device, dtype=dtype) if lang_rows is not None else None
         offset = 0
         for part in parts:
-            width = part.size(1)
-            if len(captured) == R:
-                rows[:, offset: offset + width].copy_(part)
-            else:
-                for i, row in enumerate(captured):
-                    rows[row, offset: offset + width].copy_(part[i])
-            offset += width
-        if offset != size:
-            raise ValueError(f"{name}: the capture has {offset} gradient elements, expected {size}")
+            part = part.to(dtype)
+            gram += (part @ part.T).to(torch.float64)
+            if lang_rows is not None:
+                lang_rows[:, offset: offset + part.size(1)].copy_(mix_d @ part)
+            offset += part.size(1)
         del parts
         capture.release([name])
-        if loss_scale != 1.0:
-            rows.mul_(1.0 / loss_scale)
-        probe.add_block(name, rows.div_(divisor.to(rows.device)))
-    return probe.finish(), work
+        full = torch.zeros(R, R, dtype=torch.float64)
+        full[captured[:, None], captured[None, :]] = gram.cpu() * gram_scale
+        probe.add_block_terms(name, full, lang_rows)
+    return probe.finish()

@@ -728,21 +728,44 @@ class ProbeRecording:
     @torch.no_grad()
     def add_block(self, module: str, rows: torch.Tensor) -> None:
         """``rows``: (2U, d) per-target-token gradient of every half of ``module``."""
-        stats = self.stats
-        if module not in stats.module_sizes:
+        self._check_module(module)
+        Y = rows.detach().to(torch.float64)
+        if tuple(Y.shape) != (self.R, self.stats.module_sizes[module]):
+            raise ValueError(f"add_probe: rows of {module!r} have shape {tuple(Y.shape)}, "
+                             f"expected ({self.R}, {self.stats.module_sizes[module]})")
+        lang_rows = None
+        if self.present.numel() and self.stats.summed:
+            lang_rows = torch.matmul(self.mix.to(Y.device), Y, out=self.language_rows(module, Y.device))
+        self.add_block_terms(module, Y @ Y.T, lang_rows)
+
+    def language_rows(self, module: str, device) -> torch.Tensor:
+        """The (present languages, d) float64 buffer that ``add_block_terms`` takes the
+        languages' per-token rows of ``module`` in (row k: ``self.mix[k] @ rows``)."""
+        return self.stats._probe_rows_buffer(module, len(self.present), device)
+
+    @torch.no_grad()
+    def add_block_terms(self, module: str, gram: torch.Tensor, lang_rows: Optional[torch.Tensor]) -> None:
+        """A block given by what is recorded of it: the (2U, 2U) Gram matrix of its half rows and,
+        for statistics with the summed part, the present languages' per-token rows in the buffer
+        of :meth:`language_rows` (``self.mix @ rows``). ``add_block`` forms both from the rows;
+        ``record_blockwise`` from a capture's shares without forming the rows."""
+        self._check_module(module)
+        self._check_active()
+        if tuple(gram.shape) != (self.R, self.R):
+            raise ValueError(f"add_probe: Gram matrix of {module!r} has shape {tuple(gram.shape)}, expected "
+                             f"({self.R}, {self.R})")
+        self.grams[module] = gram.to(torch.float64).cpu()
+        if self.present.numel() and self.stats.summed:
+            if lang_rows is None:
+                raise ValueError(f"add_probe: these statistics keep the summed part: the languages' rows of "
+                                 f"{module!r} are needed")
+            self.results[module] = self.stats._prepare(module, self.present_languages, lang_rows)
+
+    def _check_module(self, module: str) -> None:
+        if module not in self.stats.module_sizes:
             raise ValueError(f"add_probe: untracked module {module!r}")
         if module in self.grams:
             raise ValueError(f"add_probe: module {module!r} given twice")
-        Y = rows.detach().to(torch.float64)
-        if tuple(Y.shape) != (self.R, stats.module_sizes[module]):
-            raise ValueError(f"add_probe: rows of {module!r} have shape {tuple(Y.shape)}, "
-                             f"expected ({self.R}, {stats.module_sizes[module]})")
-        self._check_active()
-        self.grams[module] = (Y @ Y.T).cpu()
-        if self.present.numel() and stats.summed:
-            lang_rows = torch.matmul(self.mix.to(Y.device), Y,
-                                     out=stats._probe_rows_buffer(module, len(self.present), Y.device))
-            self.results[module] = stats._prepare(module, self.present_languages, lang_rows)
 
     def _check_active(self) -> None:
         if self.stats._active_probe is not self:
