@@ -19,7 +19,9 @@ language (``--gdps-probe-speakers``: 8 units, 16 rows).
   x ``--frames`` after subsampling, one utterance per half row), forward and backward through
   ``PerLanguageGradients`` and recorded (sketch 4096) the two ways the criterion can: from the
   ``PerLanguageUpdate`` buffer (several micro-batches or workers) and block by block from the
-  capture (one micro-batch on one worker, ``record_blockwise``). Each way runs in a fresh process;
+  capture (one micro-batch on one worker, ``record_blockwise``), the latter also as the probe
+  records by default (the same-state records alone, no summed statistics). Each way runs in a
+  fresh process;
   its peak resident memory above the state before the probed update (``/proc/self/clear_refs``,
   ``VmHWM``) is the transient. Per-block costs are independent of the other blocks, so the
   48-block figures are the measured ones times 48 / measured blocks (stated as such).
@@ -75,6 +77,14 @@ def _reset_peak() -> bool:
 # ---------------------------------------------------------------------------------------------
 # statistics size
 # ---------------------------------------------------------------------------------------------
+# ways of recording a probe (worker modes), in the order measured and shown
+WAYS = {"blockwise_default": "block by block from the capture, the default probe (same-state records alone; "
+                             "one micro-batch, one worker)",
+        "blockwise": "block by block from the capture (`record_blockwise`), with `--gdps-summed-statistics`",
+        "buffer": "`PerLanguageUpdate` buffer (2U rows x every tracked parameter, float64; several micro-batches "
+                  "or workers), with `--gdps-summed-statistics`"}
+
+
 def summed_bytes(sizes, languages, **settings) -> int:
     """Bytes of every float64 sum GradientStatistics would allocate (from its buffer layout,
     without allocating: exact sums of 48 blocks x 4 languages are 13 GB)."""
@@ -167,7 +177,9 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
     x = torch.randn(frames, utterances, WIDTH)
     target = torch.randn(frames, utterances, WIDTH)
     tokens = torch.zeros(R, dtype=torch.float64).index_add_(0, rows, torch.full((utterances,), 20.0, dtype=torch.float64))
-    stats = GradientStatistics(sizes, languages=languages, sketch_dim=4096, probe_units=languages, seed=1)
+    # the default probe keeps the same-state records alone; --gdps-summed-statistics adds the sums (sketched)
+    stats = GradientStatistics(sizes, languages=languages, sketch_dim=4096, probe_units=languages, seed=1,
+                               summed=mode != "blockwise_default")
     update = PerLanguageUpdate(sizes, R) if mode == "buffer" else None
 
     def step(probed: bool, step_num: int):
@@ -283,6 +295,8 @@ def markdown(results: dict) -> str:
              "| `--gdps-sketch-dim` | `--gdps-subspace-dim` | summed | + 100 probes | + 1,000 probes | <= 100 MB after 1,000 probes |",
              "|---|---:|---:|---:|---:|:-:|"]
     ss = st["same_state"]["languages"]
+    lines.append(f"| default: no summed statistics | - | 0 | {_mb(ss['bytes_after']['100'])} | "
+                 f"{_mb(ss['bytes_after']['1000'])} | {'yes' if ss['bytes_after']['1000'] <= GOAL_BYTES else 'no'} |")
     for r in st["summed"]:
         total = r["summed_bytes"] + ss["bytes_after"]["1000"]
         lines.append(f"| {r['sketch_dim'] or 'exact'} | {r['subspace_dim']} | {_mb(r['summed_bytes'])} | "
@@ -307,16 +321,15 @@ def markdown(results: dict) -> str:
               "it, less the same for an unprobed update.", "",
               "| recording | blocks | probed / unprobed update | probe CPU s per update | of which recording | "
               "probe memory (kept + transient) |", "|---|---:|---:|---:|---:|---:|"]
-    labels = {"buffer": "`PerLanguageUpdate` buffer (2U rows x every tracked parameter, float64; several "
-                        "micro-batches or workers)",
-              "blockwise": "block by block from the capture (`record_blockwise`; one micro-batch, one worker)"}
-    for name in ("buffer", "blockwise"):
+    for name, label in WAYS.items():
+        if name not in summ:        # results of an earlier version, without that way
+            continue
         s_ = summ[name]
         for r in s_["measured"]:
-            lines.append(f"| {labels[name]} | {r['blocks']} | {r['ratio_median']:.2f} ({r['ratio_min']:.2f}-"
+            lines.append(f"| {label} | {r['blocks']} | {r['ratio_median']:.2f} ({r['ratio_min']:.2f}-"
                          f"{r['ratio_max']:.2f}) | {r['probe_cpu_s']:.2f} | {r['record_cpu_s']:.2f} | "
                          f"{_mb(r['persistent_bytes'])} + {_mb(r['transient_bytes'])} |")
-        lines.append(f"| {labels[name]} | **48** (line) | {(s_['unprobed_cpu_s_48_blocks'] + s_['probe_cpu_s_48_blocks']) / s_['unprobed_cpu_s_48_blocks']:.1f} | "
+        lines.append(f"| {label} | **48** (line) | {(s_['unprobed_cpu_s_48_blocks'] + s_['probe_cpu_s_48_blocks']) / s_['unprobed_cpu_s_48_blocks']:.1f} | "
                      f"{s_['probe_cpu_s_48_blocks']:.1f} | {s_['record_cpu_s_48_blocks']:.1f} | "
                      f"{_mb(s_['persistent_bytes_48_blocks'])} + {_mb(s_['transient_bytes_48_blocks'])} |")
     lines += ["", results["conclusion"]]
@@ -330,7 +343,13 @@ def conclusion(results: dict) -> str:
     best = min(fits, key=lambda r: (-(r["sketch_dim"] or 10**9), -r["subspace_dim"])) if fits else None
     capture = 2 * LANGUAGES * st["parameters"] * 4
     buf, blk = summ["buffer"], summ["blockwise"]
-    return (f"Statistics: exact sums are {_mb(st['summed'][0]['summed_bytes'])}; "
+    default = summ.get("blockwise_default")
+    return (f"Statistics: by default (the same-state records alone) {_mb(ss['bytes_after']['1000'])} after 1,000 "
+            "probes"
+            + (f", and a probed update costs {default['probe_cpu_s_48_blocks']:.1f} CPU s at 48 blocks against "
+               f"{blk['probe_cpu_s_48_blocks']:.1f} with the summed statistics" if default else "")
+            + ". With `--gdps-summed-statistics`: "
+            f"exact sums are {_mb(st['summed'][0]['summed_bytes'])}; "
             + (f"the largest setting within 100 MB after 1,000 probes is `--gdps-sketch-dim {best['sketch_dim']} "
                f"--gdps-subspace-dim {best['subspace_dim']}` ({_mb(best['summed_bytes'] + ss['bytes_after']['1000'])}). "
                if best else "no measured setting stays within 100 MB. ")
@@ -362,7 +381,7 @@ def main(argv=None) -> int:
     p.add_argument("--probes", type=int, default=3, help="timed probed (and unprobed) updates per process")
     p.add_argument("--statistics-probes", type=int, default=2, help="probes of all 48 blocks recorded for the records' size")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    p.add_argument("--worker", choices=["buffer", "blockwise"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=list(WAYS), default=None, help=argparse.SUPPRESS)
     p.add_argument("--markdown", nargs="?", const=str(DEFAULT_OUT / "scale.json"), default=None, metavar="JSON")
     args = p.parse_args(argv)
     import torch
@@ -385,7 +404,7 @@ def main(argv=None) -> int:
                "versions": {"torch": torch.__version__, "fairseq": fairseq.__version__}}
     results["statistics"] = measure_statistics(args.statistics_probes)
     results["ways"] = {name: [run_worker(name, args, blocks) for blocks in args.measured_blocks]
-                       for name in ("blockwise", "buffer")}
+                       for name in WAYS}
     results["summary"] = summarize(results["statistics"], results["ways"])
     results["conclusion"] = conclusion(results)
     results["wall_seconds"] = time.perf_counter() - started

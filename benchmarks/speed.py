@@ -11,7 +11,7 @@ compare like with like:
 * update time: every variant (stock shared model; stage 1 with the probe off, on every update,
   every 10 updates, on every update with ``--gdps-probe-speakers`` (a probe unit per
   (language, speaker) pair: more units, for information), and on every update with
-  ``--gdps-same-state-only`` (the same-state records alone, for information); stage 2 with 2 FFNs
+  ``--gdps-summed-statistics`` (the old estimator's diagnostics too, for information); stage 2 with 2 FFNs
   split, every FFN split, every FFN split one group per
   language) is a fairseq ``Trainer`` built through fairseq's API with the recipes' model size and
   optimiser. Each round runs one block of ``block`` updates per variant on the same fixed batches,
@@ -197,7 +197,7 @@ def variant_args(setting: Setting, languages: List[str], work: Path) -> Dict[str
         "stage1_probe_every": [*gdps, *probe(1)],
         "stage1_probe_10": [*gdps, *probe(10)],
         "stage1_probe_every_speakers": [*gdps, *probe(1, "_speakers"), "--gdps-probe-speakers"],
-        "stage1_probe_every_same_state_only": [*gdps, *probe(1, "_same_state_only"), "--gdps-same-state-only"],
+        "stage1_probe_every_summed": [*gdps, *probe(1, "_summed"), "--gdps-summed-statistics"],
         "stage2_plan": [*gdps, *split(plan_blocks, two_groups)],
         "stage2_all": [*gdps, *split(blocks, two_groups)],
         "stage2_all_per_language": [*gdps, *split(blocks, per_language)],
@@ -208,12 +208,12 @@ VARIANT_DESCRIPTIONS = {
     "shared": "shared model: stock `speech_to_text` task, `s2t_transformer_s`, stock criterion",
     "stage1_off": "stage 1, probe off (GDPS task and criterion, unsplit model)",
     "stage1_probe_every": "stage 1, probe on every update (`--gdps-probe-interval 1`, every FFN tracked; "
-                          "a probe unit per language, each split into two halves)",
+                          "a probe unit per language, each split into two halves; the same-state records)",
     "stage1_probe_10": "stage 1, `--gdps-probe-interval 10`",
     "stage1_probe_every_speakers": "stage 1, probe on every update with `--gdps-probe-speakers` "
                                    "(a probe unit per (language, speaker) pair)",
-    "stage1_probe_every_same_state_only": "stage 1, probe on every update with `--gdps-same-state-only` "
-                                          "(the same-state records alone, no summed statistics)",
+    "stage1_probe_every_summed": "stage 1, probe on every update with `--gdps-summed-statistics` "
+                                 "(the summed statistics behind the diagnostics as well)",
     "stage2_plan": "stage 2, 2 FFNs split (last encoder and last decoder FFN), 2 groups, ratio 0.5",
     "stage2_all": "stage 2, every FFN split, 2 groups, ratio 0.5",
     "stage2_all_per_language": "stage 2, every FFN split, one group per language, ratio 0.5",
@@ -223,7 +223,7 @@ UPDATE_RATIOS = {
     "stage1_probe_every": ("stage1_probe_every", "stage1_off"),
     "stage1_probe_10": ("stage1_probe_10", "stage1_off"),
     "stage1_probe_every_speakers": ("stage1_probe_every_speakers", "stage1_off"),
-    "stage1_probe_every_same_state_only": ("stage1_probe_every_same_state_only", "stage1_off"),
+    "stage1_probe_every_summed": ("stage1_probe_every_summed", "stage1_off"),
     "stage1_off_vs_shared": ("stage1_off", "shared"),
     "stage2_plan": ("stage2_plan", "shared"),
     "stage2_all": ("stage2_all", "shared"),
@@ -526,7 +526,7 @@ RATIO_LABELS = {
     "stage1_probe_every": "stage-1 update, probe on every update / probe off",
     "stage1_probe_10": "stage-1 update, `--gdps-probe-interval 10` / probe off",
     "stage1_probe_every_speakers": "stage-1 update, probe on every update, `--gdps-probe-speakers` / probe off",
-    "stage1_probe_every_same_state_only": "stage-1 update, probe on every update, `--gdps-same-state-only` / probe off",
+    "stage1_probe_every_summed": "stage-1 update, probe on every update, `--gdps-summed-statistics` / probe off",
     "stage1_off_vs_shared": "stage-1 update, probe off / shared model",
     "stage2_plan": "stage-2 update, 2 FFNs split / shared model",
     "stage2_all": "stage-2 update, every FFN split / shared model",

@@ -113,6 +113,7 @@ def test_cli_end_to_end(stats_file, tmp_path, capsys):
     prov = plan.provenance
     assert prov["stats_file"] == str(stats_file) and len(prov["stats_sha256"]) == 64
     assert prov["grouping"]["chosen_frequency"] >= 0.9 and "timestamp" not in json.dumps(prov)
+    assert prov["grouping"]["source"] == "similarity" and prov["ratio"]["rule"] == "similarity"
     assert prov["stats"]["model_signature"] == "toy"
     report = (out / "report.md").read_text()
     assert report.count("no same-state probe records") == 1 and prov["estimator"] == "summed (drift-prone)"

@@ -33,7 +33,7 @@ def test_results_file_structure_and_ratios(tiny_results):
 
     updates = results["updates"]
     assert set(updates["variants"]) == {"shared", "stage1_off", "stage1_probe_every", "stage1_probe_10",
-                                        "stage1_probe_every_speakers", "stage1_probe_every_same_state_only",
+                                        "stage1_probe_every_speakers", "stage1_probe_every_summed",
                                         "stage2_plan", "stage2_all", "stage2_all_per_language"}
     for name, variant in updates["variants"].items():
         assert len(variant["cpu_s_per_update_by_round"]) == updates["rounds"], name
@@ -42,17 +42,17 @@ def test_results_file_structure_and_ratios(tiny_results):
     # the probe ran on every update, on one in ten, and nowhere else
     assert probed["stage1_probe_every"] == updates["variants"]["stage1_probe_every"]["updates"]
     assert probed["stage1_probe_every_speakers"] == updates["variants"]["stage1_probe_every_speakers"]["updates"]
-    assert (probed["stage1_probe_every_same_state_only"]
-            == updates["variants"]["stage1_probe_every_same_state_only"]["updates"])
+    assert (probed["stage1_probe_every_summed"]
+            == updates["variants"]["stage1_probe_every_summed"]["updates"])
     # a probe unit per language, and more with --gdps-probe-speakers (a unit per (language, speaker))
     units = {name: v["probe_units"] for name, v in updates["variants"].items()}
-    assert (units["stage1_probe_every"] == units["stage1_probe_10"] == units["stage1_probe_every_same_state_only"]
+    assert (units["stage1_probe_every"] == units["stage1_probe_10"] == units["stage1_probe_every_summed"]
             == len(updates["languages"]))
     assert units["stage1_probe_every_speakers"] > units["stage1_probe_every"]
     assert probed["stage1_probe_10"] == updates["variants"]["stage1_probe_10"]["updates"] // 10
     assert probed["stage1_off"] == probed["stage2_all"] == probed["shared"] == 0
     for key in ("stage1_probe_every", "stage1_probe_10", "stage1_probe_every_speakers",
-                "stage1_probe_every_same_state_only", "stage2_plan", "stage2_all"):
+                "stage1_probe_every_summed", "stage2_plan", "stage2_all"):
         r = updates["ratios"][key]
         assert all(finite_positive(r[k]) for k in ("ratio", "ratio_min", "ratio_max", "wall_ratio")), key
         assert r["ratio_min"] <= r["ratio"] <= r["ratio_max"]
@@ -99,7 +99,7 @@ def test_markdown_table_and_markdown_option(tiny_results):
     assert md.startswith("### Speed and memory (tiny setting)")
     assert "| stage-1 update, probe on every update / probe off |" in md
     assert "| stage-1 update, probe on every update, `--gdps-probe-speakers` / probe off |" in md
-    assert "| stage-1 update, probe on every update, `--gdps-same-state-only` / probe off |" in md
+    assert "| stage-1 update, probe on every update, `--gdps-summed-statistics` / probe off |" in md
     assert "bytes per probe" in md
     assert "| stage-2 update, every FFN split / shared model |" in md
     printed = run([sys.executable, REPO / "benchmarks" / "speed.py", "--markdown", tiny_results / "speed.json"])

@@ -70,16 +70,38 @@ def test_two_workers_record_what_one_process_records_with_update_freq_2(stage1):
     # block names of the model, not of fairseq's data-parallel wrapper ("module.module....")
     assert workers.module_names == ["encoder.transformer_layers.0.ffn", "decoder.layers.0.ffn"]
     # every language's gradients summed over both workers: each worker alone sees only its half
-    # of an update's utterances
-    assert_statistics_equal(workers, single)
+    # of an update's utterances. To float32 rounding: the one process records an update that has a
+    # single micro-batch (a short epoch's last) block by block from the float32 shares, the workers
+    # always from the float64 buffer
+    assert_statistics_equal(workers, single, scale_tolerance=1e-6)
     # the models are the same too (training itself is unchanged by the probe)
     assert_models_equal(load_checkpoint(stage1["workers"] / "checkpoint_last.pt")["model"],
                         load_checkpoint(stage1["single"] / "checkpoint_last.pt")["model"])
     assert "all_reduce of the per-language gradients took" in stage1["worker0_log"]
-    # and gdps-analyze makes the same plan of them, byte for byte
-    single_plan = plan_json(stage1["single"] / "stats.pt", stage1["single"] / "analysis")
-    assert plan_json(stage1["workers"] / "stats.pt", stage1["workers"] / "analysis") == single_plan
-    assert json.loads(single_plan)["modules"]
+    # and gdps-analyze makes the same plan of them: the same decision, every number to rounding
+    single_plan = json.loads(plan_json(stage1["single"] / "stats.pt", stage1["single"] / "analysis"))
+    workers_plan = json.loads(plan_json(stage1["workers"] / "stats.pt", stage1["workers"] / "analysis"))
+    assert single_plan["modules"] and workers_plan["modules"] == single_plan["modules"]
+    assert workers_plan["groups"] == single_plan["groups"]
+    # (the statistics files' hashes differ with their rounding)
+    workers_plan["provenance"].pop("stats_sha256"), single_plan["provenance"].pop("stats_sha256")
+    assert_same_numbers(workers_plan, single_plan)
+
+
+def assert_same_numbers(actual, expected, where="plan"):
+    """The same JSON structure, strings and integers equal, floats within 1e-6 relative."""
+    if isinstance(expected, dict):
+        assert sorted(actual) == sorted(expected), where
+        for key in expected:
+            assert_same_numbers(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert len(actual) == len(expected), where
+        for k, (a, e) in enumerate(zip(actual, expected)):
+            assert_same_numbers(a, e, f"{where}[{k}]")
+    elif isinstance(expected, float):
+        assert actual == pytest.approx(expected, rel=1e-6, abs=1e-9, nan_ok=True), where
+    else:
+        assert actual == expected, where
 
 
 @pytest.mark.slow

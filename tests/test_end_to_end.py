@@ -126,7 +126,8 @@ def test_probe_statistics_survive_an_interrupted_run(tiny_data, tmp_path):
              "--config-yaml", "config.yaml", "--train-subset", "train", "--valid-subset", "dev",
              "--arch", "s2t_transformer_gdps_s", *TINY_MODEL[2:], "--optimizer", "adam", "--lr", "1e-3",
              "--criterion", "label_smoothed_cross_entropy_gdps", "--gdps-probe-interval", "1",
-             "--gdps-stats", save_dir / "stats.pt", "--label-smoothing", "0.1", "--max-tokens", "3000",
+             "--gdps-summed-statistics", "--gdps-stats", save_dir / "stats.pt", "--label-smoothing", "0.1",
+             "--max-tokens", "3000",
              "--required-batch-size-multiple", "1", "--max-update", str(max_update), "--num-workers", "0",
              "--save-dir", save_dir, "--no-epoch-checkpoints", "--seed", "1", "--log-format", "simple"])
 

@@ -26,7 +26,7 @@ UPDATES = 5
 
 def probed(tmp_path, *extra):
     return ["--criterion", "label_smoothed_cross_entropy_gdps", "--gdps-probe-interval", "1",
-            "--gdps-stats", tmp_path / "stats.pt", "--gdps-track", "*", *extra]
+            "--gdps-summed-statistics", "--gdps-stats", tmp_path / "stats.pt", "--gdps-track", "*", *extra]
 
 
 UNPROBED = ["--criterion", "label_smoothed_cross_entropy_gdps", "--gdps-probe-interval", "0"]

@@ -263,7 +263,7 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
     assert "average linkage" not in report
     # groups from conflict edges share nothing of the split block (what is shared carries the
     # conflict again); 'similarity' restores the similarity rule, whose value the plan keeps
-    assert plan.shared_ratio == 0.0 and prov["ratio"]["rule"] == "conflict"
+    assert plan.shared_ratio == 0.0 and prov["ratio"]["rule"] == "conflict" and prov["grouping"]["source"] == "conflict"
     assert "The groups come from conflict edges" in report and "**0** of the" in report
     assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "sim"), "--resamples", "0",
                  "--conflict-shared-ratio", "similarity"]) == 0

@@ -66,7 +66,8 @@ def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tm
     stats_path = tmp_path / "stats.pt"
     gdps_task, gdps_model, gdps_criterion = build(
         tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
-        ["--gdps-probe-interval", "1", "--gdps-stats", str(stats_path), "--gdps-track", "encoder.*"])
+        ["--gdps-probe-interval", "1", "--gdps-summed-statistics", "--gdps-stats", str(stats_path),
+         "--gdps-track", "encoder.*"])
     gdps_model.load_state_dict(stock_model.state_dict())
     batch = first_multilingual_batch(gdps_task)
     stock_batch = copy.deepcopy(batch)
@@ -111,7 +112,8 @@ def test_probe_records_every_conformer_ffn(tiny_data, tmp_path):
     the probe's hook on w_1's output; every block must be recorded, and sum to the total."""
     task, model, criterion = build(
         tiny_data, "speech_to_text_gdps", "s2t_conformer_gdps_xs", "label_smoothed_cross_entropy_gdps",
-        ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / "stats.pt"), "--encoder-layers", "1",
+        ["--gdps-probe-interval", "1", "--gdps-summed-statistics", "--gdps-stats", str(tmp_path / "stats.pt"),
+         "--encoder-layers", "1",
          "--decoder-layers", "1", "--dropout", "0"])
     batch = first_multilingual_batch(task)
     task.train_step(batch, model, criterion, PlainBackward(), 0)
@@ -194,7 +196,7 @@ def test_block_by_block_recording_equals_the_buffer_path(tiny_data, tmp_path):
     for name in ("streamed", "buffered"):
         built[name] = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
                             ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / f"{name}.pt"),
-                             "--gdps-probe-speakers"])
+                             "--gdps-probe-speakers", "--gdps-summed-statistics"])
     built["buffered"][1].load_state_dict(built["streamed"][1].state_dict())
     criterion = built["buffered"][2]
     add = criterion.add_micro_batch
@@ -227,23 +229,24 @@ def test_block_by_block_recording_equals_the_buffer_path(tiny_data, tmp_path):
     assert np.all(np.abs(diag_s - diag_b) <= 1e-5 * diag_b)
 
 
-def test_same_state_only_records_the_same_gram_matrices_without_the_summed_statistics(tiny_data, tmp_path):
-    """--gdps-same-state-only: the same same-state records, bit for bit, as the default probe,
-    and none of the summed statistics (their buffers are not even allocated)."""
+def test_summed_statistics_are_opt_in_and_leave_the_gram_matrices_unchanged(tiny_data, tmp_path):
+    """By default the probe records the same-state records alone (none of the summed statistics'
+    buffers is even allocated); --gdps-summed-statistics adds them and records the same Gram
+    matrices, bit for bit."""
     built = {}
-    for name, extra in (("default", []), ("same_state_only", ["--gdps-same-state-only"])):
+    for name, extra in (("summed", ["--gdps-summed-statistics"]), ("default", [])):
         built[name] = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
                             ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / f"{name}.pt"), *extra])
-    built["same_state_only"][1].load_state_dict(built["default"][1].state_dict())
-    batch = first_multilingual_batch(built["default"][0])
-    built["same_state_only"][0].load_dataset("train")
+    built["default"][1].load_state_dict(built["summed"][1].state_dict())
+    batch = first_multilingual_batch(built["summed"][0])
+    built["default"][0].load_dataset("train")
     for task, model, crit in built.values():
         for update in range(2):
             model.zero_grad(set_to_none=True)   # as fairseq's trainer does when an update begins
             step = ScalingStep(model)
             task.train_step(copy.deepcopy(batch), model, crit, step, update)
             task.optimizer_step(step, model, update)
-    full, alone = built["default"][2].statistics, built["same_state_only"][2].statistics
+    full, alone = built["summed"][2].statistics, built["default"][2].statistics
     assert full.summed and not alone.summed
     assert full.num_steps == alone.num_steps == 2
     assert set(alone.to_tensors()) == {"steps", "skipped"}

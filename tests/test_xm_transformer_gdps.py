@@ -225,8 +225,8 @@ def test_stage1_probe_freezing_and_split_with_fairseq_train(w2v, wave_data, tmp_
     save = tmp_path / "stage1"
     stats_path = save / "stats.pt"
     train_only = "decoder.*,encoder.adaptor.*,*.ffn*"
-    run(train_args(wave_data, w2v_path, save, 3, "--gdps-probe-interval", "1", "--gdps-stats", stats_path,
-                   "--gdps-train-only", train_only))
+    run(train_args(wave_data, w2v_path, save, 3, "--gdps-probe-interval", "1", "--gdps-summed-statistics",
+                   "--gdps-stats", stats_path, "--gdps-train-only", train_only))
 
     # statistics for the wav2vec 2.0 FFNs, for every language that was in a probed batch
     stats = GradientStatistics.load(stats_path)

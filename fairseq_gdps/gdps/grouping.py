@@ -181,6 +181,9 @@ class GroupingResult:
     distance: np.ndarray
     partition: Partition
     info: dict
+    # what made the partition: "similarity" (clustering a distance) or "conflict" (conflict edges,
+    # conflict.group); the plan's shared-ratio rule depends on it
+    source: str = "similarity"
     frequencies: List[Tuple[Partition, float]] = field(default_factory=list)  # most frequent first
     chosen_frequency: float = float("nan")
     coassignment: Optional[np.ndarray] = None

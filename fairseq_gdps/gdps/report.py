@@ -104,7 +104,7 @@ class Analysis:
             "stats_sha256": self.stats_sha256,
             "stats": self.stats_info,
             "settings": self.settings,
-            "grouping": {"modules": g.modules, "rule": g.info.get("rule"),
+            "grouping": {"modules": g.modules, "source": g.source, "rule": g.info.get("rule"),
                          "distance": g.distance.tolist(), "languages": g.languages,
                          "chosen_frequency": g.chosen_frequency, "resamples": g.resamples,
                          "frequencies": [{"groups": [list(x) for x in p], "frequency": f} for p, f in g.frequencies]},
@@ -129,8 +129,8 @@ class Analysis:
 
 SUMMED_UNAVAILABLE = (
     "summed-statistics diagnostics (noise-corrected and raw cosines, self-similarity, divergence, subspace "
-    "alignment, CCA) unavailable: these statistics hold the same-state records alone (stage 1 ran with "
-    "--gdps-same-state-only); the decision does not use them")
+    "alignment, CCA) unavailable: these statistics hold the same-state records alone (stage 1 ran "
+    "without --gdps-summed-statistics); the decision does not use them")
 
 ESTIMATOR_WARNING = (
     "WARNING: in {clipped} of {pairs} language pairs (all modules) the noise-corrected cosine came out beyond "
@@ -199,7 +199,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     elif not stats.summed:
         raise ValueError(f"{stats_path or 'statistics'}: {probes} same-state probe(s) in the window "
                          f"[{window_start}, {window_end}), at least 2 needed; these statistics hold the same-state "
-                         "records alone (--gdps-same-state-only), so there is no summed estimator to fall back on")
+                         "records alone (recorded without --gdps-summed-statistics), so there is no summed estimator to "
+                         "fall back on")
     elif rec is not None:
         notes.append(f"fewer than 2 same-state probes in the window [{window_start}, {window_end}): the summed "
                      "estimator decides (see the warning)")
@@ -222,7 +223,7 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
         rho = np.mean([metrics[m].corrected_cos for m in split_modules], axis=0)
     rule_ratio, ratio_raw = G.shared_ratio(rho, grouping.partition, languages, ratio_min, ratio_max, ratio_step)
     ratio = rule_ratio
-    from_conflict = "edges" in grouping.info and len(grouping.partition) > 1
+    from_conflict = grouping.source == "conflict" and len(grouping.partition) > 1
     if from_conflict and conflict_shared_ratio is not None:
         # The groups were put apart because their gradients conflict in this very block: units they
         # share carry the conflict again. Measured on the quality benchmark's planted conflict
@@ -294,7 +295,8 @@ def _same_state_decision(ca: C.ConflictAnalysis, modules, select, top_k, n_group
     else:
         cg = C.group(ca, split, tau=tau if threshold is None else threshold, min_reference=min_reference)
         partition, info = cg.partition, {"rule": cg.rule, "edges": cg.edges}
-    grouping = G.GroupingResult(languages=langs, modules=split, distance=1.0 - rho, partition=partition, info=info)
+    grouping = G.GroupingResult(languages=langs, modules=split, distance=1.0 - rho, partition=partition, info=info,
+                                source="conflict" if cg is not None else "similarity")
     if cg is not None:
         grouping.frequencies, grouping.chosen_frequency = cg.frequencies, cg.chosen_frequency
         grouping.coassignment, grouping.resamples = cg.coassignment, cg.resamples

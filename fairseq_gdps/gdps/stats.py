@@ -486,7 +486,7 @@ class GradientStatistics:
         if not self.summed:
             where = f"{self.source}: " if self.source else ""
             raise ValueError(f"{where}{what}: these statistics hold the same-state records alone (recorded "
-                             "with --gdps-same-state-only), not the summed statistics")
+                             "without --gdps-summed-statistics), not the summed statistics")
 
     def counts(self) -> Dict[str, Dict[str, int]]:
         """``counts()[lang][module]``: number of recorded steps."""
