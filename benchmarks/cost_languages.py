@@ -16,7 +16,7 @@ the two a probe unit needs for both halves (the table counts them).
 
 * probe time: for every N, the GDPS task, criterion and model (the recipes' size, or ``tiny``)
   built through fairseq's API as ``benchmarks/speed.py`` builds them, probe off and probe on
-  every update (a probe unit per language, exact statistics as the recipes record them), on the
+  every update (a probe unit per language, with ``--gdps-summed-statistics``, exact), on the
   same fixed batches; blocks of ``--block`` updates, all 2N trainers interleaved over
   ``--rounds`` rounds (``speed.interleaved_update_times``), process CPU time; the ratio is the
   median over rounds of the paired ratio of the probed to the unprobed block.
@@ -126,7 +126,8 @@ def measure_probe_time(data: Path, language_counts: Sequence[int], setting: spee
         derived = work / f"languages_{n}" / "data"
         languages = relabel_round_robin(data, derived, n)
         variants = speed.variant_args(setting, languages, work / f"languages_{n}")
-        for kind, variant in (("off", "stage1_off"), ("probe", "stage1_probe_every")):
+        # with the summed statistics: this benchmark also measures their size and the diagnostics' analysis time
+        for kind, variant in (("off", "stage1_off"), ("probe", "stage1_probe_every_summed")):
             name = f"{kind}_{n}"
             task, trainers[name] = speed.build_trainer(derived, variants[variant])
             flags[name] = variants[variant]
@@ -302,7 +303,7 @@ def markdown(results: dict) -> str:
     if probe:
         b = probe["batches"]
         lines += ["", f"Probe time: the {st['model']} model, stage 1 (GDPS task and criterion), probe off and probe on "
-                  "every update (a probe unit per language, exact statistics), on "
+                  "every update (a probe unit per language, with `--gdps-summed-statistics`, exact), on "
                   f"{b['count']} fixed batches of the same utterances for every number of languages (max-tokens "
                   f"{b['max_tokens']}, {pystats.mean(b['sentences']):.0f} utterances per batch), the utterances "
                   "relabelled round-robin into N pseudo-languages: the batch stays the same size, each language gets "
