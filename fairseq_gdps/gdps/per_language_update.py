@@ -145,8 +145,8 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     2U rows (forming that copy and its Gram matrix took most of a probed update's recording
     time, ``benchmarks/speed.py``):
 
-    * its Gram matrix: the sum over parts of ``part @ part.T`` in the shares' dtype (float32,
-      or float32 for half-precision shares), accumulated in float64, then divided by
+    * its Gram matrix: the sum over parts of ``part @ part.T`` in the shares' dtype (float32 or
+      float64; half-precision shares are promoted to float32), accumulated in float64, divided by
       ``loss_scale^2 x tokens_r x tokens_s`` (tokens clamped at 1, as ``per_token_halves``);
     * its languages' per-token rows (the summed statistics, when kept): ``mix @ part`` with each
       half's weight ``tokens_r / tokens_language / (loss_scale x tokens_r)`` folded into the
