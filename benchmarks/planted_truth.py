@@ -44,6 +44,11 @@ NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine
 SPLITS = ("train", "dev", "test")
 
 
+# how a conflict pair was planted (truth["planted_by"]), as the report describes it
+PLANTED_BY = {"relabelled": "permuted numbers, half of the base language each, relabelled by this script",
+              "corpus": "numbers and units permuted, planted by the corpus, as many utterances as any language"}
+
+
 def _derangement(items, rng):
     while True:
         perm = list(rng.permutation(len(items)))
@@ -104,13 +109,13 @@ def make_data(args) -> int:
         truth.update(conflict=[base, name], duplicate=[dup_base, dup_name])
     if args.kind == "conflict":
         mapping = _derangement(NUMBERS, rng)
-        truth.update(number_map=mapping, planted_by="this script: half of the base language relabelled")
+        truth.update(number_map=mapping, planted_by="relabelled")
     elif args.kind == "corpus-conflict":
         present = {r["src_lang"] for r in read_tsv(src / "train.tsv")[1]}
         if not {base, name, dup_base} <= present:
             raise SystemExit(f"make-data: {src}/train.tsv has no {sorted({base, name, dup_base} - present)}; "
                              "--kind corpus-conflict needs a corpus made with --conflict-language NAME:BASE")
-        truth.update(planted_by="the corpus (gdps-make-corpus --conflict-language, shared speakers)")
+        truth.update(planted_by="corpus")
     out.mkdir(parents=True, exist_ok=True)
     for split in SPLITS:
         fields, rows = read_tsv(src / f"{split}.tsv")
@@ -300,9 +305,7 @@ def report(args) -> int:
         r0 = rows[0]["run"]
         lines += [f"### Condition `{cond}` ({len(rows)} seeds)", "",
                   f"Truth: {t['kind']}" + (f"; conflict pair {t['conflict'][0]}/{t['conflict'][1]} (same speakers, "
-                                            + ("numbers and units permuted, planted by the corpus, as many utterances "
-                                               "as any language" if t.get("planted_by", "").startswith("the corpus")
-                                               else "permuted numbers, half of the base language each")
+                                            + PLANTED_BY[t["planted_by"]]
                                             + f"), duplicate pair {t['duplicate'][0]}/{t['duplicate'][1]}"
                                             if t["kind"] == "conflict" else "") +
                   f". Stage-1 probe: {r0['updates']} updates, probed every {r0['probe_interval']} from update "

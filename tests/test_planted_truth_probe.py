@@ -99,6 +99,7 @@ def test_corpus_conflict_keeps_the_corpus_pair_and_derives_only_the_duplicate(tm
     assert planted_truth.main(["make-data", "--data", str(src), "--out", str(out), "--kind", "corpus-conflict"]) == 0
     truth = json.loads((out / "planted_truth.json").read_text())
     assert truth["kind"] == "conflict" and truth["conflict"] == ["et", "xx"] and truth["duplicate"] == ["sw", "sw2"]
+    assert truth["planted_by"] == "corpus"
     _, train = planted_truth.read_tsv(out / "train.tsv")
     by_lang = {}
     for r in train:

@@ -166,8 +166,10 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     R = len(tokens)
     captured = torch.tensor([int(row) for row in capture.languages], dtype=torch.int64)  # rows with utterances
     scale = 1.0 / (loss_scale * tokens.cpu().clamp(min=1.0))          # (R,) row r = share_r x scale_r
-    gram_scale = (scale[captured, None] * scale[None, captured])
-    mix = (probe.mix[:, captured] * scale[None, captured]) if probe.mix.numel() else None
+    n = len(captured)
+    gram_scale = scale[captured, None] * scale[None, captured]
+    # the languages' rows go to the summed statistics only: none to form without them
+    mix = (probe.mix[:, captured] * scale[None, captured]) if statistics.summed and probe.mix.numel() else None
     for name, size in block_sizes.items():
         parts = capture.block_parts(name)
         if sum(part.size(1) for part in parts) != size:
@@ -175,9 +177,8 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
                              f"expected {size}")
         device = parts[0].device
         dtype = parts[0].dtype if parts[0].dtype in (torch.float32, torch.float64) else torch.float32
-        n = len(captured)
         gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-        lang_rows = probe.language_rows(name, device) if mix is not None and statistics.summed else None
+        lang_rows = probe.language_rows(name, device) if mix is not None else None
         mix_d = mix.to(device=device, dtype=dtype) if lang_rows is not None else None
         offset = 0
         for part in parts:
