@@ -381,7 +381,7 @@ def main(argv=None) -> int:
     rec.add_argument("--work", required=True)
     rec.add_argument("--name", required=True, help="condition name of the records")
     rec.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
-    rec.add_argument("--resamples", type=int, default=200)
+    rec.add_argument("--resamples", type=int, default=1000)
     rep = sub.add_parser("report")
     rep.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
     rep.add_argument("--publish", action="store_true",

@@ -178,10 +178,10 @@ def test_conflict_found_where_inputs_agree_and_outputs_do_not():
 
 
 def test_duplicate_halves_stay_together_when_noise_lowers_their_point_estimate():
-    """The duplicate rule is the complement of the edge rule (1 inside the similarity interval in
-    every block), without a point threshold: a planted run gave two halves of one language
-    rho 0.85-0.87 in the decoder FFNs with intervals reaching above 1, and one half had a noise
-    edge the other lacked."""
+    """The duplicate rule is the complement of the edge rule (1 inside the similarity interval at
+    the distinctness level in every block), without a point threshold: a planted run gave two
+    halves of one language rho 0.85-0.87 in the decoder FFNs with intervals reaching above 1, and
+    one half had a noise edge the other lacked."""
     stats, langs = planted_model()
     ca = C.analyse(stats.same_state, resamples=200, seed=0)
     i = {l: k for k, l in enumerate(langs)}
@@ -189,9 +189,9 @@ def test_duplicate_halves_stay_together_when_noise_lowers_their_point_estimate()
     assert C.indistinguishable(ca)[sw, sw2] and not C.indistinguishable(ca)[et, i["xx"]]
     e = ca.estimates["decoder.layers.0.ffn"]
     for a, b in ((sw, sw2), (sw2, sw)):          # a low point estimate whose interval still holds 1
-        e.rho[a, b], e.rho_interval[0][a, b], e.rho_interval[1][a, b] = 0.85, 0.70, 1.04
+        e.rho[a, b], e.distinct_interval[0][a, b], e.distinct_interval[1][a, b] = 0.85, 0.70, 1.04
     for a, b in ((sw, et), (et, sw)):            # a noise edge of sw alone, where inputs agree
-        e.conflict[a, b], e.conflict_interval[0][a, b], e.rho_interval[1][a, b] = 0.3, 0.05, 0.8
+        e.conflict[a, b], e.conflict_interval[0][a, b], e.distinct_interval[1][a, b] = 0.3, 0.05, 0.8
         ca.reference[a, b] = 0.8
     same = C.indistinguishable(ca)
     assert same[sw, sw2]
@@ -199,10 +199,38 @@ def test_duplicate_halves_stay_together_when_noise_lowers_their_point_estimate()
     assert any({"sw", "sw2"} <= set(g) for g in partition), partition
     assert not any({"sw", "et"} <= set(g) or {"sw2", "et"} <= set(g) for g in partition), partition
     # an interval below 1 in one block is enough to tell the halves apart: then the edge splits them
-    e.rho_interval[1][sw, sw2] = e.rho_interval[1][sw2, sw] = 0.95
+    e.distinct_interval[1][sw, sw2] = e.distinct_interval[1][sw2, sw] = 0.95
     assert not C.indistinguishable(ca)[sw, sw2]
     partition = C.group(ca, ["decoder.layers.0.ffn"]).partition
     assert not any({"sw", "sw2"} <= set(g) for g in partition), partition
+
+
+def test_telling_languages_apart_takes_the_stricter_family_level():
+    """Whether two units are measurably two languages is read from the similarity interval at the
+    distinctness level (by default the interval level over the family of blocks), not from the
+    plain interval: two halves of one language are told apart if any block's interval misses 1."""
+    stats, langs = planted_model()
+    blocks = len(stats.same_state.blocks)
+    ca = C.analyse(stats.same_state, resamples=1000, seed=0)
+    assert ca.level == 0.9 and ca.distinct_level == pytest.approx(1 - 0.1 / blocks)
+    assert C.default_distinct_level(0.9, 6) == pytest.approx(0.98333, abs=1e-5)
+    b = "decoder.layers.0.ffn"
+    e = ca.estimates[b]
+    boot = ca.rho_boot(b)
+    assert np.allclose(e.distinct_interval[1], np.nanquantile(boot, 1 - (1 - ca.distinct_level) / 2, axis=0),
+                       equal_nan=True)
+    # the stricter interval is wider, on both sides, for every pair
+    iu = np.triu_indices(len(langs), 1)
+    assert np.all(e.distinct_interval[1][iu] >= e.rho_interval[1][iu])
+    assert np.all(e.distinct_interval[0][iu] <= e.rho_interval[0][iu])
+    # a pair whose plain interval ends below 1 but whose stricter one holds 1 is one language
+    i = {l: k for k, l in enumerate(langs)}
+    sw, sw2 = i["sw"], i["sw2"]
+    for a, c in ((sw, sw2), (sw2, sw)):
+        e.rho_interval[1][a, c], e.distinct_interval[1][a, c] = 0.93, 1.01
+    assert C.indistinguishable(ca)[sw, sw2]
+    # an explicit level is used as given
+    assert C.analyse(stats.same_state, resamples=100, seed=0, distinct_level=0.95).distinct_level == 0.95
 
 
 def test_shuffled_labels_give_no_grouping():
@@ -261,6 +289,12 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
                    "the groups come from conflict edges (see above), not from clustering this distance"):
         assert needle in report, needle
     assert "average linkage" not in report
+    # measurably two languages: the 90% level over the 4 blocks; 100 resamples leave thin tails there
+    assert prov["same_state"]["distinct_level"] == pytest.approx(0.975) and prov["settings"]["distinct_level"] is None
+    assert "at level 0.975 lies below 1" in report and "raise --resamples to about 800" in report
+    assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "x"), "--distinct-level", "1"]) == 2
+    assert "--distinct-level must lie in (0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
     # groups from conflict edges share nothing of the split block (what is shared carries the
     # conflict again); 'similarity' restores the similarity rule, whose value the plan keeps
     assert plan.shared_ratio == 0.0 and prov["ratio"]["rule"] == "conflict" and prov["grouping"]["source"] == "conflict"

@@ -4,8 +4,9 @@
                  [--select top1|topk | --modules M [M ...]]
                  [--window-start U] [--window-end U] [--reference-blocks GLOBS]
                  [--conflict-tau 0.1] [--min-reference-agreement 0.5] [--identifiability-margin 0.05] [--interval-level 0.9]
+                 [--distinct-level L]
                  [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--conflict-shared-ratio 0|R|similarity]
-                 [--resamples 200] [--seed 0]
+                 [--resamples 1000] [--seed 0]
 
 The decision comes from the same-state probe records (``fairseq_gdps.gdps.same_state``: the
 estimator; ``fairseq_gdps.gdps.conflict``: conflict, identifiability, groups). Statistics recorded
@@ -55,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conflict-shared-ratio", type=conflict_shared_ratio, default=0.0, metavar="R|similarity",
                    help="shared ratio of a split whose groups come from conflict edges (units the groups share "
                    "carry their conflict again); 'similarity': the --ratio-min/max/step rule, as for other groups")
-    p.add_argument("--resamples", type=int, default=200, help="bucket-bootstrap resamples for grouping stability (0: none)")
+    p.add_argument("--resamples", type=int, default=1000,
+                   help="bootstrap resamples of the probed batches, for the intervals and the grouping's stability "
+                   "(0: none); the distinctness interval's tails need about 10 each")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--subspace-rank", type=int, default=8, help="rank of each language's gradient subspace (SVD/CCA)")
     p.add_argument("--ridge", type=float, default=0.1, help="CCA ridge, relative to the mean variance")
@@ -82,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with speaker units: a block tells languages apart when within-language cross-speaker "
                    "agreement exceeds cross-language agreement by more than this (interval lower bound)")
     w.add_argument("--interval-level", type=float, default=0.9, help="level of the bootstrap percentile intervals")
+    w.add_argument("--distinct-level", type=float, default=None,
+                   help="level of the similarity interval that must lie below 1 for two languages to count as "
+                   "measurably two in a block (default: the interval level over the family of tracked blocks, "
+                   "1 - (1 - interval level) / blocks; 6 blocks: 0.983)")
     return p
 
 
@@ -95,6 +102,9 @@ def main(argv=None) -> int:
         return 2
     if not 0 < args.interval_level < 1:
         print("gdps-analyze: --interval-level must lie in (0, 1)", file=sys.stderr)
+        return 2
+    if args.distinct_level is not None and not 0 < args.distinct_level < 1:
+        print("gdps-analyze: --distinct-level must lie in (0, 1)", file=sys.stderr)
         return 2
     if not 0 <= args.alignment_weight <= 1:
         print("gdps-analyze: --alignment-weight must lie in [0, 1]", file=sys.stderr)
@@ -116,6 +126,7 @@ def main(argv=None) -> int:
                     min_split_distance=args.min_split_distance, window_start=args.window_start,
                     window_end=args.window_end, reference=args.reference_blocks, conflict_tau=args.conflict_tau,
                     identifiability_margin=args.identifiability_margin, interval_level=args.interval_level,
+                    distinct_level=args.distinct_level,
                     min_reference_agreement=args.min_reference_agreement,
                     conflict_shared_ratio=args.conflict_shared_ratio)
     except (ValueError, FileNotFoundError) as exc:

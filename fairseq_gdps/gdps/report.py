@@ -119,7 +119,7 @@ class Analysis:
                 "probes": ca.probes, "batches": ca.batches, "window": list(ca.window), "probed_updates": list(ca.updates),
                 "reference_blocks": ca.reference_blocks, "candidates": ca.candidates,
                 "separation": ca.separation, "resamples": ca.resamples, "interval_level": ca.level,
-                "unit_level": ca.unit_level, "rho_beyond_one": ca.beyond_one,
+                "distinct_level": ca.distinct_level, "unit_level": ca.unit_level, "rho_beyond_one": ca.beyond_one,
                 "rho": {b: ca.estimates[b].rho for b in ca.blocks},
                 "languages": ca.languages,
             }
@@ -150,12 +150,12 @@ NO_SAME_STATE_WARNING = (
 
 def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = None, select: str = "top1",
             top_k: int = 3, n_groups: Optional[int] = None, threshold: Optional[float] = None,
-            ratio_min: float = 0.25, ratio_max: float = 0.75, ratio_step: float = 0.125, resamples: int = 200,
+            ratio_min: float = 0.25, ratio_max: float = 0.75, ratio_step: float = 0.125, resamples: int = 1000,
             seed: int = 0, subspace_rank: int = 8, ridge: float = 0.1, alignment_weight: float = 0.5,
             silhouette_min: float = 0.25, min_split_distance: float = 0.1, window_start: Optional[int] = None,
             window_end: Optional[int] = None, reference: str = "encoder.*", conflict_tau: float = 0.1,
             identifiability_margin: float = 0.05, interval_level: float = 0.9,
-            min_reference_agreement: float = 0.5, conflict_shared_ratio: Optional[float] = 0.0) -> Analysis:
+            distinct_level: Optional[float] = None, min_reference_agreement: float = 0.5, conflict_shared_ratio: Optional[float] = 0.0) -> Analysis:
     if select not in ("top1", "topk"):
         raise ValueError(f"select must be 'top1' or 'topk', got {select!r}")
     if top_k < 1:
@@ -195,7 +195,13 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
     probes = 0 if rec is None else len(rec.arrays(window_start, window_end)[0])
     if probes >= 2:
         ca = C.analyse(rec, window_start, window_end, reference=reference, resamples=resamples, seed=seed,
-                       level=interval_level, identifiability_margin=identifiability_margin, languages=languages)
+                       level=interval_level, identifiability_margin=identifiability_margin, languages=languages,
+                       distinct_level=distinct_level)
+        tail = ca.resamples * (1 - ca.distinct_level) / 2
+        if 0 < tail < 5:
+            notes.append(f"the distinctness intervals (level {ca.distinct_level:.3g}) rest on {tail:.1f} bootstrap "
+                         f"replicates in each tail of {ca.resamples}: raise --resamples to about "
+                         f"{int(np.ceil(20 / (1 - ca.distinct_level)))} for tails of 10")
     elif not stats.summed:
         raise ValueError(f"{stats_path or 'statistics'}: {probes} same-state probe(s) in the window "
                          f"[{window_start}, {window_end}), at least 2 needed; these statistics hold the same-state "
@@ -243,7 +249,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
                 "window_start": window_start, "window_end": window_end, "reference_blocks": reference,
                 "conflict_tau": conflict_tau, "min_reference_agreement": min_reference_agreement,
                 "identifiability_margin": identifiability_margin,
-                "interval_level": interval_level, "conflict_shared_ratio": conflict_shared_ratio}
+                "interval_level": interval_level, "distinct_level": distinct_level,
+                "conflict_shared_ratio": conflict_shared_ratio}
     stats_info = {"languages": list(stats.languages), "steps": stats.num_steps,
                   "steps_per_language": steps_per_language,
                   "skipped_nonfinite": stats.skipped_nonfinite, "model_signature": stats.model_signature,
@@ -448,6 +455,9 @@ def _same_state_markdown(a: Analysis) -> List[str]:
            f"- {ca.probes} probes of {ca.batches} distinct batches, updates {ca.updates[0]}-{ca.updates[1]} "
            f"(window {ca.window[0]}..{ca.window[1]}); {ca.resamples} bootstrap resamples of the batches, {lvl} "
            "percentile intervals",
+           f"- a pair is measurably two languages in a block when its similarity interval at level "
+           f"{ca.distinct_level:.3g} lies below 1 there (the {lvl} level over the {len(ca.blocks)} blocks); "
+           "a pair that no block tells apart is one language, kept in one group",
            f"- reference (input-side) blocks: {', '.join(f'`{b}`' for b in ca.reference_blocks)}; "
            "conflict(i, j) at a block = agreement on the reference minus agreement at the block",
            f"- estimates beyond +-1: {ca.beyond_one['pairs_beyond_one']} of {ca.beyond_one['pairs']} pair-blocks "
