@@ -211,6 +211,7 @@ def versions() -> dict:
 
 def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
     """The analysis' decision on one window, and the planted-truth checks on it."""
+    from fairseq_gdps.gdps.conflict import indistinguishable
     from fairseq_gdps.gdps.report import analyze
 
     a = analyze(stats, window_start=window[0], window_end=window[1], resamples=resamples, seed=0)
@@ -222,7 +223,8 @@ def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
         return out
     ca = a.conflict
     out.update(probes=ca.probes, probed_updates=list(ca.updates), separation=ca.separation,
-               beyond_one=ca.beyond_one, candidates=ca.candidates)
+               beyond_one=ca.beyond_one, candidates=ca.candidates, distinct_level=ca.distinct_level)
+    one_language = indistinguishable(ca)
     pairs = {}
     for kind in ("conflict", "duplicate"):
         if kind not in truth:
@@ -233,6 +235,8 @@ def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
                                                                    float(e.rho_interval[1][i, j])],
                            "conflict": float(e.conflict[i, j])} for b, e in ca.estimates.items()}
         out[f"{kind}_apart"] = not any(x in g and y in g for g in groups)
+        # some block's similarity interval (at the distinctness level) below 1: the data tell them apart
+        out[f"{kind}_measurably_two"] = not bool(one_language[i, j])
         co = a.grouping.coassignment
         out[f"{kind}_apart_in_resamples"] = None if co is None else float(1 - co[i, j])
     out["pairs"] = pairs
@@ -333,8 +337,12 @@ def report(args) -> int:
                 apart = sum(bool(r["decisions"][window].get("conflict_apart")) and
                             r["decisions"][window]["split"][0].startswith("decoder") for r in rows)
                 dup = sum(not r["decisions"][window].get("duplicate_apart") for r in rows)
+                two = sum(bool(r["decisions"][window].get("conflict_measurably_two")) for r in rows)
                 lines += ["", f"Conflict pair apart at a decoder FFN in **{apart} of {len(rows)}** seeds (target: "
-                              f">= 4 of 5); duplicate pair kept together in **{dup} of {len(rows)}**.", ""]
+                              f">= 4 of 5); duplicate pair kept together in **{dup} of {len(rows)}**. The conflict "
+                              f"pair is measurably two languages (some block's similarity interval below 1, at the "
+                              f"distinctness level) in {two} of {len(rows)}: where it is not, the data cannot put "
+                              "it apart.", ""]
             else:
                 one = sum(len(r["decisions"][window]["groups"]) == 1 or r["decisions"][window]["stability"] < 0.5
                           for r in rows)
