@@ -292,6 +292,12 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
     # measurably two languages: the 90% level over the 4 blocks; 100 resamples leave thin tails there
     assert prov["same_state"]["distinct_level"] == pytest.approx(0.975) and prov["settings"]["distinct_level"] is None
     assert "at level 0.975 lies below 1" in report and "raise --resamples to about 800" in report
+    assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "d"), "--resamples", "200",
+                 "--distinct-level", "0.95"]) == 0
+    strict = Plan.load(tmp_path / "d" / "plan.json", languages=langs).provenance
+    assert strict["same_state"]["distinct_level"] == 0.95 and strict["settings"]["distinct_level"] == 0.95
+    report_d = (tmp_path / "d" / "report.md").read_text()
+    assert "at level 0.95 lies below 1 there; a pair" in report_d and "raise --resamples" not in report_d
     assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "x"), "--distinct-level", "1"]) == 2
     assert "--distinct-level must lie in (0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()

@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "carry their conflict again); 'similarity': the --ratio-min/max/step rule, as for other groups")
     p.add_argument("--resamples", type=int, default=1000,
                    help="bootstrap resamples of the probed batches, for the intervals and the grouping's stability "
-                   "(0: none); the distinctness interval's tails need about 10 each")
+                   "(0: none); each tail of the distinctness interval holds (1 - level) / 2 of them, about 8 at the default "
+                   "for 6 blocks")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     p.add_argument("--subspace-rank", type=int, default=8, help="rank of each language's gradient subspace (SVD/CCA)")
     p.add_argument("--ridge", type=float, default=0.1, help="CCA ridge, relative to the mean variance")

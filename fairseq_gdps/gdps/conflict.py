@@ -42,8 +42,10 @@ one language).
 the stricter ``distinct_level`` (by default ``level`` over the family of blocks, Bonferroni; see
 ``default_distinct_level``); a pair whose interval holds 1 in every block is one language. The
 conflict intervals keep ``level``. Chosen on the planted-truth records (re-analysis of 20 runs):
-at 0.9 one of 10 corpus_conflict seeds split its duplicate halves; at 0.98 and above none did,
-and every planted conflict found at 0.9 was still found (docs/analysis.md).
+at 0.9 one of 10 corpus_conflict seeds split its duplicate halves, at 0.98 and above none did,
+and the corpus_conflict and ``conflict`` pairs found apart at 0.9 stayed apart (one
+``conflict_tagged`` seed's did not); then checked on 5 fresh corpus_conflict seeds: the planted
+pair apart in 4, the duplicate never split (docs/analysis.md).
 
 This file imports no fairseq.
 """

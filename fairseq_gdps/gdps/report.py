@@ -155,7 +155,8 @@ def analyze(stats, stats_path: str = "", *, modules: Optional[Sequence[str]] = N
             silhouette_min: float = 0.25, min_split_distance: float = 0.1, window_start: Optional[int] = None,
             window_end: Optional[int] = None, reference: str = "encoder.*", conflict_tau: float = 0.1,
             identifiability_margin: float = 0.05, interval_level: float = 0.9,
-            distinct_level: Optional[float] = None, min_reference_agreement: float = 0.5, conflict_shared_ratio: Optional[float] = 0.0) -> Analysis:
+            distinct_level: Optional[float] = None, min_reference_agreement: float = 0.5,
+            conflict_shared_ratio: Optional[float] = 0.0) -> Analysis:
     if select not in ("top1", "topk"):
         raise ValueError(f"select must be 'top1' or 'topk', got {select!r}")
     if top_k < 1:
@@ -456,8 +457,10 @@ def _same_state_markdown(a: Analysis) -> List[str]:
            f"(window {ca.window[0]}..{ca.window[1]}); {ca.resamples} bootstrap resamples of the batches, {lvl} "
            "percentile intervals",
            f"- a pair is measurably two languages in a block when its similarity interval at level "
-           f"{ca.distinct_level:.3g} lies below 1 there (the {lvl} level over the {len(ca.blocks)} blocks); "
-           "a pair that no block tells apart is one language, kept in one group",
+           f"{ca.distinct_level:.3g} lies below 1 there"
+           + (f" (the {lvl} level over the {len(ca.blocks)} blocks)"
+              if np.isclose(ca.distinct_level, C.default_distinct_level(ca.level, len(ca.blocks))) else "")
+           + "; a pair that no block tells apart is one language, kept in one group",
            f"- reference (input-side) blocks: {', '.join(f'`{b}`' for b in ca.reference_blocks)}; "
            "conflict(i, j) at a block = agreement on the reference minus agreement at the block",
            f"- estimates beyond +-1: {ca.beyond_one['pairs_beyond_one']} of {ca.beyond_one['pairs']} pair-blocks "
