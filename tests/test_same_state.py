@@ -205,6 +205,33 @@ def test_duplicate_halves_stay_together_when_noise_lowers_their_point_estimate()
     assert not any({"sw", "sw2"} <= set(g) for g in partition), partition
 
 
+def test_languages_told_apart_are_not_merged_through_a_third():
+    """Indistinguishability is not transitive: A~C and B~C with A and B told apart must not make
+    A and B one language (and drop the conflict edge between them)."""
+    same = np.array([[1, 0, 1], [0, 1, 1], [1, 1, 1]], dtype=bool)       # A~C, B~C, A and B apart
+    rho = np.array([[1.0, 0.5, 0.9], [0.5, 1.0, 0.8], [0.9, 0.8, 1.0]])
+    sets = C.one_language_sets(same, rho)
+    assert sets[0, 2] and not sets[0, 1] and not sets[1, 2]                 # C joins A, the closer
+    assert C.one_language_sets(np.ones((3, 3), dtype=bool), rho).all()      # all alike: one set
+    # on an analysis: et~sw2 and sw~sw2 in every block, et and sw told apart with a conflict edge
+    stats, langs = planted_model()
+    ca = C.analyse(stats.same_state, resamples=200, seed=0)
+    i = {l: k for k, l in enumerate(langs)}
+    et, sw, sw2 = i["et"], i["sw"], i["sw2"]
+    for e in ca.estimates.values():
+        for a, b in ((et, sw2), (sw2, et)):
+            e.distinct_interval[0][a, b], e.distinct_interval[1][a, b] = 0.8, 1.1
+    e = ca.estimates["decoder.layers.0.ffn"]
+    for a, b in ((sw, et), (et, sw)):
+        e.conflict[a, b], e.conflict_interval[0][a, b], e.distinct_interval[1][a, b] = 0.3, 0.05, 0.8
+        ca.reference[a, b] = 0.8
+    same = C.indistinguishable(ca)
+    assert same[et, sw2] and same[sw, sw2] and not same[et, sw]
+    partition = C.group(ca, ["decoder.layers.0.ffn"]).partition
+    assert any({"sw", "sw2"} <= set(g) for g in partition), partition
+    assert not any({"sw", "et"} <= set(g) for g in partition), partition
+
+
 def test_telling_languages_apart_takes_the_stricter_family_level():
     """Whether two units are measurably two languages is read from the similarity interval at the
     distinctness level (by default the interval level over the family of blocks), not from the

@@ -34,7 +34,7 @@ and that are measurably not one language there. The languages without an edge fo
 the others are placed greedily, most edges first, each into the existing group where it has no
 edge and agrees most (mean rho) with the members, or into a new group: no conflicting pair
 shares a group, and the rest stays together. Languages that no block tells apart share their
-edges and a group. The grouping's stability is the share of bootstrap replicates that give the
+edges and a group (sets whose every pair no block tells apart: ``one_language_sets``). The grouping's stability is the share of bootstrap replicates that give the
 same partition (a replicate's edges: its conflict above ``tau``, among the pairs measurably not
 one language).
 
@@ -334,25 +334,39 @@ def indistinguishable(analysis: ConflictAnalysis) -> np.ndarray:
     return same
 
 
-def _merged(edges: np.ndarray, same: np.ndarray) -> np.ndarray:
-    """Edges between the connected components of ``same`` (every member of a component gets the
-    component's edges; edges inside a component are dropped)."""
-    L = len(edges)
-    comp = list(range(L))
-    for i in range(L):              # union-find over the indistinguishable pairs
-        for j in range(i + 1, L):
-            if same[i, j]:
-                a, b = comp[i], comp[j]
-                comp = [a if c == b else c for c in comp]
-    comp = np.array(comp)
+def one_language_sets(same: np.ndarray, rho: np.ndarray) -> np.ndarray:
+    """(L, L) bool equivalence: the sets of languages treated as one, each a set whose every pair
+    is indistinguishable (``same``). Built by complete linkage, most similar pairs (``rho``) first:
+    two sets merge only if every pair across them is indistinguishable. Indistinguishability is
+    not transitive: chaining it (A~C and B~C) would merge A and B although the data tell them
+    apart, and drop the edges between them (seen in one planted run: et~sw, et~xx, sw~sw2 made
+    et, sw, sw2 and xx one). Here C goes with the one it agrees with most."""
+    L = len(same)
+    label = list(range(L))
+    pairs = [(i, j) for i in range(L) for j in range(i + 1, L) if same[i, j]]
+    pairs.sort(key=lambda p: (-float(np.nan_to_num(rho[p], nan=-np.inf)), p))
+    for i, j in pairs:
+        a, b = label[i], label[j]
+        if a == b:
+            continue
+        A = [k for k in range(L) if label[k] == a]
+        B = [k for k in range(L) if label[k] == b]
+        if all(same[x, y] for x in A for y in B):
+            label = [a if lab == b else lab for lab in label]
+    label = np.array(label)
+    return label[:, None] == label[None, :]
+
+
+def _merged(edges: np.ndarray, sets: np.ndarray) -> np.ndarray:
+    """Edges between the sets of ``sets`` (an equivalence, ``one_language_sets``): every member of
+    a set gets the set's edges; edges inside a set are dropped."""
     out = np.zeros_like(edges)
-    for c in set(comp.tolist()):
-        members = comp == c
+    for i in range(len(edges)):
+        members = sets[i]
         row = edges[members].any(0)
-        out[np.ix_(members, np.ones(L, dtype=bool))] |= row[None, :]
-        out[np.ix_(np.ones(L, dtype=bool), members)] |= row[:, None]
-    same_comp = comp[:, None] == comp[None, :]
-    out[same_comp] = False
+        out[members] |= row[None, :]
+        out[:, members] |= row[:, None]
+    out[sets] = False
     return out
 
 
@@ -361,11 +375,13 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1,
     """Groups from the conflict edges of ``blocks`` (an edge in any of them counts), with their
     bootstrap stability. Only pairs whose inputs agree (reference agreement >= ``min_reference``)
     can conflict: a pair that agrees nowhere has no shared input for its outputs to fight over, and
-    its small drops between blocks are differences near zero, not conflict. Indistinguishable
-    languages (``indistinguishable``) share their edges and always share a group."""
+    its small drops between blocks are differences near zero, not conflict. Languages treated as
+    one (``one_language_sets`` of ``indistinguishable``) share their edges and always share a group."""
     langs = analysis.languages
     L = len(langs)
-    same = indistinguishable(analysis)
+    with SS.nan_quiet():
+        overall = np.nanmean([e.rho for e in analysis.estimates.values()], axis=0)
+    sets = one_language_sets(indistinguishable(analysis), overall)
     eligible = np.nan_to_num(analysis.reference, nan=-np.inf) >= min_reference
     edges = np.zeros((L, L), dtype=bool)
     rho = np.mean([analysis.estimates[b].rho for b in blocks], axis=0)
@@ -375,7 +391,7 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1,
         eb = conflict_edges(e.conflict, e.conflict_interval[0], tau, e.distinct_interval[1]) & eligible
         edges |= eb
         listed += [(langs[i], langs[j], float(e.conflict[i, j])) for i in range(L) for j in range(i + 1, L) if eb[i, j]]
-    partition = greedy_groups(_merged(edges, same), rho, langs, same)
+    partition = greedy_groups(_merged(edges, sets), rho, langs, sets)
     rule = (f"conflict edges (reference agreement >= {min_reference:g}, conflict > {tau:g} with its interval above 0, "
             f"similarity interval below 1 at level {analysis.distinct_level:.3g}) at "
             f"{', '.join(blocks)}: "
@@ -388,7 +404,7 @@ def group(analysis: ConflictAnalysis, blocks: Sequence[str], tau: float = 0.1,
             # a replicate's edges: conflict above tau among the pairs measurably not one language
             er |= conflict_edges(analysis.conflict_boot(b)[r], None, tau, analysis.estimates[b].distinct_interval[1]) & eligible
         rr = np.mean([analysis.rho_boot(b)[r] for b in blocks], axis=0)
-        counts[greedy_groups(_merged(er, same), rr, langs, same)] += 1
+        counts[greedy_groups(_merged(er, sets), rr, langs, sets)] += 1
     freqs, chosen, co = partition_frequencies(counts, partition, langs)
     return ConflictGrouping(blocks=list(blocks), partition=partition, edges=listed, rule=rule, frequencies=freqs,
                             chosen_frequency=chosen if R else float("nan"), coassignment=co, resamples=R)
