@@ -268,11 +268,12 @@ def conflict_edges(conflict: np.ndarray, conflict_lo: Optional[np.ndarray], tau:
 
 
 def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str],
-                  same: Optional[np.ndarray] = None) -> Partition:
+                  sets: Optional[np.ndarray] = None) -> Partition:
     """Keep conflicting languages apart, the rest together (see the module doc): the languages
     without an edge form the first group; the others join it or another group, most edges first
     (ties: the one agreeing most with the first group first), where they have no edge and agree
-    most, else found a group of their own."""
+    most, else found a group of their own. ``sets``: the languages treated as one
+    (``one_language_sets``); a language joins the group where one of its set is already placed."""
     L = len(languages)
     core = [i for i in range(L) if not edges[i].any()]
     groups: List[List[int]] = [core] if core else []
@@ -283,8 +284,8 @@ def greedy_groups(edges: np.ndarray, rho: np.ndarray, languages: Sequence[str],
 
     order = sorted((i for i in range(L) if edges[i].any()), key=lambda i: (-int(edges[i].sum()), -agreement(i), i))
     for i in order:
-        partner = [g for g, members in enumerate(groups) if same is not None and any(same[i, j] for j in members)]
-        if partner:                 # an indistinguishable language is placed already: join it
+        partner = [g for g, members in enumerate(groups) if sets is not None and any(sets[i, j] for j in members)]
+        if partner:                 # a language of its set is placed already: join it
             groups[partner[0]].append(i)
             continue
         best, best_sim = None, -np.inf
