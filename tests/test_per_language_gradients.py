@@ -83,3 +83,44 @@ def test_gradients_can_be_read_twice():
     second = capture.gradients()
     for lang in first:
         assert torch.equal(first[lang], second[lang]["ffn"])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("frozen_bias", [False, True])
+def test_a_capture_without_shares_keeps_their_gram_matrix(dtype, frozen_bias):
+    """keep_shares=False: each layer's shares are reduced to their Gram matrix during the backward
+    pass (layers with a derived share) or at complete() (the others), and freed; the Gram matrix is
+    that of the languages' own gradients, and the shares can no longer be read."""
+    torch.manual_seed(3)
+    model = TimeMajorFFN().to(dtype)
+    model.fc1.bias.requires_grad_(not frozen_bias)   # fc1 then has no derived share
+    lang_ids = torch.tensor([2, 0, 2, 1, 2, 0, 2])
+    x = torch.randn(5, len(lang_ids), 6, dtype=dtype)
+    with PerLanguageGradients({"ffn": (model.fc1, model.fc2)}, lang_ids, keep_shares=False) as capture:
+        per_utterance_loss(model, x).sum().backward()
+        # fc2's shares (derived, float) are reduced and freed as soon as its gradients arrive
+        assert ("ffn", 1) in capture._gram and ("ffn", 1) not in capture._weight
+        assert (("ffn", 0) in capture._weight) == frozen_bias
+    capture.complete()
+    assert not capture._weight and not capture._bias and not capture._total
+    model.fc1.bias.requires_grad_(True)
+    expected = reference_shares(model, x, lang_ids)
+    # (a frozen parameter's share is its would-be gradient, as with the shares kept)
+    rows = torch.stack([expected[lang] for lang in capture.languages]).double()
+    scale = float((rows @ rows.T).diagonal().max())
+    tol = 1e-5 if dtype == torch.float32 else 1e-12
+    assert float((capture.block_gram("ffn") - rows @ rows.T).abs().max()) < tol * scale
+    assert capture.block_size("ffn") == rows.size(1)
+    with pytest.raises(RuntimeError, match="Gram matrices of the shares only"):
+        capture.gradients()
+
+
+def test_a_capture_without_shares_refuses_a_second_backward_pass():
+    torch.manual_seed(4)
+    model = TimeMajorFFN()
+    lang_ids = torch.tensor([0, 1, 1])
+    x = torch.randn(3, 3, 6)
+    with PerLanguageGradients({"ffn": (model.fc1, model.fc2)}, lang_ids, keep_shares=False):
+        per_utterance_loss(model, x).sum().backward()
+        with pytest.raises(RuntimeError, match="after its shares were reduced"):
+            per_utterance_loss(model, x).sum().backward()

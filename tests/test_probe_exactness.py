@@ -24,9 +24,10 @@ DROPOUT = ["--dropout", "0.1", "--attention-dropout", "0.1", "--activation-dropo
 UPDATES = 5
 
 
-def probed(tmp_path, *extra):
+def probed(tmp_path, *extra, summed=True):
     return ["--criterion", "label_smoothed_cross_entropy_gdps", "--gdps-probe-interval", "1",
-            "--gdps-summed-statistics", "--gdps-stats", tmp_path / "stats.pt", "--gdps-track", "*", *extra]
+            *(["--gdps-summed-statistics"] if summed else []), "--gdps-stats", tmp_path / "stats.pt",
+            "--gdps-track", "*", *extra]
 
 
 UNPROBED = ["--criterion", "label_smoothed_cross_entropy_gdps", "--gdps-probe-interval", "0"]
@@ -72,8 +73,11 @@ def differing_gradients(a, b):
     return [(u, name) for u in range(UPDATES) for name in differing(a[u], b[u])]
 
 
-@pytest.mark.parametrize("update_freq", [1, 2])
-def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_path, update_freq, monkeypatch):
+# the default probe (no summed statistics) on single micro-batch updates reduces each layer's
+# shares to their Gram matrix inside the backward pass; the other cases keep the shares
+@pytest.mark.parametrize("update_freq,summed", [(1, False), (1, True), (2, True)])
+def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_path, update_freq, summed,
+                                                               monkeypatch):
     halves = []   # every micro-batch's (probe unit, probe row) per utterance, as the task split them
     split = task_module.probe_halves
 
@@ -83,7 +87,8 @@ def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_pa
         return rows
 
     monkeypatch.setattr(task_module, "probe_halves", spy)
-    task, with_probe = build_trainer(tiny_data, *DROPOUT, *probed(tmp_path))
+    task, with_probe = build_trainer(tiny_data, *DROPOUT, *probed(tmp_path, summed=summed))
+    assert with_probe.criterion.capture_keeps_shares() == (summed or update_freq > 1)
     _, without_probe = build_trainer(tiny_data, *DROPOUT, *UNPROBED)
     _, nudged = build_trainer(tiny_data, *DROPOUT, *UNPROBED)
     _, other_seed = build_trainer(tiny_data, *DROPOUT, *UNPROBED, "--seed", "2")
@@ -254,3 +259,28 @@ def test_probe_halves_continue_alternating_over_an_updates_micro_batches():
     assert probe_halves(units, ids, first_half=1).tolist() == [3, 1, 3, 2]
     one = torch.tensor([0])
     assert [probe_halves(one, torch.tensor([i]), first_half=i % 2).item() for i in (4, 9)] == [0, 1]
+
+
+def test_the_default_probe_keeps_the_gram_matrices_only_and_records_the_same(tiny_data, tmp_path):
+    """Without the summed statistics, a single micro-batch's capture keeps no shares: each layer's
+    are reduced to their Gram matrix inside the backward pass. The recorded Gram matrices are those
+    of the probe that keeps the shares and forms them after the optimizer step."""
+    grams, keeps = {}, {}
+    for summed in (True, False):
+        task, trainer = build_trainer(tiny_data, "--dropout", "0",
+                                      *probed(tmp_path / f"summed{summed}", summed=summed))
+        criterion = trainer.criterion
+        add = criterion.add_micro_batch
+
+        def spy(grads, *args, summed=summed, add=add):
+            keeps[summed] = grads.keep_shares
+            return add(grads, *args)
+
+        criterion.add_micro_batch = spy
+        trainer.train_step(train_batches(task, 1))
+        grams[summed] = criterion.statistics.same_state.arrays()[2]
+    assert keeps == {True: True, False: False}
+    assert grams[True].shape == grams[False].shape and grams[True].shape[0] == 1
+    scale = abs(grams[True]).max()
+    assert scale > 0 and (abs(grams[True]) > 1e-6 * scale).sum() > 10   # halves with gradients
+    assert float(abs(grams[True] - grams[False]).max()) <= 1e-12 * scale

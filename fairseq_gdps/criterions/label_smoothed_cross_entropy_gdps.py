@@ -72,6 +72,8 @@ class LabelSmoothedCrossEntropyGDPSConfig(LabelSmoothedCrossEntropyCriterionConf
                   "(1.19x instead of 1.10x an unprobed update when every update is probed, benchmarks/speed.py)"},
     )
     seed: int = II("common.seed")
+    # an update of several micro-batches needs each one's per-language shares (capture_keeps_shares)
+    update_freq: List[int] = II("optimization.update_freq")
     # where fairseq-train resumes from: the statistics saved in that checkpoint are resumed too
     restore_file: str = II("checkpoint.restore_file")
     save_dir: str = II("checkpoint.save_dir")
@@ -95,6 +97,8 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         # plain ints: probe_due runs twice per update, probed or not, and DictConfig reads are slow
         self.probe_interval = int(cfg.gdps_probe_interval)
         self.probe_start = int(cfg.gdps_probe_start)
+        self._summed = bool(cfg.gdps_summed_statistics)
+        self._max_update_freq = max(int(f) for f in cfg.update_freq)
         self.languages: List[str] = []
         # probe units (languages, or "language@speaker" pairs) and their languages; each unit's
         # utterances of a probed batch are split into two halves (rows 2u and 2u + 1)
@@ -121,6 +125,16 @@ class LabelSmoothedCrossEntropyGDPSCriterion(LabelSmoothedCrossEntropyCriterion)
         self.probe_units = list(languages) if probe_units is None else list(probe_units)
         self.probe_unit_languages = (list(self.probe_units) if probe_unit_languages is None
                                      else list(probe_unit_languages))
+
+    def capture_keeps_shares(self) -> bool:
+        """Whether a probed micro-batch's capture (``PerLanguageGradients``) must keep its
+        per-language shares: for the summed statistics (each language's merged gradient), and when
+        an update's sums span several micro-batches (``--update-freq``) or data-parallel workers
+        (the Gram matrix of a sum is not the sum of the Gram matrices). Otherwise it keeps only the
+        halves' Gram matrices, formed layer by layer during the backward pass: all the same-state
+        records need."""
+        return (self._summed or self._max_update_freq > 1
+                or distributed_utils.get_data_parallel_world_size() > 1)
 
     def probe_due(self, update_num: int) -> bool:
         interval, start = self.probe_interval, self.probe_start

@@ -145,7 +145,8 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     2U rows (forming that copy and its Gram matrix took most of a probed update's recording
     time, ``benchmarks/speed.py``):
 
-    * its Gram matrix: the sum over parts of ``part @ part.T`` in the shares' dtype (float32 or
+    * its Gram matrix (``capture.block_gram``, formed during the backward pass by a capture that
+      keeps no shares): the sum over parts of ``part @ part.T`` in the shares' dtype (float32 or
       float64; half-precision shares are promoted to float32), accumulated in float64, divided by
       ``loss_scale^2 x tokens_r x tokens_s`` (tokens clamped at 1, as ``per_token_halves``);
     * its languages' per-token rows (the summed statistics, when kept): ``mix @ part`` with each
@@ -171,23 +172,21 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     # the languages' rows go to the summed statistics only: none to form without them
     mix = (probe.mix[:, captured] * scale[None, captured]) if statistics.summed and probe.mix.numel() else None
     for name, size in block_sizes.items():
-        parts = capture.block_parts(name)
-        if sum(part.size(1) for part in parts) != size:
-            raise ValueError(f"{name}: the capture has {sum(part.size(1) for part in parts)} gradient elements, "
-                             f"expected {size}")
-        device = parts[0].device
-        dtype = parts[0].dtype if parts[0].dtype in (torch.float32, torch.float64) else torch.float32
-        gram = torch.zeros(n, n, dtype=torch.float64, device=device)
-        lang_rows = probe.language_rows(name, device) if mix is not None else None
-        mix_d = mix.to(device=device, dtype=dtype) if lang_rows is not None else None
-        offset = 0
-        for part in parts:
-            part = part.to(dtype)
-            gram += (part @ part.T).to(torch.float64)
-            if lang_rows is not None:
-                lang_rows[:, offset: offset + part.size(1)].copy_(mix_d @ part)
-            offset += part.size(1)
-        del parts
+        if capture.block_size(name) != size:
+            raise ValueError(f"{name}: the capture has {capture.block_size(name)} gradient elements, expected {size}")
+        gram = capture.block_gram(name)
+        lang_rows = None
+        if mix is not None:
+            parts = capture.block_parts(name)
+            device = parts[0].device
+            dtype = parts[0].dtype if parts[0].dtype in (torch.float32, torch.float64) else torch.float32
+            lang_rows = probe.language_rows(name, device)
+            mix_d = mix.to(device=device, dtype=dtype)
+            offset = 0
+            for part in parts:
+                lang_rows[:, offset: offset + part.size(1)].copy_(mix_d @ part.to(dtype))
+                offset += part.size(1)
+            del parts
         capture.release([name])
         full = torch.zeros(R, R, dtype=torch.float64)
         full[captured[:, None], captured[None, :]] = gram.cpu() * gram_scale

@@ -13,6 +13,12 @@ layer's gradient (read from a hook on the parameter) minus the other languages' 
 saves the largest of the per-language products, which is what the probe costs on top of the
 stock backward (``benchmarks/speed.py`` measures it). Done in float32/float64 only; under
 half precision the difference would lose too many digits, so every share is multiplied out.
+
+A probe that keeps only the shares' Gram matrices (the same-state records, without the summed
+statistics) reduces each layer's shares to their ``(L, L)`` Gram matrix as soon as the layer's
+parameter gradients arrive (``keep_shares=False``), while the shares are still in cache, and frees
+them there: forming the derived share and the Gram matrix after the optimizer step instead, from
+shares held through it, cost a third of a probed update's extra time (``benchmarks/speed.py``).
 """
 from functools import partial
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
@@ -31,12 +37,18 @@ class PerLanguageGradients:
             time-major input ``(T, B, C)``, as fairseq's transformer and conformer layers do.
         lang_ids: ``(B,)`` language id of every utterance of the batch.
 
+        keep_shares: keep every layer's per-language shares until they are read (:meth:`gradients`,
+            :meth:`block_parts`); ``False``: keep only their Gram matrices (:meth:`block_gram`),
+            formed layer by layer during the backward pass.
+
     After the backward pass, :meth:`gradients` gives ``{lang_id: {block: flat gradient}}`` with
-    each block's parameters flattened in ``[*layer.parameters()]`` order (weight, then bias).
+    each block's parameters flattened in ``[*layer.parameters()]`` order (weight, then bias), and
+    :meth:`block_gram` the ``(L, L)`` Gram matrix of those gradients.
     """
 
-    def __init__(self, blocks: Mapping[str, Sequence[nn.Linear]], lang_ids: Tensor):
+    def __init__(self, blocks: Mapping[str, Sequence[nn.Linear]], lang_ids: Tensor, keep_shares: bool = True):
         self.blocks = {name: tuple(layers) for name, layers in blocks.items()}
+        self.keep_shares = bool(keep_shares)
         self.lang_ids = lang_ids
         self.languages = torch.unique(lang_ids).tolist()
         self.columns = [torch.nonzero(lang_ids == lang).squeeze(1) for lang in self.languages]
@@ -48,6 +60,7 @@ class PerLanguageGradients:
         self._total: Dict[tuple, Dict[str, Tensor]] = {}  # parameter gradients of the derived layers
         self._derived_keys = set()
         self._no_gradient_layers = set()  # (block, k) whose output needed no gradient in the forward
+        self._gram: Dict[tuple, Tensor] = {}  # (L, L) float64 Gram matrix of a layer's shares (keep_shares=False)
 
     @staticmethod
     def _parameters(layer: nn.Linear) -> Dict[str, Tensor]:
@@ -72,9 +85,40 @@ class PerLanguageGradients:
         return False
 
     def _on_param_grad(self, key, kind, grad):
+        self._check_not_reduced(key)
         totals = self._total.setdefault(key, {})
         totals[kind] = totals[kind] + grad if kind in totals else grad
+        # autograd calls a parameter's hook once per backward pass, with its whole gradient, after
+        # every use of the layer has had its output gradient: the layer's shares are complete
+        if not self.keep_shares and key in self._weight and len(totals) == len(self._parameters(self._layer(key))):
+            self._reduce(key)
         return None
+
+    def _layer(self, key) -> nn.Linear:
+        return self.blocks[key[0]][key[1]]
+
+    def _check_not_reduced(self, key) -> None:
+        if key in self._gram:
+            raise RuntimeError(f"{key[0]}: layer {key[1]} got a gradient after its shares were reduced to their "
+                               "Gram matrix (a second backward pass through one capture needs keep_shares=True)")
+
+    def _layer_gram(self, key) -> Tensor:
+        """(L, L) float64 Gram matrix of one layer's shares (weight and bias together), formed in
+        the shares' dtype (half precision promoted to float32)."""
+        gram = None
+        for kind, store in (("weight", self._weight), ("bias", self._bias)):
+            if key in store:
+                part = self._shares(key, kind).flatten(1)
+                if part.dtype not in _SUBTRACT_DTYPES:
+                    part = part.float()
+                term = (part @ part.T).to(torch.float64)
+                gram = term if gram is None else gram + term
+        return gram
+
+    def _reduce(self, key) -> None:
+        self._gram[key] = self._layer_gram(key)
+        for store in (self._weight, self._bias, self._total):
+            store.pop(key, None)
 
     def _on_forward(self, key, module, inputs, output):
         if not output.requires_grad:   # the layer and everything below it are frozen
@@ -88,6 +132,7 @@ class PerLanguageGradients:
         output.register_hook(partial(self._on_grad, key, x, module.bias is not None))
 
     def _on_grad(self, key, x, has_bias, grad_output):
+        self._check_not_reduced(key)
         skip = self.derived if key in self._derived_keys else None
         n, out_dim, in_dim = len(self.languages), grad_output.size(-1), x.size(-1)
         # every row but the derived one is overwritten below: zeroing them all would cost a pass
@@ -116,7 +161,9 @@ class PerLanguageGradients:
         shares are read later (e.g. after the optimizer step): the trainer scales, clips and
         zeroes ``.grad`` in place, and a parameter's gradient may be that very tensor."""
         for key in list(self._weight):
-            if key in self._derived_keys:
+            if not self.keep_shares:   # layers without a derived share (half precision), or not yet reduced
+                self._reduce(key)
+            elif key in self._derived_keys:
                 for kind, store in (("weight", self._weight), ("bias", self._bias)):
                     if key in store:
                         self._shares(key, kind)
@@ -129,8 +176,9 @@ class PerLanguageGradients:
             total = self._total.get(key, {}).get(kind)
             if total is None:
                 raise RuntimeError(f"{key[0]}: layer {key[1]}'s {kind} got no gradient in this backward pass")
-            shares[self.derived] = 0
-            shares[self.derived] = total - shares.sum(0)
+            derived = shares[self.derived]
+            derived.zero_()
+            torch.sub(total, shares.sum(0), out=derived)
         return shares
 
     def blocks_without_gradient(self) -> List[str]:
@@ -143,16 +191,38 @@ class PerLanguageGradients:
         gradient, in order (each layer's weight, then its bias; row i: ``self.languages[i]``):
         views of the capture, so that a reader can place them where it wants them without first
         concatenating them into a copy. A block of :meth:`blocks_without_gradient` is an error."""
+        if not self.keep_shares:
+            raise RuntimeError(f"{name}: this capture keeps the Gram matrices of the shares only "
+                               "(keep_shares=False); read block_gram")
         parts = []
         for k, layer in enumerate(self.blocks[name]):
-            if (name, k) not in self._weight:
-                why = " (its output needed none: it and everything below it are frozen)" \
-                    if (name, k) in self._no_gradient_layers else ""
-                raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass{why}")
+            self._check_captured(name, k)
             parts.append(self._shares((name, k), "weight").flatten(1))
             if layer.bias is not None:
                 parts.append(self._shares((name, k), "bias"))
         return parts
+
+    def _check_captured(self, name: str, k: int) -> None:
+        if (name, k) not in self._weight and (name, k) not in self._gram:
+            why = " (its output needed none: it and everything below it are frozen)" \
+                if (name, k) in self._no_gradient_layers else ""
+            raise RuntimeError(f"{name}: layer {k} got no gradient in this backward pass{why}")
+
+    def block_size(self, name: str) -> int:
+        """Number of gradient elements of block ``name`` (its layers' parameters)."""
+        return sum(p.numel() for layer in self.blocks[name] for p in self._parameters(layer).values())
+
+    def block_gram(self, name: str) -> Tensor:
+        """The ``(L, L)`` float64 Gram matrix of block ``name``'s per-language shares (row i:
+        ``self.languages[i]``): the sum over its layers' weights and biases of the shares' inner
+        products, each formed in the shares' dtype. A block of :meth:`blocks_without_gradient` is
+        an error."""
+        gram = None
+        for k in range(len(self.blocks[name])):
+            self._check_captured(name, k)
+            term = self._gram[(name, k)] if (name, k) in self._gram else self._layer_gram((name, k))
+            gram = term if gram is None else gram + term
+        return gram
 
     def gradients(self, names: Optional[Iterable[str]] = None) -> Dict[int, Dict[str, Tensor]]:
         """Per-language gradients of the blocks ``names`` (default: every block; see the class
@@ -170,5 +240,5 @@ class PerLanguageGradients:
         that they and the block's float64 rows are not all held at once."""
         for name in names:
             for k in range(len(self.blocks[name])):
-                for store in (self._weight, self._bias, self._total):
+                for store in (self._weight, self._bias, self._total, self._gram):
                     store.pop((name, k), None)

@@ -279,7 +279,7 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         self._probe_micro_batch += 1
         rows = rows.to(sample["net_input"][LANG_ID_KEY].device)
         tracked = criterion.tracked_modules(model)
-        with PerLanguageGradients(tracked, rows) as capture:
+        with PerLanguageGradients(tracked, rows, keep_shares=criterion.capture_keeps_shares()) as capture:
             result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
         frozen_blocks = capture.blocks_without_gradient()
         if frozen_blocks:   # e.g. a frozen pretrained encoder under the default --gdps-track '*'
@@ -289,9 +289,10 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         # different sizes weigh the same in the statistics).
         tokens = torch.zeros(2 * len(criterion.probe_units), dtype=torch.float64).index_add_(
             0, rows.cpu(), sample["target_lengths"].cpu().double())
-        # the capture itself (its shares completed now, before the trainer scales and clips the
-        # gradients in place): the criterion reads it block by block (one micro-batch on one
-        # worker is recorded straight from it, without a buffer of every tracked gradient per half)
+        # the capture itself (its shares, or their Gram matrices, completed now, before the trainer
+        # scales and clips the gradients in place): the criterion reads it block by block (one
+        # micro-batch on one worker is recorded straight from it, without a buffer of every
+        # tracked gradient per half)
         capture.complete()
         criterion.add_micro_batch(capture, tokens, first_of_update,
                                   loss_scale_of(optimizer), sample["id"].tolist())
