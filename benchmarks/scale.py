@@ -189,7 +189,8 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
             loss = sum((m(x) * target).sum() for m in modules.values())
             loss.backward()
             return None
-        with PerLanguageGradients(tracked, rows) as capture:
+        # as the task builds it: the default probe's capture keeps each layer's Gram matrix only
+        with PerLanguageGradients(tracked, rows, keep_shares=mode != "blockwise_default") as capture:
             loss = sum((m(x) * target).sum() for m in modules.values())
             loss.backward()
         capture.complete()
@@ -356,7 +357,10 @@ def conclusion(results: dict) -> str:
             + f"Probe memory at 48 blocks: the buffer path about {_mb(buf['memory_bytes_48_blocks'])}, block by block "
             f"about {_mb(blk['memory_bytes_48_blocks'])}; the bulk of the latter is the capture's per-half shares "
             f"(2U x 403M in float32 = {_mb(capture)}, formed in the backward pass and freed block by block as they are "
-            "recorded); forming and recording the shares block by block inside the backward pass would remove it. "
+            "recorded)"
+            + (f"; the default probe reduces every layer's shares to their Gram matrix inside the backward pass and "
+               f"frees them there: about {_mb(default['memory_bytes_48_blocks'])}. " if default else ". ")
+            + 
             "Fewer tracked blocks (`--gdps-track`) reduce every per-block figure in proportion. Probe time is CPU time "
             "on one thread and does not depend on the batch: with this small batch it is many times the update itself.")
 

@@ -167,7 +167,6 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     R = len(tokens)
     captured = torch.tensor([int(row) for row in capture.languages], dtype=torch.int64)  # rows with utterances
     scale = 1.0 / (loss_scale * tokens.cpu().clamp(min=1.0))          # (R,) row r = share_r x scale_r
-    n = len(captured)
     gram_scale = scale[captured, None] * scale[None, captured]
     # the languages' rows go to the summed statistics only: none to form without them
     mix = (probe.mix[:, captured] * scale[None, captured]) if statistics.summed and probe.mix.numel() else None
