@@ -69,7 +69,7 @@ class LabelSmoothedCrossEntropyGDPSConfig(LabelSmoothedCrossEntropyCriterionConf
                   "otherwise reported as unavailable. The decision uses the same-state records alone (the "
                   "probe halves' Gram matrices, always recorded); the summed statistics add every language's "
                   "merged gradient, squared, sketched and projected, to the cost of a probed update "
-                  "(1.19x instead of 1.10x an unprobed update when every update is probed, benchmarks/speed.py)"},
+                  "(1.20x instead of 1.10x an unprobed update when every update is probed, benchmarks/speed.py)"},
     )
     seed: int = II("common.seed")
     # an update of several micro-batches needs each one's per-language shares (capture_keeps_shares)

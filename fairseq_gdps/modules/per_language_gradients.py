@@ -18,7 +18,7 @@ A probe that keeps only the shares' Gram matrices (the same-state records, witho
 statistics) reduces each layer's shares to their ``(L, L)`` Gram matrix as soon as the layer's
 parameter gradients arrive (``keep_shares=False``), while the shares are still in cache, and frees
 them there: forming the derived share and the Gram matrix after the optimizer step instead, from
-shares held through it, cost a third of a probed update's extra time (``benchmarks/speed.py``).
+shares held through it, cost a fifth to a quarter of a probed update's extra time (``benchmarks/speed.py``).
 """
 from functools import partial
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
