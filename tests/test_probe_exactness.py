@@ -260,27 +260,3 @@ def test_probe_halves_continue_alternating_over_an_updates_micro_batches():
     one = torch.tensor([0])
     assert [probe_halves(one, torch.tensor([i]), first_half=i % 2).item() for i in (4, 9)] == [0, 1]
 
-
-def test_the_default_probe_keeps_the_gram_matrices_only_and_records_the_same(tiny_data, tmp_path):
-    """Without the summed statistics, a single micro-batch's capture keeps no shares: each layer's
-    are reduced to their Gram matrix inside the backward pass. The recorded Gram matrices are those
-    of the probe that keeps the shares and forms them after the optimizer step."""
-    grams, keeps = {}, {}
-    for summed in (True, False):
-        task, trainer = build_trainer(tiny_data, "--dropout", "0",
-                                      *probed(tmp_path / f"summed{summed}", summed=summed))
-        criterion = trainer.criterion
-        add = criterion.add_micro_batch
-
-        def spy(grads, *args, summed=summed, add=add):
-            keeps[summed] = grads.keep_shares
-            return add(grads, *args)
-
-        criterion.add_micro_batch = spy
-        trainer.train_step(train_batches(task, 1))
-        grams[summed] = criterion.statistics.same_state.arrays()[2]
-    assert keeps == {True: True, False: False}
-    assert grams[True].shape == grams[False].shape and grams[True].shape[0] == 1
-    scale = abs(grams[True]).max()
-    assert scale > 0 and (abs(grams[True]) > 1e-6 * scale).sum() > 10   # halves with gradients
-    assert float(abs(grams[True] - grams[False]).max()) <= 1e-12 * scale

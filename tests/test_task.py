@@ -231,8 +231,9 @@ def test_block_by_block_recording_equals_the_buffer_path(tiny_data, tmp_path):
 
 def test_summed_statistics_are_opt_in_and_leave_the_gram_matrices_unchanged(tiny_data, tmp_path):
     """By default the probe records the same-state records alone (none of the summed statistics'
-    buffers is even allocated); --gdps-summed-statistics adds them and records the same Gram
-    matrices, bit for bit."""
+    buffers is even allocated, and the capture keeps no shares: each layer's are reduced to their
+    Gram matrix inside the backward pass); --gdps-summed-statistics adds them (the capture keeps
+    the shares, read after the optimizer step) and records the same Gram matrices, bit for bit."""
     built = {}
     for name, extra in (("summed", ["--gdps-summed-statistics"]), ("default", [])):
         built[name] = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
@@ -240,13 +241,22 @@ def test_summed_statistics_are_opt_in_and_leave_the_gram_matrices_unchanged(tiny
     built["default"][1].load_state_dict(built["summed"][1].state_dict())
     batch = first_multilingual_batch(built["summed"][0])
     built["default"][0].load_dataset("train")
-    for task, model, crit in built.values():
+    keeps_shares = {}
+    for name, (task, model, crit) in built.items():
+        add = crit.add_micro_batch
+
+        def spy(capture, *args, name=name, add=add):
+            keeps_shares[name] = capture.keep_shares
+            return add(capture, *args)
+
+        crit.add_micro_batch = spy
         for update in range(2):
             model.zero_grad(set_to_none=True)   # as fairseq's trainer does when an update begins
             step = ScalingStep(model)
             task.train_step(copy.deepcopy(batch), model, crit, step, update)
             task.optimizer_step(step, model, update)
     full, alone = built["summed"][2].statistics, built["default"][2].statistics
+    assert keeps_shares == {"summed": True, "default": False}
     assert full.summed and not alone.summed
     assert full.num_steps == alone.num_steps == 2
     assert set(alone.to_tensors()) == {"steps", "skipped"}
