@@ -3,8 +3,9 @@
 * Probing does not change training: fairseq Trainers with the recipes' optimiser (Adam, weight
   decay, clip-norm), dropout 0.1 and every FFN tracked (decoder FFNs included) end several updates
   with bit-identical gradients (every update), weights and optimiser state, probed on every
-  update or not probed at all, with --update-freq 1 and 2; the comparison is shown to see a
-  one-ulp gradient difference and a different dropout seed.
+  update or not probed at all, with --update-freq 1 (the default probe, whose capture keeps only
+  each layer's Gram matrix, and with the summed statistics, whose capture keeps the shares) and 2;
+  the comparison is shown to see a one-ulp gradient difference and a different dropout seed.
 * Each probe half's share is its utterances' own gradient: on ``s2t_transformer_gdps`` (dropout
   0), every row the task hands to the criterion equals the gradient of the loss restricted to that
   half's utterances of the same padded batch, the rows add up to the stock gradient, and what the
@@ -259,4 +260,3 @@ def test_probe_halves_continue_alternating_over_an_updates_micro_batches():
     assert probe_halves(units, ids, first_half=1).tolist() == [3, 1, 3, 2]
     one = torch.tensor([0])
     assert [probe_halves(one, torch.tensor([i]), first_half=i % 2).item() for i in (4, 9)] == [0, 1]
-
