@@ -284,7 +284,7 @@ def _mb(n) -> str:
 
 def markdown(results: dict) -> str:
     m, st, ways, summ = results["machine"], results["statistics"], results["ways"], results["summary"]
-    lines = [f"### Probe cost at SeamlessM4T-Medium's encoder shape", "",
+    lines = ["### Probe cost at SeamlessM4T-Medium's encoder shape", "",
              f"Measured {results['date'][:10]} on {m['cpu']} ({m['cores']} cores, 1-minute load average "
              f"{m['load_average_at_start'][0]:.1f} when it started), torch {results['versions']['torch']}, 1 thread, "
              f"{results['wall_seconds'] / 60:.1f} min: `{results['command']}`. Shape: {LAYERS} Conformer layers, width "

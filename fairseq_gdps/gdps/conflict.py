@@ -44,8 +44,9 @@ the stricter ``distinct_level`` (by default ``level`` over the family of blocks,
 conflict intervals keep ``level``. Chosen on the planted-truth records (re-analysis of 20 runs):
 at 0.9 one of 10 corpus_conflict seeds split its duplicate halves, at 0.98 and above none did,
 and the corpus_conflict and ``conflict`` pairs found apart at 0.9 stayed apart (one
-``conflict_tagged`` seed's did not); then checked on 5 fresh corpus_conflict seeds: the planted
-pair apart in 4, the duplicate never split (docs/analysis.md).
+``conflict_tagged`` seed's did not); then checked on 10 fresh corpus_conflict seeds, analysed only
+after the rule was committed: the planted pair apart in 9, the duplicate never split
+(docs/analysis.md).
 
 This file imports no fairseq.
 """

@@ -26,6 +26,8 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from fairseq_gdps.modules.per_language_gradients import product_dtype
+
 
 class PerLanguageUpdate:
     """Per-language gradient sums and target-token counts ``(L,)`` of one update.
@@ -178,7 +180,7 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
         if mix is not None:
             parts = capture.block_parts(name)
             device = parts[0].device
-            dtype = parts[0].dtype if parts[0].dtype in (torch.float32, torch.float64) else torch.float32
+            dtype = product_dtype(parts[0].dtype)
             lang_rows = probe.language_rows(name, device)
             mix_d = mix.to(device=device, dtype=dtype)
             offset = 0

@@ -29,6 +29,12 @@ from torch import Tensor, nn
 _SUBTRACT_DTYPES = (torch.float32, torch.float64)
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the shares' products (Gram matrices, mixed rows) are formed in: their own in
+    float32/float64, float32 for half precision."""
+    return dtype if dtype in _SUBTRACT_DTYPES else torch.float32
+
+
 class PerLanguageGradients:
     """Context manager: while active, records per-language gradients of ``blocks``' Linear layers.
 
@@ -61,6 +67,7 @@ class PerLanguageGradients:
         self._derived_keys = set()
         self._no_gradient_layers = set()  # (block, k) whose output needed no gradient in the forward
         self._gram: Dict[tuple, Tensor] = {}  # (L, L) float64 Gram matrix of a layer's shares (keep_shares=False)
+        self._param_count: Dict[tuple, int] = {}  # parameters of a derived layer (hooks to wait for)
 
     @staticmethod
     def _parameters(layer: nn.Linear) -> Dict[str, Tensor]:
@@ -74,6 +81,7 @@ class PerLanguageGradients:
                 params = self._parameters(layer)
                 if all(p.requires_grad and p.dtype in _SUBTRACT_DTYPES for p in params.values()):
                     self._derived_keys.add(key)
+                    self._param_count[key] = len(params)
                     for kind, p in params.items():
                         self._handles.append(p.register_hook(partial(self._on_param_grad, key, kind)))
         return self
@@ -90,12 +98,9 @@ class PerLanguageGradients:
         totals[kind] = totals[kind] + grad if kind in totals else grad
         # autograd calls a parameter's hook once per backward pass, with its whole gradient, after
         # every use of the layer has had its output gradient: the layer's shares are complete
-        if not self.keep_shares and key in self._weight and len(totals) == len(self._parameters(self._layer(key))):
+        if not self.keep_shares and key in self._weight and len(totals) == self._param_count[key]:
             self._reduce(key)
         return None
-
-    def _layer(self, key) -> nn.Linear:
-        return self.blocks[key[0]][key[1]]
 
     def _check_not_reduced(self, key) -> None:
         if key in self._gram:
@@ -109,8 +114,7 @@ class PerLanguageGradients:
         for kind, store in (("weight", self._weight), ("bias", self._bias)):
             if key in store:
                 part = self._shares(key, kind).flatten(1)
-                if part.dtype not in _SUBTRACT_DTYPES:
-                    part = part.float()
+                part = part.to(product_dtype(part.dtype))
                 term = (part @ part.T).to(torch.float64)
                 gram = term if gram is None else gram + term
         return gram
