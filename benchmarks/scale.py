@@ -360,7 +360,7 @@ def conclusion(results: dict) -> str:
             "recorded)"
             + (f"; the default probe reduces every layer's shares to their Gram matrix inside the backward pass and "
                f"frees them there: about {_mb(default['memory_bytes_48_blocks'])}. " if default else ". ")
-            + 
+            +
             "Fewer tracked blocks (`--gdps-track`) reduce every per-block figure in proportion. Probe time is CPU time "
             "on one thread and does not depend on the batch: with this small batch it is many times the update itself.")
 

@@ -4,7 +4,6 @@ and errors that name the culprit."""
 import csv
 import json
 import os
-import shutil
 import zipfile
 from pathlib import Path
 

@@ -716,7 +716,7 @@ def format_summary(summary: dict, out: str) -> str:
         f"mean duration {summary['mean_duration']:.2f} s)",
         f"  distinct sentences: {summary['distinct_sentences']}; target words: mean "
         f"{summary['mean_target_words']}, min {summary['min_target_words']}",
-        f"  test sentences unseen in train (any language): "
+        "  test sentences unseen in train (any language): "
         + (f"{100 * unseen:.1f}%" if unseen is not None else "n/a (no test split)"),
         f"  English vocabulary: {summary['english_vocab_size']} words",
         f"  Arabic phrases diacritised: {summary['arabic_phrases']} "

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from fairseq_gdps.data.corpora.segments import Segment, parse_time, read_lines, require_dir
 from fairseq_gdps.data.manifest import BadLine, PrepError
