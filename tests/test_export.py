@@ -11,7 +11,7 @@ from fairseq.data import Dictionary
 
 from conftest import BIN, REPO, run
 from fairseq_gdps.cli.export import ExportError, ExportMismatch, export_checkpoint, main
-from fairseq_gdps.models.s2t_gdps import partitioned_ffns
+from fairseq_gdps.models import partitioned_ffns
 
 FEAT = 8
 LANGS = ["ar", "et", "ga", "sw"]

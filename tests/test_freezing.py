@@ -9,7 +9,7 @@ from torch import nn
 from fairseq import models
 from fairseq.data import Dictionary
 
-from fairseq_gdps.models.s2t_gdps import ffn_module_names
+from fairseq_gdps.models import ffn_module_names
 from fairseq_gdps.modules.freezing import apply_freezing, ffn_parameter_aliases, parse_globs, trainable_names
 
 NAMES = ["encoder.conv.weight", "encoder.layers.0.fc1.weight", "encoder.layers.0.attn.weight",

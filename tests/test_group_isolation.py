@@ -17,7 +17,7 @@ Trainer:
 import pytest
 import torch
 
-from fairseq_gdps.models.s2t_gdps import partitioned_ffns
+from fairseq_gdps.models import partitioned_ffns
 from gdps_training import build_trainer
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -12,7 +12,7 @@ from fairseq.sequence_generator import SequenceGenerator
 from omegaconf import OmegaConf
 
 from fairseq_gdps.gdps.plan import Plan, PlanError
-from fairseq_gdps.models.s2t_gdps import (
+from fairseq_gdps.models import (
     GROUP_IDS_KEY,
     dense_state_dict,
     ffn_module_names,

@@ -9,7 +9,7 @@ from fairseq.data import Dictionary
 
 from conftest import BIN, REPO, run
 from fairseq_gdps.gdps.stats import GradientStatistics
-from fairseq_gdps.models.s2t_gdps import ffn_module_names, partitioned_ffns
+from fairseq_gdps.models import ffn_module_names, partitioned_ffns
 
 FEAT = 8
 LANGS = ["ar", "et", "ga", "sw"]

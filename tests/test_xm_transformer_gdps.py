@@ -22,7 +22,7 @@ from fairseq_gdps.cli.export import ExportError, export_checkpoint, main as expo
 from fairseq_gdps.data.manifest import read_manifest
 from fairseq_gdps.data.waveform_data import WAVEFORM_ZIP, prepare_waveform_data
 from fairseq_gdps.gdps.stats import GradientStatistics
-from fairseq_gdps.models.s2t_gdps import ffn_module_names, partitioned_ffns, split_ffns
+from fairseq_gdps.models import ffn_module_names, partitioned_ffns, split_ffns
 
 W2V = "encoder.w2v_encoder.w2v_model"
 W2V_FFNS = [f"{W2V}.encoder.layers.0.ffn", f"{W2V}.encoder.layers.1.ffn"]

@@ -1,6 +1,6 @@
 """``xm_transformer_gdps``: fairseq's ``xm_transformer`` (a pretrained wav2vec 2.0 / XLS-R encoder
 read from ``--w2v-path``, a convolutional adaptor and a transformer decoder, on raw waveforms)
-with GDPS: the probe, the split and the routing of ``s2t_gdps.py``, unchanged.
+with GDPS: the probe, the split and the routing of the S2T GDPS models, unchanged.
 
 FFN block names (``ffn_module_names``): ``encoder.w2v_encoder.w2v_model.encoder.layers.{i}.ffn``
 for the wav2vec 2.0 encoder layers (their fc1/fc2) and ``decoder.layers.{i}.ffn`` for the decoder.
@@ -42,20 +42,15 @@ from fairseq.models.speech_to_text.xm_transformer import (
     remove_weight_norm_from_model,
 )
 
-from fairseq_gdps.models.s2t_gdps import (
-    GDPSTransformerDecoder,
-    _GDPSEncoderMixin,
-    _GDPSModelMixin,
-    _set_arg,
-    add_gdps_args,
-    gdps_defaults,
-    parse_globs,
-)
+from fairseq_gdps.models.arguments import add_gdps_args, gdps_defaults, set_arg
+from fairseq_gdps.models.routing import GDPSEncoderMixin, GDPSTransformerDecoder
+from fairseq_gdps.models.s2t_gdps import GDPSModelMixin
+from fairseq_gdps.modules.freezing import parse_globs
 
 logger = logging.getLogger(__name__)
 
 
-class XMTransformerGDPSEncoder(_GDPSEncoderMixin, Wav2VecEncoderWithAdaptor):
+class XMTransformerGDPSEncoder(GDPSEncoderMixin, Wav2VecEncoderWithAdaptor):
     """wav2vec 2.0 encoder + adaptor; routes its split FFNs by ``src_lang_id``."""
 
 
@@ -74,7 +69,7 @@ def _is_v0(args) -> bool:
 
 
 @register_model("xm_transformer_gdps")
-class XMTransformerGDPSModel(_GDPSModelMixin, XMTransformerModel):
+class XMTransformerGDPSModel(GDPSModelMixin, XMTransformerModel):
     @classmethod
     def add_args(cls, parser):
         XMTransformerModel.add_args(parser)
@@ -92,7 +87,7 @@ class XMTransformerGDPSModel(_GDPSModelMixin, XMTransformerModel):
             width = w2v_embed_dim(args.w2v_path)
             if args.encoder_embed_dim != width:
                 logger.info(f"encoder_embed_dim {args.encoder_embed_dim} -> {width}, the width of {args.w2v_path}")
-                _set_arg(args, "encoder_embed_dim", width)
+                set_arg(args, "encoder_embed_dim", width)
         return super().build_model(args, task)
 
     @classmethod
@@ -129,5 +124,5 @@ def xm_transformer_gdps(args):
     for key, value in (("w2v_args", None), ("load_ema", False), ("freeze_regex", None), ("ddp_backend", "pytorch_ddp"),
                        ("load_pretrained_encoder_from", None), ("load_pretrained_decoder_from", None)):
         if not hasattr(args, key):
-            _set_arg(args, key, value)
+            set_arg(args, key, value)
     xm_base_architecture(args)
