@@ -1,4 +1,4 @@
-"""GradientStatistics: sums against direct computation, sketches, merge/reduce, files, non-finite steps."""
+"""GradientStatistics: sums against direct computation, sketches, merge, files and their versions, non-finite steps."""
 import math
 
 import numpy as np
@@ -134,8 +134,10 @@ def test_countsketch_preserves_inner_products():
 
 def _assert_same(a, b):
     assert a.languages == b.languages
-    for x, y in zip(a.flat_buffers(), b.flat_buffers()):
-        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-9)
+    ta, tb = a.to_tensors(), b.to_tensors()
+    assert list(ta) == list(tb)
+    for name in ta:
+        torch.testing.assert_close(ta[name], tb[name], rtol=1e-12, atol=1e-9)
 
 
 def test_merge_equals_recording_everything_in_one_object():
@@ -148,24 +150,16 @@ def test_merge_equals_recording_everything_in_one_object():
         second.add_step(t, grads)
     first.merge_(second)
     _assert_same(first, whole)
-    # flat buffers summed element-wise (what all_reduce does) give the same sums
-    a = record(steps[:5], subspace_dim=6, num_buckets=4, languages=LANGS)
-    b = record(steps[5:], subspace_dim=6, num_buckets=4, languages=LANGS)
-    a.load_flat_buffers([x + y for x, y in zip(a.flat_buffers(), b.flat_buffers())])
-    _assert_same(a, whole)
     with pytest.raises(ValueError, match="settings"):
         whole.merge_(GradientStatistics(SIZES, subspace_dim=6, num_buckets=4, seed=1))
     with pytest.raises(ValueError, match="settings"):
         whole.merge_(GradientStatistics({"enc.0.fc1": 40}, subspace_dim=6, num_buckets=4))
-    with pytest.raises(ValueError, match="shape"):
-        whole.load_flat_buffers([x[:1] if x.dim() else x for x in whole.flat_buffers()])
 
 
 def test_memory_does_not_grow_with_steps():
     short = record(planted_steps(steps=3), sketch_dim=16)
     long = record(planted_steps(steps=60), sketch_dim=16)
-    assert [tuple(x.shape) for x in short.flat_buffers()] == [tuple(x.shape) for x in long.flat_buffers()]
-    assert sum(x.numel() for x in long.flat_buffers()) == sum(x.numel() for x in short.flat_buffers())
+    assert [tuple(x.shape) for x in short.to_tensors().values()] == [tuple(x.shape) for x in long.to_tensors().values()]
     assert long.module_sums("enc.0.fc1")["S"].shape == (3, 16)  # sketched below d = 40
     assert long.module_sums("enc.0.fc2")["S"].shape == (3, 16)
 
@@ -196,6 +190,32 @@ def test_save_load_round_trip_and_errors(tmp_path):
         GradientStatistics.load(tmp_path / "junk.pt")
 
 
+@pytest.mark.parametrize("summed", [True, False])
+def test_the_format_version_is_a_version_and_the_summed_field_says_what_a_file_keeps(tmp_path, summed):
+    """Files say whether they keep the summed statistics in a field of its own, under one version;
+    the files of earlier versions load with what they keep: version 3 for the same-state records
+    alone, version 2 for the summed statistics as well (with the field, or without it from before
+    the summed statistics became optional)."""
+    units = {"probe_units": LANGS, "summed": summed}
+    st = GradientStatistics(SIZES, subspace_dim=2, **units)
+    gen = torch.Generator().manual_seed(0)
+    for t in range(3):
+        st.add_probe(t, torch.ones(2 * len(LANGS)), {m: torch.randn(2 * len(LANGS), d, generator=gen) for m, d in SIZES.items()})
+    d = st.state_dict()
+    assert d["format_version"] == 4 and d["summed"] is summed
+    earlier = [({**d, "format_version": 3 if not summed else 2}, summed)]
+    if summed:
+        earlier.append(({k: v for k, v in d.items() if k != "summed"} | {"format_version": 2}, True))
+    for k, (written, keeps) in enumerate([(d, summed)] + earlier):
+        torch.save(written, tmp_path / f"s{k}.pt")
+        back = GradientStatistics.load(tmp_path / f"s{k}.pt")
+        assert back.summed is keeps and back.same_state.num_probes == 3
+        _assert_same(back, st)
+    torch.save({**d, "summed": "yes"}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"bad\.pt: malformed gradient statistics \(summed must be true or false"):
+        GradientStatistics.load(tmp_path / "bad.pt")
+
+
 def test_nonfinite_gradient_skips_only_that_language():
     steps = planted_steps(steps=6)
     clean = record(steps)
@@ -215,7 +235,7 @@ def test_nonfinite_gradient_skips_only_that_language():
         assert torch.isfinite(s["S"]).all() and torch.isfinite(s["Q"]).all()
         torch.testing.assert_close(s["S"][1:], c["S"][1:])
         torch.testing.assert_close(s["S"][0], c["S"][0] + steps[0][1]["aa"][m].double().reshape(-1))
-    for t in st.flat_buffers():
+    for t in st.to_tensors().values():
         assert torch.isfinite(t).all()
 
 

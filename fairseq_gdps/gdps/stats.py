@@ -1,46 +1,17 @@
-"""Per-language, per-module gradient statistics, kept as sums that merge by addition.
+"""Per-language, per-module gradient statistics of the GDPS probe, kept as sums that merge by addition.
 
-``GradientStatistics`` records, for every (language, module), the sufficient statistics GDPS
-needs from per-language gradients, without ever storing a per-step gradient:
+``GradientStatistics`` holds what stage 1 records for ``gdps-analyze``: the same-state probe
+records (``same_state.py``: every probe's half-gradient Gram matrices, from which the decision
+comes) and, optionally (``summed=True``, stage 1 with ``--gdps-summed-statistics``), the summed
+statistics behind the summed-statistics diagnostic (``summed_diagnostics.py``): per (language,
+module) the step count ``n``, the sum of gradients ``S``, the sum of squared norms ``Q`` (in S's
+space) and ``Q_exact``, the same sums over additive step buckets, and the moments of each step's
+gradient projected to ``subspace_dim`` dimensions. None of it grows with the number of steps, so
+merging workers' or intervals' statistics and resuming are one operation (``merge_``).
 
-* ``n``        number of recorded steps (one step = one update's single-language sub-batch);
-* ``S``        sum of the gradients, ``sum_t g_t`` (length ``d``, or ``sketch_dim`` when sketched);
-* ``Q``        sum of squared norms ``sum_t ||g_t||^2`` measured *in the same space as S* (so
-               ``||S||^2 - Q`` is exactly the sum of inner products between distinct steps);
-* ``Q_exact``  ``sum_t ||g_t||^2`` of the original, unsketched gradients (for reporting norms);
-* buckets      the same three sums split over ``num_buckets`` additive buckets (a step goes to
-               bucket ``hash(step) % B``), in the "aux" space of at most ``aux_dim`` dimensions;
-               bootstrapping over buckets gives resampling without per-step data;
-* subspace     each step's gradient projected to ``subspace_dim`` dimensions, ``x = P g``, with
-               per (language i, language j) sums over the steps where both were recorded:
-               ``first[i, j] = sum x_i``, ``second[i, j] = sum x_i x_i^T``,
-               ``cross[i, j] = sum x_i x_j^T`` and ``pair_n[i, j]``; the diagonal ``[i, i]`` holds
-               language i's own moments over all its steps. Covariances, ridge CCA, principal
-               angles and Gaussian conflict estimates all follow from these sums.
-
-Everything is a float64 sum whose size depends on the languages, modules and settings only,
-never on the number of steps. Hence merging statistics recorded independently (``merge_``, or
-``flat_buffers`` + ``torch.distributed.all_reduce`` + ``load_flat_buffers``), resuming (``merge_``
-of a saved file) and probing at intervals (one object per interval, merged later) are the same
-operation. A step must be a whole update, though: the squared norms and moments are not linear in
-a step's gradient, so data-parallel workers sum an update's per-language gradients before it is
-recorded (``per_language_update.py``), not their statistics afterwards.
-
-Random projections
-------------------
-``sketch_dim`` (optional) and the aux space use a CountSketch: coordinate ``c`` of a length-``d``
-vector goes to bucket ``h(c)`` with sign ``s(c)`` (``h``, ``s`` drawn from a generator seeded by
-``seed`` and the module name), computed with ``index_add_`` in O(d) time and memory, no dense
-``d x k`` matrix. For any x, y: ``E[<Cx, Cy>] = <x, y>`` (inner products and squared norms are
-preserved in expectation) and ``Var[<Cx, Cy>] <= (||x||^2 ||y||^2 + <x, y>^2) / k``. Sums commute
-with the (linear) sketch, so sketched sums are sketches of the true sums. The subspace
-projection is ``P = G C_aux`` with ``G`` a seeded ``subspace_dim x k`` Gaussian matrix scaled by
-``1/sqrt(subspace_dim)`` (a Johnson-Lindenstrauss projection of the aux sketch).
-
-Memory per module (float64 elements): ``L*e + B*L*k + L^2*r*(2r+1)`` plus small per-language
-counters, with ``L`` languages, ``e = d`` (or ``sketch_dim``), ``k = min(e, aux_dim)``,
-``B = num_buckets``, ``r = subspace_dim``; and the CountSketch hashes, O(d), rebuilt from the seed
-and never saved. This file imports no fairseq.
+Large modules are reduced with a seeded CountSketch (``sketch_dim`` and the bucket space,
+``aux_dim``), which preserves inner products in expectation, in O(d) time and memory; the hashes
+are rebuilt from the seed, never saved. This file imports no fairseq.
 """
 from __future__ import annotations
 
@@ -53,14 +24,12 @@ import torch
 from fairseq_gdps.atomic import atomic_write
 from fairseq_gdps.gdps.same_state import SameStateRecords
 
-# 2: adds the same-state probe records (``same_state``); version 1 files are still read (they
-# have none, and the analysis then says that its decision rests on the drift-prone estimator).
-# 3: statistics of the same-state records alone (``summed=False``): they lack the summed part,
-# which code reading versions 1-2 would report as malformed. Statistics with the summed part are
-# still written as version 2, which they are.
-FORMAT_VERSION = 2
-SAME_STATE_ONLY_FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+# What a file holds is said by its fields: the same-state records (``same_state``, absent before
+# version 2) and whether the summed statistics are kept (``summed``; files that lack the field keep
+# them). Versions 1-3 differ from 4 in nothing this code reads: 3 marked the files without the
+# summed statistics by its number, 4 by the ``summed`` field alone.
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 KIND = "gdps-gradient-statistics"
 
 _MASK64 = (1 << 64) - 1
@@ -110,13 +79,12 @@ class GradientStatistics:
 
     Args:
         module_sizes: module name -> number of gradient elements, in a fixed order.
-        languages: languages known up front (others are added on first sight). Workers that
-            reduce with ``flat_buffers`` must share the same language list and order.
+        languages: languages known up front (others are added on first sight).
         sketch_dim: CountSketch dimension of the stored sums (None: exact, full size d).
         subspace_dim: dimension r of the per-step projection (0 disables the subspace moments).
         seed: seed of every random projection.
         model_signature: free text identifying the model (checked by ``load``).
-        num_buckets: number of additive step buckets used for bootstrap resampling.
+        num_buckets: number of additive step buckets (bootstrap resampling of the summed statistics).
         aux_dim: maximum dimension of the bucket sums and of the input to the subspace projection.
         probe_units: units of the same-state probe (languages, or "language@speaker" pairs);
             None: no same-state records (``add_probe`` is then unavailable).
@@ -124,9 +92,9 @@ class GradientStatistics:
         summed: keep the summed statistics (everything above but the same-state records). False
             keeps the same-state records alone (and the counts of probes kept and of languages
             left out for non-finite gradients): a probe then costs its Gram matrices only, none of
-            the sums, sketches and projections of its languages' gradients, and the analysis has
-            no summed-statistics diagnostics to report (``gdps-analyze`` says so). Needs
-            ``probe_units``; ``add_step`` is then unavailable.
+            the sums, sketches and projections of its languages' gradients, and ``gdps-analyze``
+            has no summed-statistics diagnostic to report. Needs ``probe_units``; ``add_step`` is
+            then unavailable.
     """
 
     def __init__(self, module_sizes: Mapping[str, int], languages: Optional[Sequence[str]] = None,
@@ -335,29 +303,6 @@ class GradientStatistics:
         return self._record(step, langs, modules)
 
     @torch.no_grad()
-    def add_step_rows(self, step: int, languages: Sequence[str], grads: Mapping[str, torch.Tensor]) -> List[str]:
-        """Record one update given as a matrix per module: ``grads[module]`` is ``(n, d)``, row i
-        the gradient of ``languages[i]`` (every language has every given module). The same
-        statistics, bit for bit, as :meth:`add_step` with the rows as separate gradients, but a
-        contiguous float64 matrix is read in place instead of being copied.
-        Returns the skipped (non-finite) languages."""
-        self._require_summed("add_step_rows")
-        langs = [str(l) for l in languages]
-        modules = []
-        for m in self.module_names:
-            if m not in grads:
-                continue
-            G = grads[m].detach()
-            if G.dim() != 2 or tuple(G.shape) != (len(langs), self.module_sizes[m]):
-                raise ValueError(f"add_step_rows: gradients of {m!r} have shape {tuple(G.shape)}, "
-                                 f"expected ({len(langs)}, {self.module_sizes[m]})")
-            modules.append((m, langs, G))
-        unknown = [m for m in grads if m not in self.module_sizes]
-        if unknown:
-            raise ValueError(f"add_step_rows: untracked modules {unknown}")
-        return self._record(step, langs, modules)
-
-    @torch.no_grad()
     def add_probe(self, step: int, tokens: torch.Tensor, rows: Mapping[str, torch.Tensor],
                   batch_key: Optional[int] = None) -> List[str]:
         """Record one probed update given per probe-unit half (see ``same_state.py``).
@@ -475,7 +420,8 @@ class GradientStatistics:
     # ------------------------------------------------------------- accessors
     @property
     def num_steps(self) -> int:
-        """Number of ``add_step`` calls that recorded at least one language (summed over merges)."""
+        """Number of recorded steps (``add_step`` or probes) that kept at least one language,
+        summed over merges."""
         return int(self._buffers["steps"].item())
 
     @property
@@ -533,51 +479,20 @@ class GradientStatistics:
                 "probe_unit_languages": None if self.same_state is None else list(self.same_state.unit_languages),
                 "summed": self.summed}
 
-    def flat_buffers(self) -> List[torch.Tensor]:
-        """Every sum, in a fixed order: sum these element-wise across workers (e.g. with
-        ``torch.distributed.all_reduce``) and give them back with ``load_flat_buffers``.
-        Workers must share settings and the language list (pass ``languages`` up front)."""
-        return [self._buffers[name] for name, _, _ in self._specs()]
-
     def to_tensors(self) -> Dict[str, torch.Tensor]:
-        """The sums by name (the same tensors as ``flat_buffers``)."""
+        """Every sum by name, in a fixed order (what ``state_dict`` saves)."""
         return {name: self._buffers[name] for name, _, _ in self._specs()}
 
-    def load_flat_buffers(self, tensors: Sequence[torch.Tensor]) -> None:
-        specs = self._specs()
-        if len(tensors) != len(specs):
-            raise ValueError(f"load_flat_buffers: expected {len(specs)} tensors, got {len(tensors)}")
-        for (name, _, _), t in zip(specs, tensors):
-            if tuple(t.shape) != tuple(self._buffers[name].shape):
-                raise ValueError(f"load_flat_buffers: {name} has shape {tuple(t.shape)}, "
+    def _load_buffers(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Replace every sum by ``tensors[name]`` (shapes checked first: nothing changes on error)."""
+        for name, _, _ in self._specs():
+            if name not in tensors:
+                raise ValueError(f"lack buffer {name}")
+            if tuple(tensors[name].shape) != tuple(self._buffers[name].shape):
+                raise ValueError(f"{name} has shape {tuple(tensors[name].shape)}, "
                                  f"expected {tuple(self._buffers[name].shape)}")
-        for (name, _, _), t in zip(specs, tensors):
-            self._buffers[name] = t.detach().to(device=self.device, dtype=torch.float64).clone()
-
-    def all_reduce_(self, group=None) -> "GradientStatistics":
-        """Sum the statistics of every worker in place (no-op without torch.distributed).
-
-        Language lists are first unified (in rank order of first appearance). Afterwards every
-        worker holds the global sums: reduce an object once per interval, not repeatedly."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) <= 1:
-            return self
-        gathered = [None] * dist.get_world_size(group)
-        dist.all_gather_object(gathered, list(self.languages), group=group)
-        union = []
-        for langs in gathered:
-            for l in langs:
-                if l not in union:
-                    union.append(l)
-        self._remap_languages(union)
-        backend = dist.get_backend(group)
-        dev = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
-        flat = [t.to(dev) for t in self.flat_buffers()]
-        for t in flat:
-            dist.all_reduce(t, group=group)
-        self.load_flat_buffers(flat)
-        return self
+        for name, _, _ in self._specs():
+            self._buffers[name] = tensors[name].detach().to(device=self.device, dtype=torch.float64).clone()
 
     def _check_compatible(self, other: "GradientStatistics"):
         where = f"{other.source}: " if other.source else ""
@@ -611,8 +526,7 @@ class GradientStatistics:
 
     # ------------------------------------------------------------ persistence
     def state_dict(self) -> dict:
-        version = FORMAT_VERSION if self.summed else SAME_STATE_ONLY_FORMAT_VERSION
-        return {"format_version": version, "kind": KIND, "model_signature": self.model_signature,
+        return {"format_version": FORMAT_VERSION, "kind": KIND, "model_signature": self.model_signature,
                 "languages": list(self.languages), **self.settings(),
                 "buffers": {name: self._buffers[name].detach().cpu().clone() for name, _, _ in self._specs()},
                 "same_state": None if self.same_state is None else self.same_state.state_dict()}
@@ -634,9 +548,9 @@ class GradientStatistics:
         try:
             same_state = d.get("same_state")
             records = None if same_state is None else SameStateRecords.from_state_dict(same_state, source)
-            summed = d["format_version"] != SAME_STATE_ONLY_FORMAT_VERSION
-            if summed != d.get("summed", True):
-                raise ValueError(f"format version {d['format_version']} with summed={d.get('summed')!r}")
+            summed = d.get("summed", True)
+            if not isinstance(summed, bool):
+                raise ValueError(f"summed must be true or false, got {summed!r}")
             if records is None and not summed:
                 raise ValueError("no same-state records (and no summed statistics)")
             stats = cls(dict(zip(d["module_names"], d["module_sizes"])), languages=d["languages"],
@@ -645,11 +559,7 @@ class GradientStatistics:
                         probe_units=None if summed else records.units,
                         probe_unit_languages=None if summed else records.unit_languages, summed=summed)
             stats.same_state = records
-            names = [name for name, _, _ in stats._specs()]
-            missing = [n for n in names if n not in d["buffers"]]
-            if missing:
-                raise ValueError(f"lack buffers {missing[:5]}")
-            stats.load_flat_buffers([d["buffers"][n] for n in names])
+            stats._load_buffers(d["buffers"])
         except (TypeError, ValueError, AttributeError) as exc:
             raise ValueError(f"{source}: malformed gradient statistics ({exc})") from None
         stats.source = source
@@ -803,12 +713,14 @@ def synthetic_statistics(module_sizes: Mapping[str, int], languages: Sequence[st
                          clusters: Optional[Mapping[str, Sequence[int]]] = None, steps: int = 40,
                          signal: float = 1.0, noise: float = 1.0, shared: float = 0.0, own: float = 0.0,
                          seed: int = 0, **kwargs) -> GradientStatistics:
-    """Planted statistics for tests and demos (every language present at every step).
+    """Planted statistics for tests and benchmarks: ``steps`` probes with every language present,
+    one probe unit per language, recorded through ``add_probe`` as the probe records them.
 
     For module m, language l in cluster ``clusters[m][l]`` (all in cluster 0 when m is not in
     ``clusters``) has expected gradient ``signal * sqrt(d) * unit(sqrt(shared) c + sqrt(1 - shared
-    - own) u_k + sqrt(own) v_l)`` with c, u_k, v_l independent random directions; each step adds
-    N(0, noise^2) per coordinate. Corrected cosines are then about 1 - own within a cluster and
+    - own) u_k + sqrt(own) v_l)`` with c, u_k, v_l independent random directions. Each of a
+    probe's two equal halves adds N(0, 2 noise^2) per coordinate, so a language's step (the mean of
+    its halves) adds N(0, noise^2). Similarities are then about 1 - own within a cluster and
     ``shared`` across clusters; self-similarity about signal^2 / (signal^2 + noise^2)."""
     gen = torch.Generator().manual_seed(int(seed))
     langs = list(languages)
@@ -817,12 +729,17 @@ def synthetic_statistics(module_sizes: Mapping[str, int], languages: Sequence[st
         lab = list(clusters[m]) if clusters and m in clusters else [0] * len(langs)
         c = torch.randn(d, generator=gen, dtype=torch.float64)
         u = {k: torch.randn(d, generator=gen, dtype=torch.float64) for k in sorted(set(lab))}
-        for i, l in enumerate(langs):
+        rows = []
+        for i in range(len(langs)):
             v = torch.randn(d, generator=gen, dtype=torch.float64)
             mu = math.sqrt(shared) * c + math.sqrt(max(0.0, 1 - shared - own)) * u[lab[i]] + math.sqrt(own) * v
-            means[l, m] = mu / mu.norm() * signal * math.sqrt(d)
-    stats = GradientStatistics(module_sizes, languages=langs, seed=seed, **kwargs)
+            rows += [mu / mu.norm() * signal * math.sqrt(d)] * 2
+        means[m] = torch.stack(rows)
+    stats = GradientStatistics(module_sizes, languages=langs, seed=seed, probe_units=langs, **kwargs)
+    tokens = torch.ones(2 * len(langs), dtype=torch.float64)
+    half_noise = noise * math.sqrt(2.0)
     for t in range(steps):
-        stats.add_step(t, {l: {m: (means[l, m] + noise * torch.randn(d, generator=gen, dtype=torch.float64)).float()
-                               for m, d in module_sizes.items()} for l in langs})
+        stats.add_probe(t, tokens, {m: means[m] + half_noise * torch.randn(means[m].shape, generator=gen,
+                                                                           dtype=torch.float64)
+                                    for m in module_sizes})
     return stats
