@@ -12,7 +12,7 @@ Freezing only ever sets ``requires_grad = False``: a parameter that fairseq's ow
 trainer hands the optimizer only the parameters that require gradients, so a frozen parameter
 is neither updated nor decayed.
 
-FFN blocks are also addressable by their GDPS block name (see ``models/s2t_gdps.py``): the
+FFN blocks are also addressable by their GDPS block name (see ``models/ffn_surgery.py``): the
 parameters of an unsplit block ``B`` (its fc1 and fc2, whatever the layer calls them) answer to
 ``B.fc1.weight``, ``B.fc1.bias``, ``B.fc2.weight``, ``B.fc2.bias`` besides their own names, and
 those of a split block already live under ``B.``. So ``'*.ffn*'`` selects every FFN before and
