@@ -1,21 +1,23 @@
 """How the GDPS probe's and analysis' cost grows with the number of languages and of recorded
-probes (issue 12, item 6).
+probes.
 
-    python benchmarks/cost_languages.py [--languages 4 8 16] [--size-probes 10 100 1000]
+    python -m benchmarks.cost_languages [--languages 4 8 16] [--size-probes 10 100 1000]
                                         [--analyze-probes 100 1000] [--resamples 200 0]
                                         [--model default|tiny] [--rounds 6] [--block 10] [--batches 10]
                                         [--max-tokens 8000] [--data DIR] [--work DIR] [--out DIR]
-    python benchmarks/cost_languages.py --markdown [benchmarks/results/cost_languages.json]
+    python -m benchmarks.cost_languages --markdown [benchmarks/results/cost_languages.json]
+
+(from the repository root).
 
 The languages are synthetic: one prepared corpus (``--data``, or a quick-profile corpus built
-as ``benchmarks/speed.py`` builds its own) whose utterances are relabelled round-robin into N
+as the speed benchmark builds its own) whose utterances are relabelled round-robin into N
 pseudo-languages ``q00``, ``q01``, ... in a derived manifest (every split; features, vocabulary
 and config linked). The batches are the same utterances for every N (fixed ``--max-tokens``), so
 as N grows each language has fewer utterances per batch: at 16 languages many have fewer than
 the two a probe unit needs for both halves (the table counts them).
 
 * probe time: for every N, the GDPS task, criterion and model (the recipes' size, or ``tiny``)
-  built through fairseq's API as ``benchmarks/speed.py`` builds them, probe off and probe on
+  built through fairseq's API as the speed benchmark builds them, probe off and probe on
   every update (a probe unit per language, with ``--gdps-summed-statistics``, exact), on the
   same fixed batches; blocks of ``--block`` updates, all 2N trainers interleaved over
   ``--rounds`` rounds (``speed.interleaved_update_times``), process CPU time; the ratio is the
@@ -41,30 +43,26 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import resource
-import shlex
 import statistics as pystats
 import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Sequence, Tuple
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import speed  # noqa: E402  (benchmarks/speed.py)
-from machine import machine, machine_details  # noqa: E402  (benchmarks/machine.py)
-from publish import print_results_markdown  # noqa: E402  (benchmarks/publish.py)
-from planted_truth import SPLITS, link_prepared_files, read_tsv, write_tsv  # noqa: E402
-from scale import summed_bytes  # noqa: E402  (benchmarks/scale.py)
-from statistics_cost import statistics_bytes, timed_analyze  # noqa: E402  (benchmarks/statistics_cost.py)
+if not __package__:
+    sys.exit("run the cost benchmark from the repository root as a module: python -m benchmarks.cost_languages ...")
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+from benchmarks import speed
+from benchmarks.common import (REPO, RESULTS, SPLITS, command_line, configure_logging, link_prepared_files,
+                               machine_details, portable_path, print_results_markdown, read_tsv, software_versions,
+                               write_results, write_tsv)
+from benchmarks.scale import summed_bytes
+from benchmarks.statistics_cost import statistics_bytes, timed_analyze
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results"
 SKETCH_DIM = 4096   # the summed part's size at this sketch, beside the exact size the recipes record
 logger = logging.getLogger("benchmarks.cost_languages")
 
@@ -206,10 +204,10 @@ def save_with_records(stats, records, path: Path) -> None:
         torch.save(state, f)
 
 
-def measure_statistics_size(stats, probe_counts: Sequence[int], work: Path, name: str) -> dict:
+def measure_statistics_size(stats, probe_counts: Sequence[int], work: Path, name: str) -> Tuple[dict, Dict[int, Path]]:
     """The summed part's bytes (measured; and from the layout at ``SKETCH_DIM``), and at every P
     in ``probe_counts`` the records' bytes and the saved file's bytes, both measured. Leaves the
-    files in ``work`` (``files``: P -> path) for the analysis."""
+    files in ``work`` for the analysis and returns them too (P -> path)."""
     units, blocks = len(stats.same_state.units), len(stats.module_names)
     summed = statistics_bytes(stats)
     settings = {"subspace_dim": stats.subspace_dim, "num_buckets": stats.num_buckets, "aux_dim": stats.aux_dim}
@@ -233,7 +231,7 @@ def measure_statistics_size(stats, probe_counts: Sequence[int], work: Path, name
             "records_bytes_per_probe": per_probe,
             "records_linear": all(r["records_bytes"] == per_probe * r["probes"] for r in rows),
             "file_bytes_per_probe": (f1 - f0) / (p1 - p0) if p1 > p0 else None,
-            "by_probes": rows, "files": {str(p): str(path) for p, path in files.items()}}
+            "by_probes": rows}, files
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,18 +363,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, out_dir: Path) -> Dict[str, Path]:
-    from fairseq_gdps.atomic import atomic_write
-
-    paths = {"json": out_dir / "cost_languages.json", "md": out_dir / "cost_languages.md"}
-    with atomic_write(paths["json"]) as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
-    with atomic_write(paths["md"]) as f:
-        f.write(markdown(results))
-    return paths
-
-
 def cpu_seconds() -> float:
     """CPU seconds of this process and of the finished child processes (building the corpus)."""
     children = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -384,7 +370,6 @@ def cpu_seconds() -> float:
 
 
 def run(args, command: str) -> dict:
-    import fairseq
     import torch
 
     torch.set_num_threads(1)
@@ -394,22 +379,21 @@ def run(args, command: str) -> dict:
     setting = dataclasses.replace(speed.SETTINGS[args.model], max_tokens=args.max_tokens, batches=args.batches,
                                   block=args.block, rounds=args.rounds, corpus_utterances=args.corpus_utterances)
     results = {"benchmark": "cost_languages", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "command": command, "machine": {**machine_details(), "description": machine()},
-               "versions": {"torch": torch.__version__, "fairseq": fairseq.__version__},
+               "command": command, "machine": machine_details(), "versions": software_versions(),
                "settings": {"model": args.model, "languages": args.languages, "size_probes": args.size_probes,
                             "analyze_probes": args.analyze_probes, "resamples": args.resamples,
                             "max_tokens": args.max_tokens, "batches": args.batches, "block": args.block,
                             "rounds": args.rounds, "corpus_utterances": args.corpus_utterances,
                             "size_args": setting.size_args}}
     data = args.data.resolve() if args.data else speed.prepare_data(setting, work, 1)
-    results["data"] = {"path": str(data), "train_utterances": sum(1 for _ in open(data / "train.tsv")) - 1}
+    results["data"] = {"path": portable_path(data), "train_utterances": sum(1 for _ in open(data / "train.tsv")) - 1}
     logger.info("probe time on %s, %s languages", data, args.languages)
     results["probe_time"], recorded = measure_probe_time(data, args.languages, setting, work)
     logger.info("statistics size")
     sizes, files = [], {}
     for n, stats in recorded.items():
-        sizes.append(measure_statistics_size(stats, [*args.size_probes, *args.analyze_probes], work, f"languages_{n}"))
-        files[n] = {int(p): Path(path) for p, path in sizes[-1]["files"].items()}
+        size, files[n] = measure_statistics_size(stats, [*args.size_probes, *args.analyze_probes], work, f"languages_{n}")
+        sizes.append(size)
     results["statistics_size"] = sizes
     del recorded
     logger.info("gdps-analyze time")
@@ -423,7 +407,7 @@ def run(args, command: str) -> dict:
                 path.unlink()
     results["cpu_seconds"] = cpu_seconds()
     results["wall_seconds"] = time.perf_counter() - started
-    paths = write_results(results, args.out.resolve())
+    paths = write_results(results, args.out.resolve(), "cost_languages", markdown)
     logger.info("results: %s, %s", paths["json"], paths["md"])
     return results
 
@@ -449,9 +433,9 @@ def main(argv=None) -> int:
                    help="prepared data folder (gdps-prep); default: build a quick-profile corpus in --work")
     p.add_argument("--work", type=Path, default=REPO / "work" / "benchmarks" / "cost_languages",
                    help="scratch folder")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of cost_languages.json and .md")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of cost_languages.json and .md")
     p.add_argument("--keep-statistics", action="store_true", help="keep the statistics files in --work")
-    p.add_argument("--markdown", nargs="?", const=str(DEFAULT_OUT / "cost_languages.json"), default=None,
+    p.add_argument("--markdown", nargs="?", const=str(RESULTS / "cost_languages.json"), default=None,
                    metavar="JSON", help="print the markdown of an existing results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
@@ -469,12 +453,8 @@ def main(argv=None) -> int:
         p.error(f"--data {args.data}: no config.yaml (a gdps-prep output folder is expected)")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = "1"
-    logging.basicConfig(format="%(asctime)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stderr)
-    for name in ("fairseq", "fairseq_gdps", "fairseq_cli", "matplotlib", "hydra"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    command = "python " + " ".join(shlex.quote(a) for a in
-                                   ["benchmarks/cost_languages.py", *(argv if argv is not None else sys.argv[1:])])
-    run(args, command)
+    configure_logging()
+    run(args, command_line("cost_languages", argv))
     return 0
 
 

@@ -15,10 +15,14 @@ completed over several sittings and re-reported without the run folders:
   conflict condition; only the duplicate control is derived.
 * ``shuffled``: every utterance's language label drawn at random: no language structure at all.
 
-    python benchmarks/planted_truth.py make-data --data PREPARED --out DIR --kind conflict|corpus-conflict|shuffled
-    python benchmarks/planted_truth.py run --data DIR --work WORK --seeds 1 2 3 4 5
-    python benchmarks/planted_truth.py record --data DIR --work WORK --name conflict
-    python benchmarks/planted_truth.py report [--publish]
+    python -m benchmarks.planted_truth make-data --data PREPARED --out DIR --kind conflict|corpus-conflict|shuffled
+    python -m benchmarks.planted_truth run --data DIR --work WORK --seeds 1 2 3 4 5
+    python -m benchmarks.planted_truth record --data DIR --work WORK --name conflict
+    python -m benchmarks.planted_truth report [--publish]
+
+(from the repository root). ``report`` writes ``planted_truth.md`` beside the records
+(benchmarks/results/planted_truth/); ``--publish`` also puts it into docs/analysis.md (its
+planted-truth section).
 
 The checks (the analysis' decision per seed): the duplicate pair is never put in different groups
 (its similarity interval contains 1 in every block); the conflict pair is put in different groups at a block
@@ -27,7 +31,6 @@ where the conflict lives; with shuffled labels no stable grouping comes out.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import subprocess
@@ -37,11 +40,16 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+if not __package__:
+    sys.exit("run the planted-truth checks from the repository root as a module: python -m benchmarks.planted_truth ...")
+
+from benchmarks.common import (REPO, RESULTS, SPLITS, link_prepared_files, portable_path, read_tsv, replace_between,
+                               software_versions, write_json, write_tsv)
+
+RECORDS = RESULTS / "planted_truth"
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
            "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen", "twenty"]
-SPLITS = ("train", "dev", "test")
 
 
 # how a conflict pair was planted (truth["planted_by"]), as the report describes it
@@ -75,33 +83,10 @@ def remap_numbers(text: str, mapping: dict) -> str:
     return " ".join(out)
 
 
-def read_tsv(path):
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        return reader.fieldnames, list(reader)
-
-
-def write_tsv(path, fields, rows):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=fields, delimiter="\t", quoting=csv.QUOTE_NONE, lineterminator="\n")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
-
-
-def link_prepared_files(src: Path, out: Path) -> None:
-    """Link every file of the prepared folder ``src`` but its manifests (features, SentencePiece
-    model, config) into ``out``, whose manifests are derived from ``src``'s."""
-    for name in os.listdir(src):
-        if not name.endswith(".tsv") and not (out / name).exists():
-            os.symlink((src / name).resolve(), out / name)
-
-
 def make_data(args) -> int:
     src, out = Path(args.data), Path(args.out)
     rng = np.random.default_rng(args.seed)
-    truth = {"kind": "conflict" if args.kind == "corpus-conflict" else args.kind, "source": str(src),
+    truth = {"kind": "conflict" if args.kind == "corpus-conflict" else args.kind, "source": portable_path(src),
              "seed": args.seed}
     if args.kind in ("conflict", "corpus-conflict"):
         base, name = args.conflict.split(":")
@@ -197,18 +182,6 @@ def dev_curve(log_path: Path):
     return curve
 
 
-def versions() -> dict:
-    import platform
-
-    import fairseq
-    import torch
-
-    return {"python": platform.python_version(), "torch": torch.__version__, "fairseq": fairseq.__version__,
-            "numpy": np.__version__,
-            "git": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                  text=True).stdout.strip()}
-
-
 def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
     """The analysis' decision on one window, and the planted-truth checks on it."""
     from fairseq_gdps.gdps.conflict import indistinguishable
@@ -258,6 +231,7 @@ def record_runs(args) -> int:
     work, records = Path(args.work), Path(args.records)
     records.mkdir(parents=True, exist_ok=True)
     truth = json.loads((Path(args.data) / "planted_truth.json").read_text())
+    truth["source"] = portable_path(REPO / truth["source"])   # an absolute path of this machine: never in a record
     for done in sorted(work.glob("seed*/done.json")):
         run_info = json.loads(done.read_text())
         stats_path = done.parent / "gdps_stats.pt"
@@ -267,12 +241,10 @@ def record_runs(args) -> int:
         rec = {"condition": args.name, "seed": run_info["seed"], "run": run_info, "truth": truth,
                "stats_sha256": file_sha256(stats_path), "stats_bytes": stats_path.stat().st_size,
                "same_state_bytes": stats.same_state.nbytes() if stats.same_state else 0,
-               "dev_curve": dev_curve(done.parent / "train.log"), "versions": versions(),
+               "dev_curve": dev_curve(done.parent / "train.log"), "versions": software_versions(),
                "decisions": {k: decide(stats, truth, w, args.resamples) for k, w in windows.items()}}
         path = records / f"{args.name}_seed{run_info['seed']}.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(rec, indent=1, sort_keys=True) + "\n")
-        os.replace(tmp, path)
+        write_json(path, rec)
         print(f"recorded {path}")
     return 0
 
@@ -285,22 +257,8 @@ def _groups(g):
     return " / ".join("{" + ", ".join(x) + "}" for x in g)
 
 
-def readme_tables(lines):
-    """The README's part of the report: every condition's heading and its primary window (all
-    probes); docs/analysis.md gets all of it."""
-    short, keep = [], True
-    for line in lines:
-        if line.startswith("### Condition"):
-            keep = True
-        elif line.startswith("Window `"):
-            keep = line.startswith("Window `all`")
-        if keep:
-            short.append(line)
-    return "\n".join(short).strip("\n")
-
-
 def report(args) -> int:
-    """Markdown summary of every record under --records (what the README shows)."""
+    """Markdown summary of every record under --records (docs/analysis.md shows it)."""
     records = [json.loads(p.read_text()) for p in sorted(Path(args.records).glob("*_seed*.json"))]
     lines = ["<!-- generated by benchmarks/planted_truth.py report; do not edit -->", ""]
     for cond in sorted({r["condition"] for r in records}):
@@ -331,8 +289,8 @@ def report(args) -> int:
                 lines.append(f"| {r['seed']} | {d.get('probes', '-')} | {', '.join(d['split'])} | {_groups(d['groups'])} "
                              f"({_pct(d['stability'])}) | {sep.get('separated', '-')} | {d.get('conflict_apart', '-')} "
                              f"({_pct(d.get('conflict_apart_in_resamples'))}) | {d.get('duplicate_apart', '-')} "
-                             f"({_pct(d.get('duplicate_apart_in_resamples'))}) | {d.get('duplicate_min_rho', float('nan')):.2f} | {rho_c} | "
-                             f"{acc:.1f} |")
+                             f"({_pct(d.get('duplicate_apart_in_resamples'))}) | "
+                             f"{d.get('duplicate_min_rho', float('nan')):.2f} | {rho_c} | {acc:.1f} |")
             if t["kind"] == "conflict":
                 apart = sum(bool(r["decisions"][window].get("conflict_apart")) and
                             r["decisions"][window]["split"][0].startswith("decoder") for r in rows)
@@ -353,12 +311,10 @@ def report(args) -> int:
     out.write_text(text)
     print(text)
     if args.publish:
-        from publish import replace_between
-
-        replace_between(REPO / "README.md", "planted-truth", readme_tables(lines[2:]))
+        # the conditions sit under a "###" heading of docs/analysis.md
         replace_between(REPO / "docs" / "analysis.md", "planted-truth",
                         "\n".join(lines[2:]).replace("### Condition", "#### Condition").strip("\n"))
-        print("published into README.md and docs/analysis.md")
+        print("published into docs/analysis.md")
     return 0
 
 
@@ -388,12 +344,12 @@ def main(argv=None) -> int:
     rec.add_argument("--data", required=True, help="the planted data folder (its planted_truth.json)")
     rec.add_argument("--work", required=True)
     rec.add_argument("--name", required=True, help="condition name of the records")
-    rec.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
+    rec.add_argument("--records", default=str(RECORDS))
     rec.add_argument("--resamples", type=int, default=1000)
     rep = sub.add_parser("report")
-    rep.add_argument("--records", default=str(REPO / "benchmarks" / "results" / "planted_truth"))
+    rep.add_argument("--records", default=str(RECORDS))
     rep.add_argument("--publish", action="store_true",
-                     help="also write the tables between the planted-truth markers of README.md and docs/analysis.md")
+                     help="also write the tables into the planted-truth section of docs/analysis.md")
     args = p.parse_args(argv)
     return {"make-data": make_data, "run": run, "record": record_runs, "report": report}[args.cmd](args)
 

@@ -1,9 +1,12 @@
 """Quality benchmark: GDPS against both baselines and its controls, where the models have learned.
 
-    python benchmarks/quality.py [--setting learned|tiny] [--seeds 1 2 3] [--conditions natural conflict]
+    python -m benchmarks.quality [--setting learned|tiny] [--seeds 1 2 3] [--conditions natural conflict]
                                  [--systems ...] [--jobs 2] [--work DIR] [--results DIR]
-    python benchmarks/quality.py --report-only [--publish]     # the report from the records alone
-    python benchmarks/quality.py --plan-only                   # what is left, and how long it should take
+    python -m benchmarks.quality --report-only [--publish]     # the report from the records alone
+    python -m benchmarks.quality --plan-only                   # what is left, and how long it should take
+    python -m benchmarks.quality --ratio-validation DIR [--publish]   # the shared-ratio check (below)
+
+(from the repository root).
 
 Systems (same prepared corpus, same total number of updates ``max_update``):
 
@@ -31,10 +34,10 @@ spoken by Estonian's own speakers, ``--conflict-speakers shared``, with numbers 
 permuted, so it differs from ``et`` in meaning only; the right grouping isolates ``xx``).
 
 The setting ``learned`` is chosen from measured learning curves (docs/benchmarks.md): the demo
-corpus' templates are learned by about 220 updates (dev accuracy 67-70%), its content between 900
-and 1,500; the planted conflict shows in the same-state gradients only once the content is being
-learned. So stage 1 (probed from the start, every 4 updates) runs to 1,250 updates and stage 2
-to 2,000. The report checks per seed that the stock baseline has learned the content
+corpus' sentence templates are learned early, its content (numbers and units) much later, and the
+planted conflict shows in the same-state gradients only once the content is being learned. So
+stage 1 (probed from the start) runs well into the learning of the content before stage 2 takes
+over. The report checks per seed that the stock baseline has learned the content
 (quality_records.LEARNED_CRITERION) and leaves out seeds that have not, saying so.
 
 Runs live in WORK/<condition>/seed<S>/<system>/ (checkpoints, features: never in git). Each
@@ -42,7 +45,21 @@ finished run becomes a record, RESULTS/quality/<setting>/<condition>/seed<S>/<sy
 (quality_records.py), and the report (RESULTS/quality.md, quality.json,
 quality_learning_curves.png) is generated from the records alone. A run set is completed over
 several sittings: recorded runs are skipped, an unfinished run restarts from its beginning, and a
-partial set is reported as partial with what is left.
+partial set is reported as partial with what is left. ``--publish`` also puts the report into
+docs/benchmarks.md (its quality-results section).
+
+The shared-ratio check: groups from conflict edges share none of the split block
+(``gdps-analyze --conflict-shared-ratio``, default 0), a rule chosen on the conflict seeds of the
+run set; it is checked on conflict seeds that choice did not see, with the tagged baseline, GDPS and
+gdps_similarity_ratio only (no stock baseline, so not a run set of its own):
+
+    python -m benchmarks.quality --results DIR --seeds 4 5 --conditions conflict --systems tagged gdps gdps_similarity_ratio
+    python -m benchmarks.quality --ratio-validation DIR [--publish]
+
+The second writes RESULTS/ratio_validation.md and .json from DIR's records alone (paired
+bootstrap per seed against the tagged baseline), and with ``--publish`` puts the table into
+docs/benchmarks.md (its ratio-validation section). The committed records of that check are in
+benchmarks/results/ratio_validation/.
 """
 from __future__ import annotations
 
@@ -60,10 +77,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
-from machine import machine_details  # benchmarks/machine.py (this folder is on sys.path when run or tested)
-import quality_records as records
+if not __package__:
+    sys.exit("run the quality benchmark from the repository root as a module: python -m benchmarks.quality ...")
 
-REPO = Path(__file__).resolve().parents[1]
+from benchmarks import quality_records as records
+from benchmarks.common import REPO, RESULTS, machine_details, portable_path, replace_between, software_versions, write_json
+
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
 SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_similarity_ratio", "bilingual")
 # opt-in: bilingual models answer another question and cost the most; gdps_similarity_ratio is a
@@ -309,7 +328,6 @@ class Benchmark:
 
     def write_record(self, job: Job, data: Path, wall_seconds: Optional[float]) -> None:
         """The finished run ``job.out`` as a record (its scores, hypotheses, dev curve, split, plan)."""
-        from fairseq_gdps.data.fingerprint import software_versions
         from fairseq_gdps.data.train_log import read_validations
 
         condition, seed, system = job.name.split("/")
@@ -332,17 +350,15 @@ class Benchmark:
                 {k: plan[k] for k in ("modules", "groups", "shared_ratio")}
             if plan:
                 plan.get("provenance", {}).pop("stats_file", None)  # a path on the machine that ran it
-        git = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-        versions = dict(software_versions(), git=git.stdout.strip() or None)
         notes = f"reused from {Path((run / 'reused_from.txt').read_text().strip()).name}: no other grouping of the plan's sizes" \
             if (run / "reused_from.txt").is_file() else None
         record = records.make_record(
             setting_name=self.args.setting, run_setting=self.run_setting(), condition=condition,
             seed=int(seed[len("seed"):]), system=system, scores=scores,
             hypotheses=records.hypotheses_of(data, run / "decode"), references_sha256=references_sha,
-            dev_curve=curve, params=params, split=split, plan=plan, wall_seconds=wall_seconds, versions=versions,
+            dev_curve=curve, params=params, split=split, plan=plan, wall_seconds=wall_seconds, versions=software_versions(),
             machine=machine_details(), threads=self.args.threads, notes=notes)
-        records.write_json(self.record_of(job), record)
+        write_json(self.record_of(job), record)
 
     def check_records_setting(self) -> None:
         """A records folder keeps one training setting: refuse to mix runs of another budget into it
@@ -548,7 +564,7 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     logging.getLogger("sacrebleu").setLevel(logging.WARNING)
     results = records.aggregate(found, references, setting["bootstrap"], cache, setting["criterion"])
-    records.write_json(cache_path, cache)
+    write_json(cache_path, cache)
     # the report covers the whole run set, not only this call's part of it: a call restricted to one
     # seed or condition must not shrink the report to that part (or to "0 of N recorded")
     default = SETTINGS[setting_name]
@@ -563,7 +579,7 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
         records.plot_learning_curves(found, plot)
     meta = {"setting": setting_name, "run_setting": run_setting, "seeds": seeds, "conditions": conditions,
             "bootstrap": setting["bootstrap"], "criterion": setting["criterion"],
-            "records_dir": str(root.relative_to(REPO)) if root.is_relative_to(REPO) else str(root),
+            "records_dir": portable_path(root),
             "planned": len(planned), "recorded": len(have & set(planned)),
             "missing": [p for p in planned if p not in have],
             "left_minutes": sum(expected_seconds(root, p.split("/")[-1], setting["max_update"])
@@ -575,35 +591,27 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
     with atomic_write(results_dir / "quality.json") as f:
         f.write(json.dumps({"meta": meta, "results": results}, indent=1, sort_keys=True, default=str) + "\n")
     if publish:
-        from publish import replace_between
-
         replace_between(REPO / "docs" / "benchmarks.md", "quality-results", text)
-        replace_between(REPO / "README.md", "quality-results", readme_summary(results, meta))
     return meta
 
 
-def readme_summary(results: dict, meta: dict) -> str:
-    """The README's few lines: per condition, the comparisons' sentences and the targets."""
-    lines = [f"Quality benchmark (`benchmarks/quality.py`, setting `{meta['setting']}`, "
-             f"{meta['run_setting']['max_update']} updates per system): {meta['recorded']} of {meta['planned']} runs "
-             f"recorded{' (PARTIAL)' if meta['missing'] else ''}; full tables in "
-             "[docs/benchmarks.md](docs/benchmarks.md#quality-benchmarksqualitypy).", ""]
-    for condition, cond in results.items():
-        passed = cond["passed_seeds"]
-        failed = sorted(set(cond["learned"]) - set(passed))
-        lines.append(f"- **{condition}** (seeds that learned the content: {passed or 'none'}"
-                     + (f"; left out: {failed}" if failed else "") + "):")
-        for key in ("gdps|tagged", "gdps|baseline", "tagged|baseline", "full_split|tagged", "gdps_similarity_ratio|tagged"):
-            if key in cond["comparisons"]:
-                lines.append(f"  - {cond['comparisons'][key]['sentence']}")
-        if cond["systems"]:
-            best = max(cond["systems"], key=lambda k: cond["systems"][k]["average_bleu"][0])
-            lines.append(f"  - highest average BLEU: {best} ({cond['systems'][best]['average_bleu'][0]:.1f})")
-        for seed, ch in cond["choices"].items():
-            lines.append(f"  - seed {seed}: GDPS chose " + (
-                f"{', '.join(ch['modules'])}, {records.display_groups(ch['groups'])}" if len(ch["groups"]) > 1
-                else "one group (no conflict measured)"))
-    return "\n".join(lines)
+def ratio_validation(runs_dir: Path, results_dir: Path, setting_name: str, publish: bool) -> str:
+    """The shared-ratio check (the module's docstring): ratio_validation.md and .json in
+    ``results_dir``, from the records of the check's runs in ``runs_dir`` alone."""
+    from fairseq_gdps.atomic import atomic_write
+
+    setting = SETTINGS[setting_name]
+    found, references = records.load_records(records_root(runs_dir, setting_name), setting_name,
+                                             {k: setting[k] for k in RUN_DEFINING})
+    logging.getLogger("sacrebleu").setLevel(logging.WARNING)
+    summary = records.shared_ratio_check(found, references, setting["bootstrap"])
+    text = records.shared_ratio_markdown(summary)
+    write_json(results_dir / "ratio_validation.json", summary)
+    with atomic_write(results_dir / "ratio_validation.md") as f:
+        f.write(text)
+    if publish:
+        replace_between(REPO / "docs" / "benchmarks.md", "ratio-validation", text)
+    return text
 
 
 def main(argv=None) -> int:
@@ -611,7 +619,7 @@ def main(argv=None) -> int:
     parser.add_argument("--setting", choices=sorted(SETTINGS), default="learned")
     parser.add_argument("--work", type=Path, default=REPO / "work" / "benchmark_quality",
                         help="run folders (checkpoints, decodes; kept between calls, never in git)")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results",
+    parser.add_argument("--results", type=Path, default=RESULTS,
                         help="the records (RESULTS/quality/<setting>/) and the report")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the setting's)")
     parser.add_argument("--conditions", nargs="+", choices=["natural", "conflict"])
@@ -623,8 +631,11 @@ def main(argv=None) -> int:
                         help="use this prepared data folder (gdps-prep output) for a condition instead of building it")
     parser.add_argument("--plan-only", action="store_true", help="say what is left to run and how long it should take")
     parser.add_argument("--report-only", action="store_true", help="only write the report from the records")
+    parser.add_argument("--ratio-validation", type=Path, metavar="DIR",
+                        help="only write the shared-ratio check's report (RESULTS/ratio_validation.md, .json) from the "
+                             "records of its runs in DIR (their --results folder)")
     parser.add_argument("--publish", action="store_true",
-                        help="also replace the generated quality sections of README.md and docs/benchmarks.md")
+                        help="also replace the report's generated section of docs/benchmarks.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="[quality] %(asctime)s %(message)s", datefmt="%H:%M:%S")
     setting = dict(SETTINGS[args.setting])
@@ -638,6 +649,12 @@ def main(argv=None) -> int:
         if condition not in ("natural", "conflict") or not (Path(folder) / "config.yaml").is_file():
             parser.error(f"--data {item}: expected natural=DIR or conflict=DIR with a gdps-prep folder (config.yaml)")
     args.results = args.results.resolve()
+    if args.ratio_validation:
+        if not records_root(args.ratio_validation, args.setting).is_dir():
+            parser.error(f"--ratio-validation {args.ratio_validation}: no records folder quality/{args.setting} in it "
+                         "(give the --results folder of the check's runs)")
+        print(ratio_validation(args.ratio_validation, args.results, args.setting, args.publish))
+        return 0
     bench = Benchmark(args, setting)
     if args.plan_only:
         jobs, _ = bench.all_jobs()

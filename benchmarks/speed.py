@@ -1,9 +1,11 @@
 """Speed and memory benchmark of GDPS against the shared model: what probing, the split model
 and the statistics cost, measured against the budgets GDPS is held to (``TARGETS``).
 
-    python benchmarks/speed.py [--setting default|tiny] [--data DATA] [--work DIR] [--out DIR]
+    python -m benchmarks.speed [--setting default|tiny] [--data DATA] [--work DIR] [--out DIR]
                                [--threads N]
-    python benchmarks/speed.py --markdown [benchmarks/results/speed.json]   # print the docs/benchmarks.md table
+    python -m benchmarks.speed --markdown [benchmarks/results/speed.json]   # print the docs/benchmarks.md table
+
+(from the repository root).
 
 Everything is measured in one process, on one machine and one data set, so that the ratios
 compare like with like:
@@ -26,7 +28,7 @@ compare like with like:
   must not grow; the same-state records (every probe's Gram matrices of the probe units' halves,
   kept so that the bootstrap over probes is exact) grow by a fixed number of bytes per probe;
 * ``gdps-analyze`` time on synthetic statistics (random gradients through ``add_step``) as width
-  and number of languages grow (these two need no model: ``benchmarks/statistics_cost.py``).
+  and number of languages grow (these two need no model: ``benchmarks.statistics_cost``).
 
 Results go to ``<out>/speed.json`` and ``<out>/speed.md`` (both written atomically); the markdown
 is also what ``--markdown`` prints; ``scripts/publish_benchmark_results.sh`` copies it into
@@ -35,11 +37,9 @@ docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
-import shlex
 import statistics as pystats
 import subprocess
 import sys
@@ -49,18 +49,18 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import statistics_cost  # noqa: E402  (benchmarks/statistics_cost.py)
-from machine import machine, machine_details  # noqa: E402  (benchmarks/machine.py)
-from publish import print_results_markdown  # noqa: E402  (benchmarks/publish.py)
-from statistics_cost import measure_analyze_time, measure_statistics_memory, statistics_markdown  # noqa: E402
+if not __package__:
+    sys.exit("run the speed benchmark from the repository root as a module: python -m benchmarks.speed ...")
+
+from benchmarks import statistics_cost
+from benchmarks.common import (REPO, RESULTS, command_line, configure_logging, machine_details, portable_args,
+                               portable_path, print_results_markdown, software_versions, write_results)
+from benchmarks.statistics_cost import measure_analyze_time, measure_statistics_memory, statistics_markdown
 
 os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
 
-REPO = Path(__file__).resolve().parents[1]
 USER_DIR = REPO / "fairseq_gdps"
 BIN = Path(sys.executable).parent
-DEFAULT_OUT = REPO / "benchmarks" / "results"
 # The budgets GDPS is held to, as ratios to the reference variant. The probe runs inside ordinary
 # stage-1 training, so it must cost little: at most 10% on an update it probes, and 2% when it
 # probes every 10th update (the recipes probe every 4-8). A split model does, per token, the work of
@@ -135,13 +135,6 @@ logger = logging.getLogger("benchmarks.speed")
 # ---------------------------------------------------------------------------------------------
 # environment and data
 # ---------------------------------------------------------------------------------------------
-def versions() -> dict:
-    import fairseq
-    import torch
-
-    return {"torch": torch.__version__, "fairseq": fairseq.__version__}
-
-
 def run_tool(cmd: Sequence, threads: int, log: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
@@ -311,8 +304,9 @@ def interleaved_update_times(trainers: dict, batches: Dict[str, list], block: in
     return cpu_times, wall_times, n_updates
 
 
-def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
-    """Seconds per update of every variant (process CPU time and wall time), and paired ratios.
+def measure_updates(data: Path, setting: Setting, work: Path):
+    """Seconds per update of every variant (process CPU time and wall time), and paired ratios;
+    also the trainers, their fixed batches and the variants' flags, for the measurements after.
 
     CPU time of this process is the primary measure: on a machine shared with other jobs, wall
     time also counts the time spent waiting for a core. Blocks are interleaved either way."""
@@ -347,7 +341,7 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
         "languages": languages,
         "clock": "process CPU time (primary); wall time alongside",
         "block_updates": setting.block, "rounds": setting.rounds,
-        "variants": {name: {"description": VARIANT_DESCRIPTIONS[name], "flags": flags[name],
+        "variants": {name: {"description": VARIANT_DESCRIPTIONS[name], "flags": portable_args(flags[name]),
                             "median_cpu_s_per_update": pystats.median(cpu_times[name]),
                             "median_wall_s_per_update": pystats.median(wall_times[name]),
                             "cpu_s_per_update_by_round": cpu_times[name],
@@ -360,7 +354,7 @@ def measure_updates(data: Path, setting: Setting, work: Path) -> dict:
                    for key, pair in UPDATE_RATIOS.items()},
         "batches": {"count": len(batches), "sentences": [int(b["nsentences"]) for b in batches],
                     "target_tokens": [int(b["ntokens"]) for b in batches]},
-    }, trainers, batches
+    }, trainers, batches, flags
 
 
 def profile_probe(trainer, batches, updates: int) -> dict:
@@ -586,18 +580,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_results(results: dict, out_dir: Path) -> Dict[str, Path]:
-    from fairseq_gdps.atomic import atomic_write
-
-    paths = {"json": out_dir / "speed.json", "md": out_dir / "speed.md"}
-    with atomic_write(paths["json"]) as f:
-        json.dump(results, f, indent=1, sort_keys=False)
-        f.write("\n")
-    with atomic_write(paths["md"]) as f:
-        f.write(markdown(results))
-    return paths
-
-
 def run(setting_name: str, data: Optional[Path], work: Path, out: Path, threads: int, command: str) -> dict:
     import torch
 
@@ -607,16 +589,15 @@ def run(setting_name: str, data: Optional[Path], work: Path, out: Path, threads:
     work.mkdir(parents=True, exist_ok=True)
     results = {"benchmark": "speed", "setting": setting_name,
                "date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-               "machine": {**machine_details(), "description": machine()}, "versions": versions(), "threads": threads,
+               "machine": machine_details(), "versions": software_versions(), "threads": threads,
                "settings": asdict(setting)}
     data = data or prepare_data(setting, work, threads)
-    results["data"] = {"path": str(data), "train_utterances": sum(1 for _ in open(data / "train.tsv")) - 1,
+    results["data"] = {"path": portable_path(data), "train_utterances": sum(1 for _ in open(data / "train.tsv")) - 1,
                        "test_utterances": sum(1 for _ in open(data / "test.tsv")) - 1}
     logger.info("update times on %s", data)
-    updates, trainers, batches = measure_updates(data, setting, work)
+    updates, trainers, batches, flags = measure_updates(data, setting, work)
     results["updates"] = updates
     results["probe_profile"] = profile_probe(trainers["stage1_probe_every"], batches, min(10, setting.block))
-    flags = {name: var["flags"] for name, var in updates["variants"].items()}
     logger.info("decoding")
     results["decoding"] = measure_decoding(data, setting, work, threads, trainers["shared"], flags)
     del trainers
@@ -626,7 +607,7 @@ def run(setting_name: str, data: Optional[Path], work: Path, out: Path, threads:
     results["analyze_time"] = measure_analyze_time(setting, work)
     results["targets"] = evaluate_targets(results)
     results["wall_seconds"] = time.perf_counter() - started
-    paths = write_results(results, out)
+    paths = write_results(results, out, "speed", markdown)
     logger.info("results: %s, %s", paths["json"], paths["md"])
     return results
 
@@ -634,13 +615,13 @@ def run(setting_name: str, data: Optional[Path], work: Path, out: Path, threads:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--setting", choices=sorted(SETTINGS), default="default",
-                   help="default: the recipes' model size, about 15 minutes; tiny: seconds (for the test)")
+                   help="default: the recipes' model size (minutes); tiny: seconds (for the test)")
     p.add_argument("--data", type=Path, default=None,
                    help="prepared data folder (gdps-prep); default: build a quick-profile corpus in --work")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default work/benchmarks/speed_<setting>)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder of speed.json and speed.md")
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder of speed.json and speed.md")
     p.add_argument("--threads", type=int, default=1, help="torch threads (fixed for every measurement)")
-    p.add_argument("--markdown", nargs="?", const=str(DEFAULT_OUT / "speed.json"), default=None, metavar="JSON",
+    p.add_argument("--markdown", nargs="?", const=str(RESULTS / "speed.json"), default=None, metavar="JSON",
                    help="print the markdown of an existing results file and exit")
     args = p.parse_args(argv)
     if args.markdown:
@@ -652,12 +633,9 @@ def main(argv=None) -> int:
         p.error(f"--data {args.data}: no config.yaml (a gdps-prep output folder is expected)")
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[var] = str(args.threads)
-    logging.basicConfig(format="%(asctime)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stderr)
-    for name in ("fairseq", "fairseq_gdps", "fairseq_cli", "matplotlib", "hydra"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    configure_logging()
     work = args.work or REPO / "work" / "benchmarks" / f"speed_{args.setting}"
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/speed.py", *(argv if argv is not None else sys.argv[1:])])
-    run(args.setting, args.data, work.resolve(), args.out.resolve(), args.threads, command)
+    run(args.setting, args.data, work.resolve(), args.out.resolve(), args.threads, command_line("speed", argv))
     return 0
 
 

@@ -24,8 +24,7 @@ import re
 import sys
 from pathlib import Path
 
-sys.path.insert(0, "benchmarks")
-from publish import replace_between  # noqa: E402
+from benchmarks.common import replace_between
 
 source = Path(sys.argv[1]).read_text()
 

@@ -3,17 +3,13 @@ same-state records' size (linear in probes, quadratic in probe units, as measure
 disk), and the size and gdps-analyze measurements on small statistics recorded through
 ``add_probe``, down to the markdown."""
 import json
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "benchmarks"))
-import cost_languages as cl  # noqa: E402
-from planted_truth import read_tsv, write_tsv  # noqa: E402
-from statistics_cost import random_probe  # noqa: E402
+from benchmarks import cost_languages as cl
+from benchmarks.common import read_tsv, write_tsv
+from benchmarks.statistics_cost import random_probe
 
 from fairseq_gdps.gdps.stats import GradientStatistics
 
@@ -82,8 +78,8 @@ def test_records_grow_linearly_with_probes_and_quadratically_with_units(tmp_path
 def test_size_and_analyze_measurements_and_markdown(tmp_path):
     sizes, files = [], {}
     for units in (2, 4):
-        sizes.append(cl.measure_statistics_size(probed_statistics(units), [4, 12], tmp_path, f"u{units}"))
-        files[units] = {int(p): path for p, path in sizes[-1]["files"].items()}
+        size, files[units] = cl.measure_statistics_size(probed_statistics(units), [4, 12], tmp_path, f"u{units}")
+        sizes.append(size)
     for s in sizes:
         assert s["records_linear"] and s["summed_bytes"] > 0
         assert [r["probes"] for r in s["by_probes"]] == [4, 12]
@@ -99,7 +95,7 @@ def test_size_and_analyze_measurements_and_markdown(tmp_path):
     assert set(parts) == {*cl.ANALYZE_PARTS, "total"} and all(t > 0 for t in parts.values())
     assert sum(t for part, t in parts.items() if part != "total") <= parts["total"]
 
-    results = {"date": "2026-01-01T00:00:00+00:00", "command": "python benchmarks/cost_languages.py --test",
+    results = {"date": "2026-01-01T00:00:00+00:00", "command": "python -m benchmarks.cost_languages --test",
                "machine": {"cpu": "test CPU", "cores": 2, "load_average_at_start": [0.5, 0.5, 0.5]},
                "versions": {"torch": "t", "fairseq": "f"}, "cpu_seconds": 60.0, "wall_seconds": 90.0,
                "settings": {"model": "tiny", "size_probes": [4, 12]},
@@ -107,7 +103,7 @@ def test_size_and_analyze_measurements_and_markdown(tmp_path):
                "analyze_profile": {"languages": 4, "probes": 12, **profile}}
     json.dumps(results, default=str)   # what write_results writes must be JSON
     text = cl.markdown(results)
-    assert "`python benchmarks/cost_languages.py --test`" in text and "test CPU (2 cores" in text
+    assert "`python -m benchmarks.cost_languages --test`" in text and "test CPU (2 cores" in text
     table = [line for line in text.splitlines() if line.startswith("| 4 |")]
     assert len(table) == 2   # one row of sizes, one of analysis times, for 4 languages
     assert "Where one run's time goes (4 languages, 12 probes, 3 resamples" in text

@@ -3,15 +3,11 @@ and the tiny setting end to end (every system, records, resume, report from the 
 import argparse
 import json
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import quality  # noqa: E402
-import quality_records as records  # noqa: E402
+from benchmarks import quality
+from benchmarks import quality_records as records
 
 
 def test_random_partition_keeps_sizes_and_differs_from_the_plan():
@@ -175,6 +171,8 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
     languages = sorted(refs["natural"]["references"])
     for r in found:
         assert sorted(r["hypotheses"]) == languages and r["wall_seconds"] > 0 and r["versions"]["torch"]
+        # no machine paths in the records (``path`` is where load_records found the file)
+        assert "/" + str(tmp_path).strip("/") not in json.dumps({k: v for k, v in r.items() if k != "path"})
         assert [p["num_updates"] for p in r["dev_curve"]][-1] <= 6
     # the tagged baseline is GDPS's stage 1 continued unsplit: the same size as GDPS's stage-1 model
     # (the language embedding on top of the stock network), smaller than any split

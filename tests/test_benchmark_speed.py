@@ -3,7 +3,6 @@ finite, the markdown table and --markdown. No timing assertions (the machine is 
 import json
 import math
 import sys
-from pathlib import Path
 
 import pytest
 
@@ -15,8 +14,8 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def tiny_results(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("speed")
-    run([sys.executable, REPO / "benchmarks" / "speed.py", "--setting", "tiny", "--data", tiny_data,
-         "--work", out / "work", "--out", out / "results"], timeout=300)
+    run([sys.executable, "-m", "benchmarks.speed", "--setting", "tiny", "--data", tiny_data,
+         "--work", out / "work", "--out", out / "results"], cwd=REPO, timeout=300)
     return out / "results"
 
 
@@ -24,12 +23,27 @@ def finite_positive(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
-def test_results_file_structure_and_ratios(tiny_results):
+def strings(obj):
+    """Every string in a JSON document."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from strings(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from strings(value)
+
+
+def test_results_file_structure_and_ratios(tiny_results, tiny_data):
     results = json.loads((tiny_results / "speed.json").read_text())
     assert results["setting"] == "tiny" and results["threads"] == 1
     assert results["versions"]["torch"] and results["versions"]["fairseq"]
-    assert results["machine"]["cores"] >= 1 and results["command"].startswith("python benchmarks/speed.py")
+    assert results["machine"]["cores"] >= 1 and results["command"].startswith("python -m benchmarks.speed")
     assert not list(tiny_results.glob(".*.tmp"))   # atomic writes leave no temporary files
+    # paths are recorded relative to the repository: results files hold no machine's own paths
+    assert not [s for s in strings(results) if s.startswith("/")]
+    assert (REPO / results["data"]["path"]).resolve() == tiny_data.resolve()
 
     updates = results["updates"]
     assert set(updates["variants"]) == {"shared", "stage1_off", "stage1_probe_every", "stage1_probe_10",
@@ -61,7 +75,7 @@ def test_results_file_structure_and_ratios(tiny_results):
     assert set(decoding["ratios"]) == {"decode_plan", "decode_all"}
     for r in decoding["ratios"].values():
         assert finite_positive(r["ratio"]) and finite_positive(r["fairseq_generate_ratio"])
-    test_rows = sum(1 for _ in open(Path(results["data"]["path"]) / "test.tsv")) - 1
+    test_rows = sum(1 for _ in open(tiny_data / "test.tsv")) - 1
     for name, model in decoding["models"].items():
         assert finite_positive(model["median_cpu_sentences_per_s"]), name
         assert model["fairseq_generate_sentences"] == decoding["sentences"] == test_rows, name
@@ -102,5 +116,5 @@ def test_markdown_table_and_markdown_option(tiny_results):
     assert "| stage-1 update, probe on every update, `--gdps-summed-statistics` / probe off |" in md
     assert "bytes per probe" in md
     assert "| stage-2 update, every FFN split / shared model |" in md
-    printed = run([sys.executable, REPO / "benchmarks" / "speed.py", "--markdown", tiny_results / "speed.json"])
+    printed = run([sys.executable, "-m", "benchmarks.speed", "--markdown", tiny_results / "speed.json"], cwd=REPO)
     assert printed.stdout == md

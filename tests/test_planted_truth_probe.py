@@ -2,18 +2,14 @@
 language split at random into two pseudo-languages must agree with itself and never be split;
 shuffled language labels must give no stable grouping. (The demo-size planted conflict, five
 seeds, is benchmarks/planted_truth.py; its records are in benchmarks/results/planted_truth/.)"""
-import sys
-
 import pytest
 
+from benchmarks import planted_truth
 from conftest import BIN, REPO, run
 from gdps_training import run_all, stage1_args
 
-sys.path.insert(0, str(REPO / "benchmarks"))
-import planted_truth  # noqa: E402
-
-from fairseq_gdps.gdps.report import analyze  # noqa: E402
-from fairseq_gdps.gdps.stats import GradientStatistics  # noqa: E402
+from fairseq_gdps.gdps.report import analyze
+from fairseq_gdps.gdps.stats import GradientStatistics
 
 pytestmark = pytest.mark.slow   # fairseq-train runs
 
@@ -76,15 +72,6 @@ def test_run_trains_with_the_language_embedding_only_when_asked(tmp_path):
     assert tagged.replace(" --gdps-lang-embedding", "") == plain
 
 
-def test_readme_tables_keep_every_condition_heading_and_only_window_all():
-    lines = ["### Condition `a` (1 seeds)", "truth a", "Window `all`:", "| a all |", "Window `second_half`:",
-             "| a second |", "Window `first_half`:", "| a first |",
-             "### Condition `b` (1 seeds)", "truth b", "Window `all`:", "| b all |", "Window `first_half`:", "| b first |"]
-    assert planted_truth.readme_tables(lines).split("\n") == [
-        "### Condition `a` (1 seeds)", "truth a", "Window `all`:", "| a all |",
-        "### Condition `b` (1 seeds)", "truth b", "Window `all`:", "| b all |"]
-
-
 def test_corpus_conflict_keeps_the_corpus_pair_and_derives_only_the_duplicate(tmp_path):
     import json
 
@@ -100,6 +87,8 @@ def test_corpus_conflict_keeps_the_corpus_pair_and_derives_only_the_duplicate(tm
     truth = json.loads((out / "planted_truth.json").read_text())
     assert truth["kind"] == "conflict" and truth["conflict"] == ["et", "xx"] and truth["duplicate"] == ["sw", "sw2"]
     assert truth["planted_by"] == "corpus"
+    # the source folder is recorded relative to the repository: no machine path goes into a record
+    assert not truth["source"].startswith("/") and (REPO / truth["source"]).resolve() == src.resolve()
     _, train = planted_truth.read_tsv(out / "train.tsv")
     by_lang = {}
     for r in train:
