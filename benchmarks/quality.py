@@ -93,8 +93,7 @@ CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
 
 SETTINGS = {
-    # the learned regime (see the module's docstring): about 17 min per 2,000-update run on one
-    # core of this machine, two runs at a time
+    # the learned regime (see the module's docstring)
     "learned": dict(utterances=None, vocab=None, max_update=2000, stage1=1250, probe_interval=4,
                     seeds=[1, 2, 3], conditions=["natural", "conflict"], bootstrap=1000,
                     criterion=records.LEARNED_CRITERION),
