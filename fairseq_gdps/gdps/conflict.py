@@ -1,52 +1,24 @@
-"""Where languages conflict, and which to keep apart, from same-state probe records.
+"""Where languages conflict, and which to keep apart, from same-state probe records: the decision.
 
-Similarity alone does not mark a conflict. Two languages that sound alike but mean different
-things (the planted ``xx``: ``et``'s speakers, permuted numbers) stay each other's nearest
-neighbours in every block, so clustering by similarity puts them together, the opposite of what
-resolves their conflict (measured: ``rho(et, xx)`` 0.52 / 0.70 in the decoder FFNs at update 1,500,
-every other pair 0.1-0.5). What marks them is that they agree much less in the block where
-outputs are decided than where their inputs are encoded. So, per block m and language pair:
+Similarity alone does not mark a conflict: two languages that sound alike but mean different
+things stay each other's nearest neighbours in every block, so clustering by similarity would put
+them together, the opposite of what resolves their conflict. What marks them is that they agree
+much less in the block where outputs are decided than where their inputs are encoded. So, per
+block m and language pair, with ``rho_ij(m)`` the same-state similarity (``same_state.py``) and
+``ref_ij`` the pair's agreement on the *reference blocks* (the input side: by default the encoder
+FFNs), ``conflict_ij(m) = ref_ij - rho_ij(m)``. Blocks outside the reference are the candidates,
+ranked by their largest pair conflict; a bootstrap over probed batches gives every interval and
+says whether the top block is separated from the next.
 
-* ``rho_ij(m)``: same-state similarity (``same_state.py``), with a bootstrap over probes;
-* ``ref_ij``: the pair's agreement on the *reference blocks* (the input side: by default the
-  encoder FFNs; when every tracked block is an encoder block, the lower half of them);
-* ``conflict_ij(m) = ref_ij - rho_ij(m)``: how much less the pair agrees in block m than on its
-  inputs. Two halves of one language: ~0 everywhere (rho ~ 1). Unrelated languages: low
-  everywhere, small conflict. Same input, different meaning: large in the output blocks.
+With (language, speaker) probe units, a block whose within-language, cross-speaker agreement does
+not exceed its cross-language agreement by ``identifiability_margin`` groups voices, not
+languages: it is not split along languages (undetermined where the interval straddles the margin).
 
-A *candidate* block is any tracked block outside the reference. Blocks are ranked by their
-score, the largest pair conflict; the bootstrap gives its interval and says whether the top
-block is separated from the next one (the score difference's interval excludes 0).
-
-Languages told apart from speakers. When probe units are (language, speaker) pairs, per block
-the within-language agreement (pairs of one language's different speakers) is compared with the
-cross-language agreement (pairs of units of different languages). A block where the former
-exceeds the latter by ``identifiability_margin`` (interval lower bound above it) tells languages
-apart. A block where the whole interval lies below the margin groups voices, not languages: it
-is not split along languages, and the report says so. In between, the speaker-level estimates
-are too thin to tell (each unit has few utterances per batch): the block is reported as
-undetermined and not vetoed.
-
-Groups. At the chosen block, a *conflict edge* joins two languages whose inputs agree
-(reference agreement at least ``min_reference``, 0.5: a pair that agrees nowhere has nothing for
-its outputs to fight over), whose conflict exceeds ``tau`` with an interval lower bound above 0,
-and that are measurably not one language there. The languages without an edge form one group;
-the others are placed greedily, most edges first, each into the existing group where it has no
-edge and agrees most (mean rho) with the members, or into a new group: no conflicting pair
-shares a group, and the rest stays together. Languages that no block tells apart share their
-edges and a group (sets whose every pair no block tells apart: ``one_language_sets``). The grouping's stability is the share of bootstrap replicates that give the
-same partition (a replicate's edges: its conflict above ``tau``, among the pairs measurably not
-one language).
-
-*Measurably not one language* at a block: the pair's similarity interval lies below 1 there, at
-the stricter ``distinct_level`` (by default ``level`` over the family of blocks, Bonferroni; see
-``default_distinct_level``); a pair whose interval holds 1 in every block is one language. The
-conflict intervals keep ``level``. Chosen on the planted-truth records (re-analysis of 20 runs):
-at 0.9 one of 10 corpus_conflict seeds split its duplicate halves, at 0.98 and above none did,
-and the corpus_conflict and ``conflict`` pairs found apart at 0.9 stayed apart (one
-``conflict_tagged`` seed's did not); then checked on 10 fresh corpus_conflict seeds, analysed only
-after the rule was committed: the planted pair apart in 9, the duplicate never split
-(docs/analysis.md).
+Groups: a *conflict edge* joins two languages whose inputs agree (reference agreement at least
+``min_reference``), whose conflict at the chosen block exceeds ``tau`` with its interval above 0,
+and that are measurably two languages there (similarity interval at ``distinct_level`` below 1;
+by default ``level`` over the family of blocks). Languages that no block tells apart are treated
+as one. Conflicting languages go into different groups, greedily, and the rest stays together.
 
 This file imports no fairseq.
 """
@@ -78,6 +50,13 @@ class BlockEstimate:
     score: float                    # max pair conflict
     score_interval: Tuple[float, float]
     identifiability: Optional[dict] = None   # within, cross, margin (+ intervals), identifiable
+
+    @property
+    def rho_mean(self) -> float:
+        """Mean similarity over the language pairs (NaN where none is defined)."""
+        v = self.rho[np.triu_indices(len(self.rho), 1)]
+        v = v[np.isfinite(v)]
+        return float(v.mean()) if v.size else float("nan")
 
     @property
     def identifiable(self) -> bool:
@@ -126,9 +105,7 @@ def default_distinct_level(level: float, blocks: int) -> float:
     """The level at which a pair must be measurably not one language: ``level`` over the family of
     ``blocks`` blocks (Bonferroni, ``1 - (1 - level) / blocks``). Two halves of one language are
     told apart if *any* block's interval lies below 1, so at ``level`` per block they would be
-    told apart in up to ``blocks`` times ``(1 - level) / 2`` of runs: a corpus_conflict seed did
-    exactly that at 0.9 (its duplicate halves, similarity 0.77 [0.63, 0.93] in one decoder block,
-    were split apart), an expected rate of about one run in ten over its two decoder blocks."""
+    told apart in up to ``blocks`` times ``(1 - level) / 2`` of runs."""
     return 1.0 - (1.0 - level) / max(1, blocks)
 
 
@@ -323,9 +300,8 @@ def indistinguishable(analysis: ConflictAnalysis) -> np.ndarray:
     distinctness level) in every block. Such languages are never put apart: nothing measured tells
     them apart, and a noise edge of one of them must not separate them. This is the complement of
     what an edge requires (that interval below 1 at the block), so a pair is either measurably two
-    languages somewhere or treated as one. No point threshold: two halves of one language came out
-    at rho 0.85-0.87 in the decoder FFNs of a planted run (intervals up to 1.01-1.04), under the
-    0.9 an earlier rule required, and were split apart by an edge one half had by noise."""
+    languages somewhere or treated as one; no point threshold, which noise in one half's estimate
+    could cross."""
     L = len(analysis.languages)
     same = np.ones((L, L), dtype=bool)
     for e in analysis.estimates.values():
@@ -341,8 +317,7 @@ def one_language_sets(same: np.ndarray, rho: np.ndarray) -> np.ndarray:
     is indistinguishable (``same``). Built by complete linkage, most similar pairs (``rho``) first:
     two sets merge only if every pair across them is indistinguishable. Indistinguishability is
     not transitive: chaining it (A~C and B~C) would merge A and B although the data tell them
-    apart, and drop the edges between them (seen in one planted run: et~sw, et~xx, sw~sw2 made
-    et, sw, sw2 and xx one). Here C goes with the one it agrees with most."""
+    apart, and drop the edges between them. Here C goes with the one it agrees with most."""
     L = len(same)
     label = list(range(L))
     pairs = [(i, j) for i in range(L) for j in range(i + 1, L) if same[i, j]]

@@ -1,44 +1,22 @@
 """Same-state gradient similarity: every term of a similarity taken at the same parameters.
 
-Why. A noise-corrected cosine built from sums over training steps, ``<mean_i, mean_j> /
-sqrt(m_i m_j)`` with ``m`` the mean inner product of *distinct* steps, compares terms taken at
-different model states: the cross term contains same-update products (both languages at the same
-parameters), the self term does not. While the model trains, the expected gradient drifts, the
-same-update products carry that drift and the self term does not, and the "cosine" exceeds 1
-(measured: most pairs beyond +1 in every benchmark run). Here every term is taken at one state.
+Why. A cosine built from sums over training steps compares terms taken at different model
+states: its cross-language term contains products of two languages' gradients at one update, its
+self term only products across updates. While the model trains, the expected gradient moves, the
+cross term carries that movement and the self term does not, and the "cosine" can exceed 1.
 
-What a probe records. At a probed update the batch's utterances of each *probe unit* (a
-language, or a (language, speaker) pair) are split into two halves a and b, alternating over the
-unit's utterances. For each tracked block the per-target-token gradient of every half is formed,
-``y[2u + h]`` (h = 0, 1; a zero row when a half is empty), and only their exact inner products are
-kept: the Gram matrix ``K = Y Y^T`` (2U x 2U), plus the halves' token counts. That is a few
-kilobytes per probe, so every probe is kept and resampling probes is exact.
+What a probe records. At a probed update the batch's utterances of each *probe unit* (a language,
+or a (language, speaker) pair) are split into two halves. For each tracked block only the exact
+inner products of the halves' per-target-token gradients are kept: the Gram matrix ``K = Y Y^T``
+(2U x 2U) and the halves' token counts, a few kilobytes per probe, so resampling probes is exact.
 
-Estimator. From probe p, for units u != v:
-
-* ``self_u  = <y_{u,a}, y_{u,b}>``: disjoint utterances at the same parameters, so its
-  expectation is ``||mu_u||^2`` at that state (mu: the expected per-token gradient);
-* ``cross_uv = <ybar_u, ybar_v>`` with ``ybar`` the token-weighted mean of the unit's two halves:
-  expectation ``<mu_u, mu_v>`` at that state;
-
-and over probes, as a ratio of sums (only probes where both units have both halves count)::
-
-    rho_uv = sum_p w_p cross_uv,p / sqrt(sum_p w_p self_u,p * sum_p w_p self_v,p)
-
-By Cauchy-Schwarz at every probe and again over the sum, the expected numerator never exceeds
-the expected denominator, however the model drifts between probes: beyond +-1 is sampling noise
-only. ``w_p`` is 1 / (the mean squared norm of probe p's half-gradients in that block), so that
-every probe weighs the same: without it the large gradients of early training would decide.
-Two random halves of one language reach rho ~ 1 (the duplicate control).
-
-Bootstrap. Probes are resampled with replacement (the same draws for every block and every
-pair, so differences between blocks and pairs are paired); percentile intervals follow. Every
-epoch batches the same utterances again, so probes are resampled by batch: the probes of one
-batch key (the set of the update's utterances) are drawn together.
-
-Units to languages. Where units are (language, speaker) pairs, a language's half is the
-token-weighted mean of its speakers' halves, so the language-level Gram matrices follow exactly
-from the unit-level ones (``aggregate_units``): one probe serves both levels.
+Estimator. Per probe, ``self_u = <y_{u,a}, y_{u,b}>`` (disjoint utterances at one state: expectation
+``||mu_u||^2``) and ``cross_uv = <ybar_u, ybar_v>`` (``ybar``: the token-weighted mean of the halves);
+over probes, ``rho_uv = sum_p w_p cross_uv,p / sqrt(sum_p w_p self_u,p * sum_p w_p self_v,p)``. By
+Cauchy-Schwarz at every probe the expected numerator never exceeds the expected denominator, so
+beyond +-1 is sampling noise only. ``w_p`` (one over the probe's mean squared half norm) makes
+every probe weigh the same. Probes are bootstrapped by batch of utterances, the same draws for
+every block and pair; (language, speaker) units aggregate exactly to languages (``aggregate_units``).
 
 This file imports no fairseq.
 """
