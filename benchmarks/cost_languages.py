@@ -143,7 +143,7 @@ def measure_probe_time(data: Path, language_counts: Sequence[int], setting: spee
     rows = []
     for n in language_counts:
         off, probe = f"off_{n}", f"probe_{n}"
-        statistics = trainers[probe].criterion.statistics
+        statistics = trainers[probe].task.probe.statistics
         rows.append({"languages": n, "probe_units": len(statistics.same_state.units), **composition[n],
                      "unprobed_cpu_s_per_update": pystats.median(cpu[off]),
                      "probed_cpu_s_per_update": pystats.median(cpu[probe]),
@@ -159,7 +159,7 @@ def measure_probe_time(data: Path, language_counts: Sequence[int], setting: spee
     # harmless, the size measurement cycles them)
     profile = {"languages": largest, **speed.profile_probe(trainers[f"probe_{largest}"], batches[f"probe_{largest}"],
                                                            min(10, setting.block))}
-    recorded = {n: trainers[f"probe_{n}"].criterion.statistics for n in language_counts}
+    recorded = {n: trainers[f"probe_{n}"].task.probe.statistics for n in language_counts}
     first = batches[f"off_{language_counts[0]}"]
     return {"rows": rows, "profile": profile, "same_utterances_for_every_n": same_utterances,
             "batches": {"count": len(first), "max_tokens": setting.max_tokens,

@@ -23,7 +23,7 @@ TINY_GDPS_MODEL = ["--arch", "s2t_transformer_gdps_s", "--encoder-layers", "1", 
 
 
 def train_args(data, save_dir, max_update, *extra):
-    """fairseq-train arguments shared by both stages (add the stage's criterion options). With
+    """fairseq-train arguments shared by both stages (add the stage's --gdps-* options). With
     --max-tokens 2800 the tiny train set makes 11 batches: an epoch of 6 updates of two batches
     (--update-freq 2 or two workers) ends with a single batch (a padding batch on worker 1)."""
     return [BIN / "fairseq-train", data, "--user-dir", REPO / "fairseq_gdps", "--task", "speech_to_text_gdps",

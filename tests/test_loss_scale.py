@@ -7,7 +7,7 @@ import torch
 from fairseq.optim.dynamic_loss_scaler import DynamicLossScaler
 
 from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate
-from fairseq_gdps.tasks.speech_to_text_gdps import loss_scale_of
+from fairseq_gdps.tasks.gradient_probe import loss_scale_of
 
 
 def test_loss_scale_of_fairseqs_optimizers():

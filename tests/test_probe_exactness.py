@@ -7,7 +7,7 @@
   each layer's Gram matrix, and with the summed statistics, whose capture keeps the shares) and 2;
   the comparison is shown to see a one-ulp gradient difference and a different dropout seed.
 * Each probe half's share is its utterances' own gradient: on ``s2t_transformer_gdps`` (dropout
-  0), every row the task hands to the criterion equals the gradient of the loss restricted to that
+  0), every row the probe captures equals the gradient of the loss restricted to that
   half's utterances of the same padded batch, the rows add up to the stock gradient, and what the
   statistics record (the halves' token counts and Gram matrices, each language's per-token step)
   follows from those gradients.
@@ -15,8 +15,9 @@
 import pytest
 import torch
 
-import fairseq_gdps.tasks.speech_to_text_gdps as task_module
-from fairseq_gdps.tasks.speech_to_text_gdps import LANG_ID_KEY, probe_halves
+import fairseq_gdps.tasks.gradient_probe as probe_module
+from fairseq_gdps.net_input import LANG_ID_KEY
+from fairseq_gdps.tasks.gradient_probe import probe_halves
 from gdps_training import build_trainer, train_batches
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -80,20 +81,20 @@ def differing_gradients(a, b):
 def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_path, update_freq, summed,
                                                                monkeypatch):
     halves = []   # every micro-batch's (probe unit, probe row) per utterance, as the task split them
-    split = task_module.probe_halves
+    split = probe_module.probe_halves
 
     def spy(units, ids, *args, **kwargs):
         rows = split(units, ids, *args, **kwargs)
         halves.append((units.clone(), rows.clone()))
         return rows
 
-    monkeypatch.setattr(task_module, "probe_halves", spy)
+    monkeypatch.setattr(probe_module, "probe_halves", spy)
     task, with_probe = build_trainer(tiny_data, *DROPOUT, *probed(tmp_path, summed=summed))
-    assert with_probe.criterion.capture_keeps_shares() == (summed or update_freq > 1)
+    assert task.probe.capture_keeps_shares() == (summed or update_freq > 1)
     _, without_probe = build_trainer(tiny_data, *DROPOUT, *UNPROBED)
     _, nudged = build_trainer(tiny_data, *DROPOUT, *UNPROBED)
     _, other_seed = build_trainer(tiny_data, *DROPOUT, *UNPROBED, "--seed", "2")
-    tracked = with_probe.criterion.tracked_modules(with_probe.model)
+    tracked = task.probe.tracked_blocks(with_probe.model)
     assert any(name.startswith("decoder.") for name in tracked) and len(tracked) == 3
     init = model_state(with_probe)
     for trainer in (without_probe, nudged):
@@ -109,7 +110,7 @@ def test_probed_training_is_bit_identical_to_unprobed_training(tiny_data, tmp_pa
     run(other_seed, batches, update_freq)
 
     # the probe ran on every update and measured every tracked block
-    stats = with_probe.criterion.statistics
+    stats = task.probe.statistics
     assert stats.num_steps == UPDATES and stats.same_state.num_probes == UPDATES
     assert stats.module_names == list(tracked)
     # every update's utterances of a unit in two halves that differ by one utterance at most (both
@@ -150,7 +151,7 @@ def relative_error(got, expected):
 def test_each_probe_half_is_its_utterances_gradient_on_the_real_model(tiny_data, tmp_path):
     task, trainer = build_trainer(tiny_data, "--dropout", "0", *probed(tmp_path))
     model, criterion = trainer.model, trainer.criterion
-    tracked = criterion.tracked_modules(model)
+    tracked = task.probe.tracked_blocks(model)
     assert list(tracked) == ["encoder.transformer_layers.0.ffn", "encoder.transformer_layers.1.ffn",
                              "decoder.layers.0.ffn"]
     # a batch of all four languages, one of them with a single utterance, one with an odd count
@@ -194,17 +195,17 @@ def test_each_probe_half_is_its_utterances_gradient_on_the_real_model(tiny_data,
     model.zero_grad()
     del net_output, token_loss, utterance_loss
 
-    # the probe: the stock train step, with the task handing every half's share to the criterion
+    # the probe: the stock train step, with the capture handing every half's share to the probe's update
     handed = []
-    add_micro_batch = criterion.add_micro_batch
+    add_micro_batch = task.probe.add_micro_batch
 
-    def spy(grads, tokens, first_of_update, loss_scale=1.0, utterance_ids=()):
-        shares = grads.gradients() if hasattr(grads, "gradients") else grads   # the capture, or its shares
+    def spy(capture, tokens, first_of_update, loss_scale=1.0, utterance_ids=()):
+        shares = capture.gradients()
         handed.append(({r: {n: g.detach().clone() for n, g in blocks.items()} for r, blocks in shares.items()},
                        tokens.clone()))
-        add_micro_batch(grads, tokens, first_of_update, loss_scale, utterance_ids)
+        add_micro_batch(capture, tokens, first_of_update, loss_scale, utterance_ids)
 
-    criterion.add_micro_batch = spy
+    task.probe.add_micro_batch = spy
     optimizer = trainer.optimizer
     task.train_step(batch, model, criterion, optimizer, 0)
     stock = {name: flat_block_gradient(layers, {p: p.grad for p in params}) for name, layers in tracked.items()}
@@ -230,7 +231,7 @@ def test_each_probe_half_is_its_utterances_gradient_on_the_real_model(tiny_data,
 
     # what the statistics keep follows from those gradients: the halves' token counts and the
     # Gram matrix of their per-token gradients (a zero row for an empty half) ...
-    stats = criterion.statistics
+    stats = task.probe.statistics
     updates, recorded_tokens, grams = stats.same_state.arrays()
     assert updates.tolist() == [0] and recorded_tokens[0].tolist() == tokens.tolist()
     for m, name in enumerate(stats.same_state.blocks):

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from fairseq_gdps.modules.per_language_gradients import PerLanguageGradients
+from fairseq_gdps.gdps.gradient_capture import PerLanguageGradients
 from gdps_training import environment, run_all, stage1_args
 
 

@@ -10,7 +10,7 @@ from fairseq import options, tasks
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 
 import fairseq_gdps  # noqa: F401  (registers the task, criterion and models)
-from fairseq_gdps.tasks.speech_to_text_gdps import LANG_ID_KEY
+from fairseq_gdps.net_input import LANG_ID_KEY
 
 SIZES = ["--encoder-layers", "2", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
          "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--encoder-attention-heads", "2",
@@ -62,7 +62,8 @@ def test_batches_carry_language_ids(tiny_data):
 
 
 def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tmp_path):
-    stock_task, stock_model, stock_criterion = build(tiny_data, "speech_to_text", "s2t_transformer_s", "label_smoothed_cross_entropy")
+    stock_task, stock_model, stock_criterion = build(tiny_data, "speech_to_text", "s2t_transformer_s",
+                                                     "label_smoothed_cross_entropy")
     stats_path = tmp_path / "stats.pt"
     gdps_task, gdps_model, gdps_criterion = build(
         tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
@@ -87,7 +88,7 @@ def test_probe_gradient_equals_stock_task_and_is_split_by_language(tiny_data, tm
 
     # the recorded per-language gradients (per target token) add up to the total (that each is its
     # own utterances' gradient, half by half, is tested in test_probe_exactness.py)
-    stats = gdps_criterion.statistics
+    stats = gdps_task.probe.statistics
     assert stats.module_names == ["encoder.transformer_layers.0.ffn", "encoder.transformer_layers.1.ffn"]
     present = sorted({gdps_task.languages[i] for i in batch["net_input"][LANG_ID_KEY].tolist()})
     layer = gdps_model.encoder.transformer_layers[1]
@@ -118,7 +119,7 @@ def test_probe_records_every_conformer_ffn(tiny_data, tmp_path):
     batch = first_multilingual_batch(task)
     task.train_step(batch, model, criterion, PlainBackward(), 0)
     task.optimizer_step(PlainBackward(), model, 0)
-    stats = criterion.statistics
+    stats = task.probe.statistics
     assert stats.module_names == ["encoder.conformer_layers.0.ffn1", "encoder.conformer_layers.0.ffn2",
                                   "decoder.layers.0.ffn"]
     assert stats.same_state.num_probes == 1
@@ -132,11 +133,41 @@ def test_probe_records_every_conformer_ffn(tiny_data, tmp_path):
     torch.testing.assert_close(recorded, total, rtol=1e-4, atol=1e-6)
 
 
+def test_probe_works_with_the_stock_criterion_and_resumes_from_the_task_state(tiny_data, tmp_path):
+    """The probe belongs to the task: stock label_smoothed_cross_entropy records the same way, its
+    statistics travel in the task's state (a task that loads it goes on adding to them), and a
+    stopped probe probes no further update."""
+    flags = ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / "stats.pt"), "--gdps-probe-speakers"]
+    first, model, criterion = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s",
+                                    "label_smoothed_cross_entropy", flags)
+    batch = first_multilingual_batch(first)
+    assert len(first.probe.units) > len(first.languages)   # (language, speaker) pairs
+    first.train_step(copy.deepcopy(batch), model, criterion, PlainBackward(), 0)
+    first.optimizer_step(PlainBackward(), model, 0)
+    assert first.probe.statistics.same_state.num_probes == 1
+    state = first.state_dict()
+
+    resumed, model, criterion = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s",
+                                      "label_smoothed_cross_entropy", flags)
+    resumed.load_dataset("train")
+    resumed.load_state_dict(state)
+    model.zero_grad(set_to_none=True)
+    resumed.train_step(copy.deepcopy(batch), model, criterion, PlainBackward(), 1)
+    resumed.optimizer_step(PlainBackward(), model, 1)
+    statistics = resumed.probe.statistics
+    assert statistics.same_state.num_probes == 2 and statistics.same_state.units == first.probe.units
+    assert resumed.state_dict()["gdps_statistics"]["same_state"] is not None
+
+    resumed.probe.stop()
+    assert not any(resumed.probe.is_due(u) for u in range(2, 10))
+    assert resumed.probe.statistics is statistics
+
+
 def test_no_probe_between_intervals_and_stock_model_rejected(tiny_data, tmp_path):
     task, model, criterion = build(
         tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
         ["--gdps-probe-interval", "10", "--gdps-stats", str(tmp_path / "s.pt")])
-    assert [u for u in range(25) if criterion.probe_due(u)] == [0, 10, 20]
+    assert [u for u in range(25) if task.probe.is_due(u)] == [0, 10, 20]
     with pytest.raises(ValueError, match="does not take"):
         build(tiny_data, "speech_to_text_gdps", "s2t_transformer_s", "label_smoothed_cross_entropy")
     with pytest.raises(ValueError, match="needs --gdps-stats"):
@@ -187,48 +218,6 @@ class ScalingStep(PlainBackward):
                 p.grad.mul_(0.5)
 
 
-def test_block_by_block_recording_equals_the_buffer_path(tiny_data, tmp_path):
-    """One micro-batch on one worker is recorded block by block from the capture (no buffer of
-    every tracked gradient per half, no float64 rows: Gram matrices and language rows from the
-    float32 shares): the same statistics and same-state records as the PerLanguageUpdate buffer
-    path up to float32 rounding, even though the step scales the gradients in place."""
-    built = {}
-    for name in ("streamed", "buffered"):
-        built[name] = build(tiny_data, "speech_to_text_gdps", "s2t_transformer_gdps_s", "label_smoothed_cross_entropy_gdps",
-                            ["--gdps-probe-interval", "1", "--gdps-stats", str(tmp_path / f"{name}.pt"),
-                             "--gdps-probe-speakers", "--gdps-summed-statistics"])
-    built["buffered"][1].load_state_dict(built["streamed"][1].state_dict())
-    criterion = built["buffered"][2]
-    add = criterion.add_micro_batch
-
-    def as_dict(grads, *args):   # hand the shares over as a dict: the buffer path
-        assert hasattr(grads, "gradients")
-        return add(grads.gradients(list(criterion.block_sizes())), *args)
-
-    criterion.add_micro_batch = as_dict
-    batch = first_multilingual_batch(built["streamed"][0])
-    built["buffered"][0].load_dataset("train")
-    for name, (task, model, crit) in built.items():
-        step = ScalingStep(model)
-        task.train_step(copy.deepcopy(batch), model, crit, step, 0)
-        task.optimizer_step(step, model, 0)
-    streamed, buffered = built["streamed"][2].statistics, built["buffered"][2].statistics
-    assert built["streamed"][2]._spare_update is None   # no buffer was made
-    assert streamed.num_steps == buffered.num_steps == 1
-    def close(a, b):   # float32 rounding of the shares' products, relative to the quantity's scale
-        return a.shape == b.shape and bool(np.all(np.abs(a - b) <= 1e-5 * np.abs(b).max() + 1e-300))
-
-    for key, tensor in streamed.to_tensors().items():
-        assert close(tensor.double().numpy(), buffered.to_tensors()[key].double().numpy()), key
-    (s_updates, s_tokens, s_grams), (b_updates, b_tokens, b_grams) = streamed.same_state.arrays(), buffered.same_state.arrays()
-    assert len(s_updates) == 1 and len(streamed.same_state.units) > 4   # speaker units
-    assert np.array_equal(s_updates, b_updates) and np.array_equal(s_tokens, b_tokens)
-    assert np.abs(b_grams).max() > 0 and close(s_grams, b_grams)
-    # every half's own entry, the smallest products included, to the same relative precision
-    diag_s, diag_b = np.diagonal(s_grams, axis1=-2, axis2=-1), np.diagonal(b_grams, axis1=-2, axis2=-1)
-    assert np.all(np.abs(diag_s - diag_b) <= 1e-5 * diag_b)
-
-
 def test_summed_statistics_are_opt_in_and_leave_the_gram_matrices_unchanged(tiny_data, tmp_path):
     """By default the probe records the same-state records alone (none of the summed statistics'
     buffers is even allocated, and the capture keeps no shares: each layer's are reduced to their
@@ -243,19 +232,19 @@ def test_summed_statistics_are_opt_in_and_leave_the_gram_matrices_unchanged(tiny
     built["default"][0].load_dataset("train")
     keeps_shares = {}
     for name, (task, model, crit) in built.items():
-        add = crit.add_micro_batch
+        add = task.probe.add_micro_batch
 
         def spy(capture, *args, name=name, add=add):
             keeps_shares[name] = capture.keep_shares
             return add(capture, *args)
 
-        crit.add_micro_batch = spy
+        task.probe.add_micro_batch = spy
         for update in range(2):
             model.zero_grad(set_to_none=True)   # as fairseq's trainer does when an update begins
             step = ScalingStep(model)
             task.train_step(copy.deepcopy(batch), model, crit, step, update)
             task.optimizer_step(step, model, update)
-    full, alone = built["summed"][2].statistics, built["default"][2].statistics
+    full, alone = built["summed"][0].probe.statistics, built["default"][0].probe.statistics
     assert keeps_shares == {"summed": True, "default": False}
     assert full.summed and not alone.summed
     assert full.num_steps == alone.num_steps == 2

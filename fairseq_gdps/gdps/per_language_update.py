@@ -15,18 +15,18 @@ statistics themselves cannot be reduced instead: their squared norms and moments
 linear in the step's gradient.
 
 The buffer holds every tracked gradient element per row in float64, so its size is 2U rows x
-the tracked parameters x 8 bytes (26 GB for 4 languages and an encoder of SeamlessM4T-Medium's
-shape). An update of one micro-batch on one worker, whose sums are complete as soon as its
-backward pass ends, skips it: ``record_blockwise`` records such an update block by block straight
-from the capture, forming each block's Gram matrix and language rows from the shares in their own
-dtype (the same numbers up to float32 rounding). This file imports no fairseq.
+the tracked parameters x 8 bytes (tens of GB for a few languages and a large encoder). An update
+of one micro-batch on one worker, whose sums are complete as soon as its backward pass ends,
+skips it: ``record_blockwise`` records such an update block by block straight from the capture,
+forming each block's Gram matrix and language rows from the shares in their own dtype (the same
+numbers up to float32 rounding). This file imports no fairseq.
 """
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor
 
-from fairseq_gdps.modules.per_language_gradients import product_dtype
+from fairseq_gdps.gdps.gradient_capture import product_dtype
 
 
 class PerLanguageUpdate:
@@ -45,8 +45,7 @@ class PerLanguageUpdate:
     """
 
     def __init__(self, block_sizes: Mapping[str, int], num_languages: int, device=None):
-        self.block_names = list(block_sizes)
-        self.block_sizes = {name: int(block_sizes[name]) for name in self.block_names}
+        self.block_sizes = {name: int(size) for name, size in block_sizes.items()}
         self.num_languages = L = int(num_languages)
         total = sum(self.block_sizes.values())
         # block matrices and tokens are views of one buffer: a single all_reduce completes all
@@ -57,12 +56,10 @@ class PerLanguageUpdate:
             self.blocks[name] = self.buffer[offset: offset + L * size].view(L, size)
             offset += L * size
         self.tokens = self.buffer[offset:]
-        self.micro_batches = 0
 
     def reset(self) -> None:
         """Zero the sums and counts for the next update (the buffer is kept)."""
         self.buffer.zero_()
-        self.micro_batches = 0
 
     def add(self, grads: Mapping[int, Mapping[str, Tensor]], tokens: Tensor, loss_scale: float = 1.0) -> None:
         """Add one micro-batch: ``grads[lang_id][block]`` is the block's gradient summed over
@@ -83,40 +80,8 @@ class PerLanguageUpdate:
                                                   alpha=1.0 / loss_scale)
 
     def add_tokens(self, tokens: Tensor) -> None:
-        """Add the micro-batch's ``(L,)`` target-token counts; completes the micro-batch."""
+        """Add the micro-batch's ``(L,)`` target-token counts."""
         self.tokens += tokens.to(self.buffer)
-        self.micro_batches += 1
-
-    def _present(self) -> List[int]:
-        return torch.nonzero(self.tokens > 0).flatten().tolist()
-
-    def per_token(self, languages: Sequence[str]) -> Dict[str, Dict[str, Tensor]]:
-        """``{language: {block: gradient per target token}}`` for the languages with tokens in
-        the update (float64, new tensors; the sums are left as they are)."""
-        self._check_names(languages)
-        return {languages[lang]: {name: self.blocks[name][lang] / self.tokens[lang] for name in self.block_names}
-                for lang in self._present()}
-
-    def per_token_rows(self, languages: Sequence[str]) -> Tuple[List[str], Dict[str, Tensor]]:
-        """The languages with tokens in the update and ``{block: (n, d) gradients per target
-        token}``, a row per such language: what ``GradientStatistics.add_step_rows`` takes.
-
-        Works in place, without allocating: the present languages' rows are moved to
-        the top of every block matrix and divided there, so the update is spent afterwards
-        (:meth:`reset` it before reuse). Element for element the same numbers as :meth:`per_token`."""
-        self._check_names(languages)
-        present = self._present()
-        n = len(present)
-        if n < self.num_languages:
-            # row present[i] >= i: moving the rows in increasing order never overwrites one still to move
-            for i, lang in enumerate(present):
-                if lang != i:
-                    for block in self.blocks.values():
-                        block[i].copy_(block[lang])
-                    self.tokens[i] = self.tokens[lang]
-        divisor = self.tokens[:n, None]
-        per_token = {name: block[:n].div_(divisor) for name, block in self.blocks.items()}
-        return [languages[lang] for lang in present], per_token
 
     def per_token_halves(self) -> Tuple[Tensor, Dict[str, Tensor]]:
         """Every row's token count ``(L,)`` and ``{block: (L, d) gradient per target token}``
@@ -125,10 +90,6 @@ class PerLanguageUpdate:
         divisor = self.tokens.clamp(min=1.0)[:, None]   # a row without tokens has a zero sum
         return self.tokens.clone(), {name: block.div_(divisor) for name, block in self.blocks.items()}
 
-    def _check_names(self, languages: Sequence[str]) -> None:
-        if len(languages) != self.num_languages:
-            raise ValueError(f"expected {self.num_languages} language names, got {len(languages)}")
-
 
 def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes: Mapping[str, int],
                      loss_scale: float = 1.0, batch_key: Optional[int] = None) -> List[str]:
@@ -136,16 +97,11 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
     (``PerLanguageGradients``, shares completed), block by block, without a ``PerLanguageUpdate``.
     Returns the languages skipped for non-finite gradients.
 
-    Why. The buffer holds 2U rows x every tracked gradient element in float64: for an encoder of
-    SeamlessM4T-Medium's shape (48 FFN blocks of 8.4M parameters, 403M in all) and 4 languages,
-    8 x 403M x 8 B = 26 GB, on top of the capture's shares (2U x 403M in the gradients' dtype).
-    Neither a block's Gram matrix nor its languages' rows need the others' blocks, so each block
-    is recorded and its shares freed before the next one.
-
-    How, and what it costs in exactness. A block's quantities are formed from the capture's
-    shares directly, part by part (each layer's weight and bias), with no float64 copy of the
-    2U rows (forming that copy and its Gram matrix took most of a probed update's recording
-    time, ``benchmarks/speed.py``):
+    Why: the buffer holds 2U rows x every tracked gradient element in float64 (tens of GB for a
+    large encoder), while neither a block's Gram matrix nor its languages' rows need the other
+    blocks; so each block is recorded and its shares freed before the next one. A block's
+    quantities are formed from the capture's shares directly, part by part (each layer's weight
+    and bias), with no float64 copy of the 2U rows:
 
     * its Gram matrix (``capture.block_gram``, formed during the backward pass by a capture that
       keeps no shares): the sum over parts of ``part @ part.T`` in the shares' dtype (float32 or
@@ -156,9 +112,8 @@ def record_blockwise(statistics, step: int, capture, tokens: Tensor, block_sizes
       mixing matrix, in the shares' dtype, stored in float64.
 
     The buffer path (``--update-freq`` > 1 or data-parallel workers, whose sums must be complete
-    before any Gram matrix is formed) computes the same quantities from float64 rows; the two
-    agree to float32 rounding (about 1e-6 of the rows' norms, against half-gradient cosines of
-    1e-3 and more and bootstrap intervals of 1e-2), not bit for bit.
+    before any Gram matrix is formed) computes the same quantities from float64 rows: the two
+    agree to float32 rounding, not bit for bit.
 
     ``tokens``: (2U,) target tokens per row; ``block_sizes``: the blocks to record, in the
     statistics' module order."""

@@ -2,11 +2,10 @@
 utterance in ``net_input["src_lang_id"]``, temperature-based language sampling, and the GDPS
 gradient probe.
 
-On probed updates the train step is the stock one (same forward, same backward, same update),
-with hooks on the tracked FFN layers that split each weight gradient into the shares of the
-batch's languages (see ``modules/per_language_gradients.py``); the shares go to the criterion,
-which records one step per update (all micro-batches of ``--update-freq`` and all data-parallel
-workers summed, see ``gdps/per_language_update.py``) from ``optimizer_step``.
+The probe (``tasks/gradient_probe.py``) belongs to the task, so it works with any criterion
+(stock ``label_smoothed_cross_entropy`` included). On probed updates the train step is the stock
+one (same forward, same backward, same update) run inside the probe's capture, which records one
+step of per-language gradient statistics per update from ``optimizer_step``.
 """
 import csv
 import inspect
@@ -18,36 +17,20 @@ from typing import Optional
 import numpy as np
 import torch
 from fairseq.data import BaseWrapperDataset, FairseqDataset, ResamplingDataset
-from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import gen_parser_from_dataclass
-from fairseq.distributed import utils as distributed_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.speech_to_text import SpeechToTextTask
 from omegaconf import II
 
-from fairseq_gdps.modules.per_language_gradients import PerLanguageGradients
+from fairseq_gdps.net_input import LANG_ID_KEY
+from fairseq_gdps.tasks.data_folder_config import DataFolderConfig
+from fairseq_gdps.tasks.gradient_probe import STATE_KEY, GradientProbe, GradientProbeConfig
 
 logger = logging.getLogger(__name__)
 
-LANG_ID_KEY = "src_lang_id"
-
-
-def loss_scale_of(optimizer) -> float:
-    """The factor fairseq's mixed-precision optimizers multiply the loss by before the backward
-    pass (``--fp16``: a DynamicLossScaler's ``loss_scale``; ``--amp``: torch's GradScaler), 1 for
-    the others: the gradients the probe reads carry it."""
-    scaler = getattr(optimizer, "scaler", None)
-    if scaler is None:
-        return 1.0
-    if hasattr(scaler, "loss_scale"):
-        return float(scaler.loss_scale)
-    if hasattr(scaler, "get_scale"):
-        return float(scaler.get_scale())
-    return 1.0
-
 
 @dataclass
-class SpeechToTextGDPSConfig(FairseqDataclass):
+class SpeechToTextGDPSConfig(GradientProbeConfig):
     data: str = field(default="", metadata={"help": "manifest root path"})
     config_yaml: str = field(default="config.yaml", metadata={"help": "configuration YAML under the manifest root"})
     multitask_config_yaml: Optional[str] = field(default=None, metadata={"help": "multitask YAML under the manifest root"})
@@ -63,7 +46,6 @@ class SpeechToTextGDPSConfig(FairseqDataclass):
         metadata={"help": "language sampling temperature T: language l is sampled with probability "
                   "proportional to (n_l/N)^(1/T); 1 keeps the data's proportions (no resampling)"},
     )
-    seed: int = II("common.seed")
     train_subset: str = II("dataset.train_subset")
 
 
@@ -130,38 +112,18 @@ def speaker_unit(language: str, speaker: str) -> str:
     return f"{language}@{speaker}"
 
 
-def probe_halves(units: torch.Tensor, ids: torch.Tensor, first_half: int = 0) -> torch.Tensor:
-    """Probe row of every utterance of a batch: ``2 * unit + half``, where the halves alternate
-    over the unit's utterances in the order of their dataset ids (so that both halves of a unit
-    with two or more utterances are non-empty, and the split does not depend on batch order).
-
-    ``first_half``: the half each unit's first utterance goes to. The task alternates it over the
-    micro-batches of an update (``--update-freq``, data-parallel workers): restarting at half 0 in
-    every micro-batch put one more utterance in half 0 for every micro-batch with an odd number
-    of a unit's utterances (the tiny test corpus with --update-freq 2: 4 and 2 of a unit's 6; a
-    unit with one utterance in each of two micro-batches had both in half 0 and an empty half 1).
-    With two micro-batches per update the halves now differ by one utterance at most."""
-    order = sorted(range(units.numel()), key=lambda k: (int(units[k]), int(ids[k])))
-    half = torch.zeros_like(units)
-    seen = {}
-    for k in order:
-        u = int(units[k])
-        half[k] = (seen.get(u, 0) + first_half) % 2
-        seen[u] = seen.get(u, 0) + 1
-    return 2 * units + half
-
-
 @register_task("speech_to_text_gdps", dataclass=SpeechToTextGDPSConfig)
 class SpeechToTextGDPSTask(SpeechToTextTask):
     def __init__(self, cfg, tgt_dict):
         super().__init__(cfg, tgt_dict)
+        self.data_cfg = DataFolderConfig(Path(cfg.data) / cfg.config_yaml)  # reads a moved data folder too
         self.languages = self.source_languages(cfg)
         self.lang_to_id = {lang: i for i, lang in enumerate(self.languages)}
         logger.info(f"source languages (id order): {self.languages}")
-        # the GDPS criterion records statistics and owns the probe schedule; see build_criterion
-        self.gdps_criterion = None
-        self.probe_unit_of = None   # (utterances of the train S2T dataset,) probe unit ids, built on first probe
-        self._probe_micro_batch = 0   # index of the probed micro-batch in its update, on this worker
+        self.probe = GradientProbe(cfg, self.languages)
+        # (utterances of the train S2T dataset,) probe unit ids under --gdps-probe-speakers (set
+        # when the train set is loaded); None: the units are the languages
+        self._unit_of_utterance: Optional[torch.Tensor] = None
 
     @classmethod
     def add_args(cls, parser):
@@ -203,6 +165,8 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
                 epoch=epoch,
             )
         self.datasets[split] = LanguageTaggedDataset(dataset, s2t_dataset, lang_ids)
+        if split == self.args.train_subset and self.args.gdps_probe_speakers and self.args.gdps_probe_interval > 0:
+            self._probe_speakers(s2t_dataset)
 
     def build_model(self, cfg, from_checkpoint=False):
         model = super().build_model(cfg, from_checkpoint)
@@ -214,104 +178,53 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
             )
         return model
 
-    def build_criterion(self, cfg):
-        criterion = super().build_criterion(cfg)
-        if hasattr(criterion, "probe_due"):
-            self.gdps_criterion = criterion
-            if getattr(criterion.cfg, "gdps_probe_speakers", False):
-                units = self.speaker_units()
-                criterion.attach_languages(self.languages, units, [u.split("@", 1)[0] for u in units])
-            else:
-                criterion.attach_languages(self.languages)
-        return criterion
-
     def _train_manifest(self) -> Path:
         return Path(self.args.data) / f"{self.args.train_subset.split(',')[0]}.tsv"
 
-    def speaker_units(self) -> list[str]:
-        """The (language, speaker) probe units of the train manifest, sorted by language order."""
+    def _probe_speakers(self, s2t_dataset) -> None:
+        """--gdps-probe-speakers: the probe units are the train set's (language, speaker) pairs,
+        sorted by language order, then speaker."""
         path = self._train_manifest()
         with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-            if "speaker" not in (reader.fieldnames or []):
-                raise ValueError(f"--gdps-probe-speakers: {path} has no speaker column")
-            pairs = {(row["src_lang"], row["speaker"]) for row in reader}
-        order = {lang: i for i, lang in enumerate(self.languages)}
-        return [speaker_unit(lang, spk) for lang, spk in sorted(pairs, key=lambda p: (order.get(p[0], len(order)), p[1]))]
+            header = next(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE), [])
+        if "speaker" not in header:
+            raise ValueError(f"--gdps-probe-speakers: {path} has no speaker column")
+        pairs = list(zip(s2t_dataset.src_langs, s2t_dataset.speakers))
+        unique = sorted(set(pairs), key=lambda p: (self.lang_to_id[p[0]], p[1]))
+        self.probe.set_units([speaker_unit(lang, spk) for lang, spk in unique], [lang for lang, _ in unique])
+        index = {pair: i for i, pair in enumerate(unique)}
+        self._unit_of_utterance = torch.tensor([index[pair] for pair in pairs], dtype=torch.long)
 
-    def _probe_units_of_batch(self, sample, criterion) -> torch.Tensor:
+    def _probe_units_of_batch(self, sample) -> torch.Tensor:
         """Probe unit id of every utterance of a train batch (its language id, or the id of its
-        (language, speaker) pair)."""
+        (language, speaker) pair), on the batch's device."""
         lang_ids = sample["net_input"][LANG_ID_KEY]
-        if criterion.probe_units == self.languages:
-            return lang_ids.cpu()
-        if self.probe_unit_of is None:
-            train = self.datasets[self.args.train_subset.split(",")[0]].s2t_dataset
-            index = {u: i for i, u in enumerate(criterion.probe_units)}
-            speakers = train.speakers if train.speakers is not None else [None] * len(train)
-            try:
-                self.probe_unit_of = torch.tensor([index[speaker_unit(lang, spk)] for lang, spk
-                                                   in zip(train.src_langs, speakers)], dtype=torch.long)
-            except KeyError as exc:
-                raise ValueError(f"--gdps-probe-speakers: {self._train_manifest()}: no probe unit {exc} "
-                                 "(the train manifest's speaker column is read when the criterion is built)") from None
-        return self.probe_unit_of[sample["id"].cpu()]
+        if self._unit_of_utterance is None:
+            return lang_ids
+        return self._unit_of_utterance[sample["id"].cpu()].to(lang_ids.device)
 
     def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
-        probe = self.gdps_criterion is not None and not ignore_grad and criterion.probe_due(update_num)
-        if not probe:
+        if ignore_grad or not self.probe.is_due(update_num):
             return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        # each probe unit's utterances split into two halves: the analysis compares a unit's two
-        # halves (self) with other units (cross) at the same parameters (gdps/same_state.py)
-        # fairseq's trainer sets every gradient to None when an update (or its retry after an
-        # fp16 overflow) begins, and micro-batches of the same update (--update-freq) add to them.
-        # Read on a trained parameter: a tracked FFN may be frozen (its would-be gradient is measured).
-        first_of_update = next(p for p in model.parameters() if p.requires_grad).grad is None
-        if first_of_update:
-            self._probe_micro_batch = 0
-        # the halves' alternation starts at half 0 and 1 in turn over the update's batches, in the
-        # order one process with --update-freq F*W takes them (worker r of W, micro-batch i: batch
-        # i*W + r), so that data-parallel workers split exactly as that process does
-        world = distributed_utils.get_data_parallel_world_size()
-        rank = distributed_utils.get_data_parallel_rank() if world > 1 else 0
-        rows = probe_halves(self._probe_units_of_batch(sample, criterion), sample["id"].cpu(),
-                            first_half=(self._probe_micro_batch * world + rank) % 2)
-        self._probe_micro_batch += 1
-        rows = rows.to(sample["net_input"][LANG_ID_KEY].device)
-        tracked = criterion.tracked_modules(model)
-        with PerLanguageGradients(tracked, rows, keep_shares=criterion.capture_keeps_shares()) as capture:
-            result = super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
-        frozen_blocks = capture.blocks_without_gradient()
-        if frozen_blocks:   # e.g. a frozen pretrained encoder under the default --gdps-track '*'
-            criterion.untrack(frozen_blocks)
-        # Gradient sums and target tokens per probe half; the criterion divides them once the
-        # update's micro-batches and workers are summed (per-token gradients, so that steps of
-        # different sizes weigh the same in the statistics).
-        tokens = torch.zeros(2 * len(criterion.probe_units), dtype=torch.float64).index_add_(
-            0, rows.cpu(), sample["target_lengths"].cpu().double())
-        # the capture itself (its shares, or their Gram matrices, completed now, before the trainer
-        # scales and clips the gradients in place): the criterion reads it block by block (one
-        # micro-batch on one worker is recorded straight from it, without a buffer of every
-        # tracked gradient per half)
-        capture.complete()
-        criterion.add_micro_batch(capture, tokens, first_of_update,
-                                  loss_scale_of(optimizer), sample["id"].tolist())
-        return result
+        with self.probe.capture(sample, model, optimizer, self._probe_units_of_batch(sample)):
+            return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
 
     def optimizer_step(self, optimizer, model, update_num):
         super().optimizer_step(optimizer, model, update_num)
         # Called once per update on every worker, after all its micro-batches: the probed
         # update's per-language gradients are complete here (and reduced across workers).
-        if self.gdps_criterion is not None and self.gdps_criterion.probe_due(update_num):
-            self.gdps_criterion.record_update(update_num)
+        if self.probe.is_due(update_num):
+            self.probe.record_update(update_num)
 
     def begin_valid_epoch(self, epoch, model):
         # Validation precedes every checkpoint save: write the statistics file at the same points.
-        if self.gdps_criterion is not None:
-            self.gdps_criterion.save_statistics()
+        self.probe.save()
 
     def state_dict(self):
-        state = dict(super().state_dict())
-        if self.gdps_criterion is not None and self.gdps_criterion.statistics is not None:
-            state["gdps_statistics"] = self.gdps_criterion.statistics.state_dict()
-        return state
+        return {**super().state_dict(), **self.probe.state_dict()}
+
+    def load_state_dict(self, state_dict):
+        # fairseq's load_model_ensemble_and_task calls this; fairseq-train's resume does not (the
+        # probe reads its checkpoint itself, see GradientProbe._read_resumed_state)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_KEY})
+        self.probe.load_state_dict(state_dict)

@@ -17,8 +17,11 @@ half precision the difference would lose too many digits, so every share is mult
 A probe that keeps only the shares' Gram matrices (the same-state records, without the summed
 statistics) reduces each layer's shares to their ``(L, L)`` Gram matrix as soon as the layer's
 parameter gradients arrive (``keep_shares=False``), while the shares are still in cache, and frees
-them there: forming the derived share and the Gram matrix after the optimizer step instead, from
-shares held through it, cost a fifth to a quarter of a probed update's extra time (``benchmarks/speed.py``).
+them there: cheaper than forming the derived share and the Gram matrix from shares held through
+the optimizer step, and the shares' memory is not held across the layers.
+
+Pure torch hooks (no fairseq import), used by the task's gradient probe
+(``tasks/gradient_probe.py``).
 """
 from functools import partial
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
