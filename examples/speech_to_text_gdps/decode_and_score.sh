@@ -22,6 +22,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$OUT/decode"
+# stock fairseq (--task speech_to_text) reads the features through config.yaml's absolute
+# audio_root: after the data folder was moved, point it at the new place (nothing changes otherwise)
+gdps-prep --out "$DATA" --relocate --quiet
 splits=()
 if [ -n "$SPLITS" ]; then read -r -a splits <<< "$SPLITS"
 else for f in "$DATA"/test_*.tsv; do splits+=("$(basename "$f" .tsv)"); done; fi

@@ -26,6 +26,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 mkdir -p "$OUT"
+# stock fairseq reads the features through config.yaml's absolute audio_root: after the data
+# folder was moved or renamed, point it at the new place (nothing changes otherwise)
+gdps-prep --out "$DATA" --relocate --quiet
 TASK=speech_to_text; ARCH=$BASELINE_ARCH; MODEL_ARGS=()
 if [ "$TAGGED" = 1 ]; then TASK=speech_to_text_gdps; ARCH=$GDPS_ARCH; MODEL_ARGS=(--gdps-lang-embedding); fi
 fairseq-train "$DATA" --user-dir "$USER_DIR" --task "$TASK" \

@@ -3,6 +3,7 @@
     gdps-prep --corpus DIR --out DATA_DIR [--vocab-size 256] [--jobs 2] [--tgt-lang en]
               [--splits train,dev,test] [--specaugment {none,lb,ld,sm,ss}]
               [--audio-root PATH] [--languages ar,et,...] [--skip-bad] [--quiet]
+    gdps-prep --out DATA_DIR --relocate
 
 Input: ``DIR/{train,dev,test}.tsv`` with a header and tab-separated columns
 id, audio, src_lang, tgt_text (required) and speaker, src_text, duration,
@@ -15,6 +16,11 @@ Output in DATA_DIR (fairseq's S2T layout): fbank80.zip, {split}.tsv and
 {split}_{lang}.tsv manifests, spm_unigram{N}.{model,vocab,txt}, config.yaml,
 prep.json, and skipped.tsv with --skip-bad.  Each file is written to a temporary
 name and moved into place only when everything succeeded.
+
+Every path in DATA_DIR is relative to it except config.yaml's audio_root: stock fairseq joins the
+manifests' audio paths to it as it stands, so it holds DATA_DIR's absolute path. The plugin's task
+reads a moved data folder without it; for stock fairseq (``--task speech_to_text``), ``--relocate``
+points it at the folder's new place (the recipes do this themselves).
 """
 from __future__ import annotations
 
@@ -42,6 +48,7 @@ from fairseq_gdps.data.manifest import (
     is_language_code,
     manifest_text,
     read_corpus_tsv,
+    relocate_config,
     skipped_text,
     train_spm,
     zip_entry_offsets,
@@ -348,18 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
         prog="gdps-prep",
         description="Prepare a speech translation corpus (TSVs + 16 kHz mono wavs) as a fairseq S2T data folder.",
     )
-    p.add_argument("--corpus", required=True, help="folder with {train,dev,test}.tsv (audio paths relative to it)")
+    p.add_argument("--corpus", help="folder with {train,dev,test}.tsv (audio paths relative to it); required "
+                   "unless --relocate")
     p.add_argument("--out", required=True, help="output data folder (fairseq --data)")
     p.add_argument("--vocab-size", type=int, default=256,
-                   help="SentencePiece unigram vocabulary size (lowered with a warning if the targets cannot support it; default 256)")
+                   help="SentencePiece unigram vocabulary size (lowered with a warning if the targets cannot "
+                        "support it; default 256)")
     p.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1), help="feature extraction processes (default 2)")
     p.add_argument("--tgt-lang", default="en", help="target language when the TSV has no tgt_lang column (default en)")
     p.add_argument("--splits", default="train,dev,test", help="comma-separated split names (default train,dev,test)")
     p.add_argument("--specaugment", default="none", choices=["none"] + sorted(SPECAUGMENT_POLICIES),
                    help="SpecAugment policy for the '_train' transforms (default none)")
     p.add_argument("--audio-root", default=None,
-                   help="config.yaml audio_root (default: absolute path of --out; '' leaves it out, "
-                        "then fairseq must run from the data folder)")
+                   help="config.yaml audio_root, the folder stock fairseq reads the manifests' audio from "
+                        "(default: absolute path of --out; '' leaves it out, then stock fairseq must run "
+                        "from the data folder)")
+    p.add_argument("--relocate", action="store_true",
+                   help="instead of preparing: after moving the data folder --out, point its config.yaml "
+                        "audio_root at the new place when the old one no longer exists (stock fairseq needs "
+                        "it; speech_to_text_gdps reads a moved folder without it)")
     p.add_argument("--languages", default=None, metavar="LANGS",
                    help="comma-separated source languages the corpus may hold; a line in any other is "
                         "bad (default: accept every well-formed code)")
@@ -368,8 +382,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _relocate(out: str, quiet: bool) -> int:
+    try:
+        root = relocate_config(out)
+    except PrepError as e:
+        print(f"gdps-prep: error: --relocate: {e}", file=sys.stderr)
+        return 1
+    if not quiet:
+        done = f"audio_root is now {root}" if root else "audio_root unchanged (it names an existing folder, or none is set)"
+        print(f"gdps-prep: {os.path.join(out, 'config.yaml')}: {done}", file=sys.stderr)
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.relocate:
+        if args.corpus is not None:
+            parser.error("--relocate takes only --out (the data folder); --corpus prepares a new one")
+        return _relocate(args.out, args.quiet)
+    if args.corpus is None:
+        parser.error("the following arguments are required: --corpus")
     splits = [s.strip() for s in args.splits.split(",") if s.strip()]
     try:
         prepare(

@@ -11,6 +11,10 @@ Layout written (same as fairseq's ``examples/speech_to_text/prep_*_data.py``):
   and no escape character, so fields must not contain tabs or line breaks;
 * ``spm_unigram<N>.{model,vocab,txt}`` and ``config.yaml``.
 
+Every path these files hold is relative to the data folder, except config.yaml's
+``audio_root``, which stock fairseq needs absolute; the plugin does not depend on it
+(``resolve_audio_root``), so the folder can be moved.
+
 Nothing here imports fairseq or torch.
 """
 from __future__ import annotations
@@ -23,6 +27,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+from fairseq_gdps.atomic import atomic_write
 
 REQUIRED_COLUMNS = ("id", "audio", "src_lang", "tgt_text")
 OPTIONAL_COLUMNS = ("speaker", "src_text", "duration", "tgt_lang")
@@ -466,7 +472,9 @@ def config_yaml_text(
     resolves it against the yaml's folder when it does not exist relative to the
     working directory), ``vocab_filename`` is joined to ``--data`` by the task.
     Manifest audio paths (``fbank80.zip:...``) are joined to ``audio_root``, which
-    fairseq does *not* resolve against the data folder; hence the absolute default.
+    stock fairseq does *not* resolve against the data folder: the caller passes the
+    folder's absolute path so that stock fairseq reads it from any working directory,
+    and ``resolve_audio_root`` lets the plugin's task read a moved folder without it.
     Uses ``feature_transforms`` (the deprecated ``transforms`` key that fairseq's
     own prep writes triggers a warning on every load)."""
     import yaml
@@ -490,3 +498,55 @@ def config_yaml_text(
 
 def iter_languages(rows: Iterable[Row]) -> Iterator[str]:
     return iter(sorted({r.src_lang for r in rows}))
+
+
+def existing_audio_root(audio_root: str, data_dir: str) -> Optional[str]:
+    """``audio_root`` as fairseq resolves the config's other paths: as it stands when that is a
+    folder (or empty), else under the data folder; None when it names no folder either way."""
+    if not audio_root or os.path.isdir(audio_root):
+        return audio_root
+    under_data = os.path.join(data_dir, audio_root)
+    return under_data if not os.path.isabs(audio_root) and os.path.isdir(under_data) else None
+
+
+def resolve_audio_root(audio_root: str, data_dir: str) -> str:
+    """The folder a data folder's manifest audio paths are read from, given config.yaml's
+    ``audio_root`` and the folder that holds config.yaml.
+
+    ``audio_root`` when it names an existing folder (empty: the manifests hold absolute paths,
+    or paths relative to the working directory, as in fairseq), a relative one also under the
+    data folder, as fairseq resolves the config's other paths; otherwise the data folder itself,
+    where ``gdps-prep`` writes the features. So a data folder that was moved or renamed still
+    loads, though its config.yaml names the old place."""
+    found = existing_audio_root(audio_root, data_dir)
+    return data_dir if found is None else found
+
+
+def relocate_config(data_dir: str) -> Optional[str]:
+    """Point ``data_dir/config.yaml``'s ``audio_root`` at the data folder's absolute path when
+    it names no existing folder (the data folder was moved): stock fairseq reads the manifests'
+    audio through it and has no other way to find a moved folder. Returns the new
+    ``audio_root``, or None when nothing changed. Raises PrepError naming the file."""
+    import yaml
+
+    path = os.path.join(data_dir, "config.yaml")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f)
+    except OSError as e:
+        raise PrepError(f"{path}: cannot read ({e.strerror or e}): not a gdps-prep data folder?") from None
+    except yaml.YAMLError as e:
+        raise PrepError(f"{path}: not valid YAML ({e})") from None
+    if not isinstance(config, dict):
+        raise PrepError(f"{path}: not a fairseq data config (a YAML mapping is expected)")
+    stored = config.get("audio_root", "")
+    if not isinstance(stored, str):
+        raise PrepError(f"{path}: audio_root must be a path, got {stored!r}")
+    if existing_audio_root(stored, data_dir) is not None:
+        return None
+    config["audio_root"] = os.path.abspath(data_dir)
+    mode = os.stat(path).st_mode & 0o777
+    with atomic_write(path) as f:
+        yaml.safe_dump(config, f, sort_keys=True, default_flow_style=False, allow_unicode=True)
+    os.chmod(path, mode)
+    return config["audio_root"]
