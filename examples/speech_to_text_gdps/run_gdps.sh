@@ -100,7 +100,7 @@ else
     MODEL_SPLIT_ARGS=(--gdps-plan "$OUT/analysis/plan.json")
   fi
   python -m fairseq_gdps.cli.split_checkpoint "$OUT/stage1/checkpoint_last.pt" "${SPLIT_ARGS[@]}" --init "$INIT" \
-    --out "$OUT/stage2_init.pt"
+    --data "$DATA" --out "$OUT/stage2_init.pt"
   fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
     --criterion label_smoothed_cross_entropy_gdps "${MODEL_SPLIT_ARGS[@]}" --gdps-init "$INIT" \
     --restore-file "$OUT/stage2_init.pt" --max-update "$TOTAL" --save-dir "$OUT/stage2" "${EXTRA[@]}" \

@@ -1,7 +1,7 @@
 """gdps-split-checkpoint: turn a stage-1 checkpoint into the stage-2 (split) checkpoint that
 ``fairseq-train --restore-file`` continues from.
 
-    gdps-split-checkpoint STAGE1.pt --plan plan.json --out SPLIT.pt [--init energy|svd|random]
+    gdps-split-checkpoint STAGE1.pt --plan plan.json --out SPLIT.pt [--init energy|svd|random] [--data DIR]
     gdps-split-checkpoint STAGE1.pt --split-modules M1,M2 --groups 'a,b;c' --shared-ratio R --out SPLIT.pt
 
 The second form takes the split from the same fields as the model's --gdps-split-modules /
@@ -13,6 +13,10 @@ moments go through the same split: a shared unit keeps its moments, every group'
 a unit starts with that unit's moments. The update count, learning-rate schedule and data
 iterator position are kept, so stage 2 is a continuation of stage 1: with the same number of
 total updates it sees the same data stream at the same learning rates as the shared baseline.
+
+The task (target dictionary, languages) is rebuilt from the data folder stage 1 trained on: the
+one ``--data`` names, else the one the checkpoint stores, as long as it still exists (a run and its
+data folder can be moved; the split checkpoint then stores the folder it was given).
 """
 import argparse
 import copy
@@ -27,7 +31,7 @@ from fairseq import checkpoint_utils, tasks  # noqa: E402
 import fairseq_gdps  # noqa: E402,F401  (registers the task and models)
 from fairseq_gdps.atomic import atomic_write  # noqa: E402
 from fairseq_gdps.gdps.split import split_ffn_weights  # noqa: E402
-from fairseq_gdps.models.s2t_gdps import ffn_module_names, partitioned_ffns  # noqa: E402
+from fairseq_gdps.models import ffn_module_names, partitioned_ffns  # noqa: E402
 
 SPLIT_PARAMETERS = ("fc1_shared_weight", "fc1_shared_bias", "fc1_private_weight", "fc1_private_bias",
                     "fc2_shared_weight", "fc2_private_weight", "fc2_bias")
@@ -76,12 +80,27 @@ def split_optimizer_state(stage1, stage2, optimizer_state: dict) -> dict:
     return {"state": state, "param_groups": [group]}
 
 
+def data_folder(stage1_path: str, stored: str | None, data: str | None) -> str:
+    """The data folder to rebuild the task from: ``--data`` when given, else the one the stage-1
+    checkpoint stores while it exists (a moved folder must be named again)."""
+    if data is not None:
+        if not os.path.isdir(data):
+            raise ValueError(f"--data {data}: no such folder")
+        return data
+    if not stored or not os.path.isdir(stored):
+        raise ValueError(f"{stage1_path} was trained on the data folder {stored or '(none stored)'}, which does not "
+                         "exist here (moved or renamed?): name it with --data DIR")
+    return stored
+
+
 def split_checkpoint(stage1_path: str, plan_path: str | None, out_path: str, init: str = "energy",
-                     split_modules: str | None = None, groups: str | None = None, shared_ratio: float | None = None) -> None:
+                     split_modules: str | None = None, groups: str | None = None, shared_ratio: float | None = None,
+                     data: str | None = None) -> None:
     state = checkpoint_utils.load_checkpoint_to_cpu(stage1_path)
     if state.get("last_optimizer_state") is None:
         raise ValueError(f"{stage1_path}: no optimizer state (saved with --no-save-optimizer-state?)")
     cfg = state["cfg"]
+    cfg.task.data = data_folder(stage1_path, cfg.task.get("data"), data)
     task = tasks.setup_task(cfg.task)
     stage1 = task.build_model(copy.deepcopy(cfg.model))
     stage1.load_state_dict(state["model"], strict=True)
@@ -109,6 +128,9 @@ def main(argv=None) -> int:
     parser.add_argument("--shared-ratio", type=float, help="instead of --plan: share of units kept shared, in [0, 1)")
     parser.add_argument("--out", required=True, help="stage-2 checkpoint to write")
     parser.add_argument("--init", default="energy", choices=("energy", "svd", "random"))
+    parser.add_argument("--data", metavar="DIR",
+                        help="the data folder stage 1 trained on (default: the one the checkpoint stores, if it "
+                             "still exists; name it after moving or renaming the folder)")
     args = parser.parse_args(argv)
     explicit = [args.split_modules, args.groups, args.shared_ratio]
     if bool(args.plan) == any(x is not None for x in explicit):
@@ -116,7 +138,8 @@ def main(argv=None) -> int:
     if not args.plan and any(x is None for x in explicit):
         parser.error("--split-modules, --groups and --shared-ratio go together")
     try:
-        split_checkpoint(args.stage1, args.plan, args.out, args.init, args.split_modules, args.groups, args.shared_ratio)
+        split_checkpoint(args.stage1, args.plan, args.out, args.init, args.split_modules, args.groups, args.shared_ratio,
+                         data=args.data)
     except (OSError, ValueError, RuntimeError) as e:
         print(f"gdps-split-checkpoint: error: {e}", file=sys.stderr)
         return 1
