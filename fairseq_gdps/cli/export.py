@@ -13,9 +13,9 @@ architecture: task ``speech_to_text``, criterion without GDPS options, model arg
         --gen-subset test_<lang> ...
 
 decodes it without the plugin. A model trained with ``--gdps-lang-embedding`` (a learned vector per
-language added to the encoder input) has no stock equivalent and is refused. ``--language`` picks the group of that language from the plan the
-checkpoint carries (its ``gdps_groups``). A checkpoint without a split (stage 1) needs neither
-flag: its export is the same model for every language.
+language added to the encoder input) has no stock equivalent and is refused. ``--language`` picks
+the group of that language from the plan the checkpoint carries (its ``gdps_groups``). A checkpoint
+without a split (stage 1) needs neither flag: its export is the same model for every language.
 
 Before writing, the stock model is built from the exported args, loads the folded weights
 strictly and is compared with the GDPS model on a random input routed to the group (the largest
@@ -23,6 +23,10 @@ logit difference is printed). The export is refused, and nothing is written, whe
 not finite or differ by more than ``--check-tolerance`` (relative to the largest logit; default
 1e-4: the fold only reorders sums, so the two differ by rounding). The output is written
 atomically.
+
+The export needs neither the data folder nor any other file of the training run: its model is
+rebuilt from the checkpoint alone. Its ``extra_state["export"]`` records the source checkpoint
+relative to the exported file's folder.
 """
 from __future__ import annotations
 
@@ -45,7 +49,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 import fairseq_gdps  # noqa: E402,F401  (registers the GDPS models)
 from fairseq_gdps.atomic import atomic_write  # noqa: E402
-from fairseq_gdps.models.s2t_gdps import (  # noqa: E402
+from fairseq_gdps.models import (  # noqa: E402
     LANG_EMBEDDING_FLAG,
     LANG_EMBEDDING_KEY,
     dense_state_dict,
@@ -260,7 +264,8 @@ def export_checkpoint(path, out_path, group: Optional[int] = None, language: Opt
     for h in history:
         if h.get("criterion_name") == "LabelSmoothedCrossEntropyGDPSCriterion":
             h["criterion_name"] = "LabelSmoothedCrossEntropyCriterion"
-    summary = {"source_checkpoint": os.path.abspath(path), "group": k,
+    # relative to the exported file's folder, so the record stays true when the run folder moves
+    summary = {"source_checkpoint": os.path.relpath(path, os.path.dirname(os.path.abspath(out_path))), "group": k,
                "languages": list(groups[k]) if k is not None else languages,
                "arch": out_args.arch, "max_logit_difference": max_diff}
     out = {

@@ -2,14 +2,16 @@
 
 ``plan.json`` is the contract between ``gdps-analyze`` and stage-2 training. It is written
 atomically as JSON with sorted keys and an indent of 2, holds no timestamp, and rounds floats to
-10 significant digits, so identical inputs give identical bytes.
+10 significant digits, so identical inputs give identical bytes. Nothing in it is a path that a
+later stage reads: its provenance names the statistics file relative to the plan's folder, so a
+moved run folder keeps the record true.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Dict, Iterable, List, Optional
 
 from fairseq_gdps.atomic import atomic_write
@@ -17,6 +19,7 @@ from fairseq_gdps.data.manifest import LANG_CODE_HELP, is_language_code
 
 PLAN_VERSION = 1
 PLAN_KIND = "gdps-plan"
+PROVENANCE_PATHS = ("stats_file",)  # provenance entries that name a file: saved relative to the plan's folder
 
 
 class PlanError(ValueError):
@@ -76,7 +79,8 @@ class Plan:
         try:
             return self.language_to_group[language]
         except KeyError:
-            raise PlanError(f"language {language!r} is not in the plan (plan languages: {sorted(self.language_to_group)})") from None
+            raise PlanError(f"language {language!r} is not in the plan "
+                            f"(plan languages: {sorted(self.language_to_group)})") from None
 
     # ------------------------------------------------------------------ checks
     def validate(self, model_module_names: Optional[Iterable[str]] = None,
@@ -139,10 +143,14 @@ class Plan:
 
     def save(self, path) -> None:
         """Write atomically: temporary file in the same folder, then ``os.replace``. A plan that
-        ``load`` would refuse is not written (PlanError, the file stays as it was)."""
+        ``load`` would refuse is not written (PlanError, the file stays as it was). The provenance's
+        file paths are written relative to the plan's folder."""
         self.validate()
+        folder = os.path.dirname(os.path.abspath(path))
+        provenance = {k: os.path.relpath(v, folder) if k in PROVENANCE_PATHS and isinstance(v, str) and v else v
+                      for k, v in self.provenance.items()}
         with atomic_write(path) as f:
-            f.write(self.dumps())
+            f.write(replace(self, provenance=provenance).dumps())
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "plan") -> "Plan":
