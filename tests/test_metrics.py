@@ -1,4 +1,5 @@
-"""Metrics: noise correction, bootstrap re-weighting, Gaussian conflict, CCA, subspace alignment, ranking."""
+"""Metrics of the summed-statistics diagnostic: noise correction, Gaussian conflict, CCA, subspace
+alignment, ranking; and the diagnostic itself."""
 import numpy as np
 import pytest
 import torch
@@ -70,33 +71,6 @@ def test_corrected_cosine_falls_back_when_no_signal():
     assert rho[1, 1] == 1.0
 
 
-def test_bootstrap_weights_remove_self_pairs_exactly(planted):
-    b = planted.bucket_sums(PLANTED)
-    s = planted.module_sums(PLANTED)
-    B = planted.num_buckets
-    # all-ones weights reproduce the point estimate
-    np.testing.assert_allclose(M.weighted_corrected_cosine(np.ones(B), b["n"], b["S"], b["Q"]),
-                               M.corrected_cosine(s["n"], s["S"], s["Q"])[0], atol=1e-9)
-    # a duplicated-bucket resample equals the direct pair average that skips a step's own copies
-    torch.manual_seed(0)
-    vecs = [torch.randn(5, dtype=torch.float64) + 1 for _ in range(4)]
-    buckets = [0, 0, 1, 2]
-    w = np.array([2.0, 0.0, 3.0])
-    bn = np.zeros((3, 1))
-    bS = np.zeros((3, 1, 5))
-    bQ = np.zeros((3, 1))
-    for v, k in zip(vecs, buckets):
-        bn[k, 0] += 1
-        bS[k, 0] += v.numpy()
-        bQ[k, 0] += float(v @ v)
-    copies = [(i, v.numpy()) for i, (v, k) in enumerate(zip(vecs, buckets)) for _ in range(int(w[k]))]
-    pairs = [a @ c for i, a in copies for j, c in copies if i != j]
-    n = w @ bn
-    S = np.einsum("b,blk->lk", w, bS)
-    m = (S[0] @ S[0] - (w ** 2) @ bQ[:, 0]) / (n[0] ** 2 - (w ** 2) @ bn[:, 0])
-    assert m == pytest.approx(np.mean(pairs), rel=1e-12)
-
-
 def test_gaussian_negative_probability_matches_monte_carlo():
     rng = np.random.default_rng(0)
     r = 16  # the normal approximation of the quadratic form tightens as r grows
@@ -141,3 +115,18 @@ def test_subspace_alignment_shared_vs_distinct_noise_subspaces():
     assert a[0, 1] > 0.9                       # a1, a2 share a subspace
     assert a[0, 2] < 0.6 and a[2, 3] < 0.6     # distinct subspaces near chance (k / r = 0.25)
     assert mm.subspace_alignment_chance == pytest.approx(k / 12)
+
+
+def test_summed_diagnostic_ranks_the_planted_module_and_needs_the_summed_statistics(planted):
+    from fairseq_gdps.gdps import summed_diagnostics as SD
+
+    d = SD.diagnose(planted, LANGS[:4], SD.Settings(subspace_rank=4, alignment_weight=0.0))
+    assert d.ranking[0] == PLANTED and d.languages == LANGS[:4] and set(d.metrics) == set(MODULES)
+    x = d.metrics[PLANTED]
+    assert x.languages == LANGS[:4] and x.conflict_score == pytest.approx(x.divergence_mean)   # w = 0
+    assert d.clipped["pairs"] == len(MODULES) * 6 and not d.mostly_clipped and d.notes == []
+    one_step = synthetic_statistics({"m": 50}, ["a", "b"], steps=1, subspace_dim=0)
+    assert "fewer than 2 steps" in SD.diagnose(one_step, ["a", "b"]).notes[0]
+    alone = synthetic_statistics({"m": 50}, ["a", "b"], steps=2, subspace_dim=0, summed=False)
+    with pytest.raises(ValueError, match="--gdps-summed-statistics"):
+        SD.diagnose(alone, ["a", "b"])

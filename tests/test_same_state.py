@@ -39,7 +39,8 @@ def test_drift_shared_by_a_step_biases_the_summed_estimator_not_the_same_state_o
     ratio recovers the true cosine of the probed states."""
     rng = np.random.default_rng(1)
     base = rng.standard_normal(D)
-    mu = {"aa": base, "bb": base.copy(), "cc": 0.3 * base + np.sqrt(1 - 0.09) * _unit(rng.standard_normal(D)) * np.linalg.norm(base)}
+    mu = {"aa": base, "bb": base.copy(),
+          "cc": 0.3 * base + np.sqrt(1 - 0.09) * _unit(rng.standard_normal(D)) * np.linalg.norm(base)}
     langs = list(mu)
     steps = []
     for t in range(20):
@@ -312,7 +313,7 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
     assert plan.scores["decoder.layers.0.ffn"]["same_state_rank"] == 1
     report = (tmp_path / "a" / "report.md").read_text()
     for needle in ("## Same-state analysis (what decides)", "**separated**", "| **no** |",
-                   "(diagnostic: not what decides)", "conflict edges",
+                   "## Summed-statistics diagnostic (does not decide)", "conflict edges",
                    "the groups come from conflict edges (see above), not from clustering this distance"):
         assert needle in report, needle
     assert "average linkage" not in report
@@ -342,17 +343,20 @@ def test_gdps_analyze_decides_from_the_same_state_records(tmp_path, capsys):
             main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "x"), "--conflict-shared-ratio", bad])
         assert "--conflict-shared-ratio" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
-    # a window without probes falls back, and says so
+    # a window with a single probe: nothing to decide from, and the error says what to do
     assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "b"), "--resamples", "0",
-                 "--window-start", "1000"]) == 0
-    assert "no same-state probe records" in capsys.readouterr().err
-    json.loads((tmp_path / "b" / "plan.json").read_text())
+                 "--window-start", "79"]) == 1
+    assert "1 same-state probe(s) in the window [79, None), at least 2 needed: widen the window" in capsys.readouterr().err
+    assert not (tmp_path / "b").exists()
+    assert main([str(tmp_path / "stats.pt"), "--out", str(tmp_path / "b"), "--resamples", "0",
+                 "--window-start", "78"]) == 0
+    assert json.loads((tmp_path / "b" / "plan.json").read_text())["provenance"]["same_state"]["probes"] == 2
 
 
 def test_same_state_records_alone_decide_as_with_the_summed_statistics(tmp_path, capsys):
-    """Statistics of the same-state records alone (stage 1 with --gdps-same-state-only): the same
-    records and decision as with the summed statistics, the diagnostics reported as unavailable,
-    and a file that round-trips and refuses what needs the summed part."""
+    """Statistics of the same-state records alone (stage 1 without --gdps-summed-statistics): the
+    same records and decision as with the summed statistics, no summed-statistics diagnostic, and a
+    file that round-trips and refuses what needs the summed part."""
     from fairseq_gdps.cli.analyze import main
     from fairseq_gdps.gdps.plan import Plan
 
@@ -372,9 +376,10 @@ def test_same_state_records_alone_decide_as_with_the_summed_statistics(tmp_path,
     assert plans["alone"].groups == plans["full"].groups
     assert plans["alone"].shared_ratio == plans["full"].shared_ratio
     report = (tmp_path / "alone" / "report.md").read_text()
-    assert "## Summed-statistics diagnostics" in report and "unavailable" in report
-    assert "Modules ranked by the summed estimator" not in report
+    assert "summed statistics: not recorded (stage 1 without --gdps-summed-statistics), so no diagnostic" in report
+    assert "## Summed-statistics diagnostic" not in report and "noise-corrected" not in report
     assert "## Same-state analysis (what decides)" in report
+    assert "## Summed-statistics diagnostic (does not decide)" in (tmp_path / "full" / "report.md").read_text()
     back = GradientStatistics.load(tmp_path / "alone.pt")
     assert not back.summed and back.num_steps == 80 and back.same_state.num_probes == 80
     with pytest.raises(ValueError, match="same-state records alone"):
@@ -383,9 +388,6 @@ def test_same_state_records_alone_decide_as_with_the_summed_statistics(tmp_path,
         back.add_step(0, {"ar": {"encoder.layers.0.ffn": torch.zeros(D)}})
     with pytest.raises(ValueError, match="cannot merge"):
         back.merge_(full)
-    # no summed estimator to fall back on
-    assert main([str(tmp_path / "alone.pt"), "--out", str(tmp_path / "c"), "--window-start", "1000"]) == 1
-    assert "no summed estimator to fall back on" in capsys.readouterr().err
     # a probe with a non-finite half is not kept; its language counts as skipped
     R = 2 * len(back.same_state.units)
     rows = {b: torch.ones(R, D, dtype=torch.float64) for b in back.module_names}

@@ -1,18 +1,17 @@
 """gdps-analyze: per-language gradient statistics -> plan.json, report.md and plots.
 
-    gdps-analyze STATS --out DIR [--groups K | --distance-threshold T] [--top-k N]
-                 [--select top1|topk | --modules M [M ...]]
+    gdps-analyze STATS --out DIR [--groups K] [--select top1|topk [--top-k N] | --modules M [M ...]]
                  [--window-start U] [--window-end U] [--reference-blocks GLOBS]
-                 [--conflict-tau 0.1] [--min-reference-agreement 0.5] [--identifiability-margin 0.05] [--interval-level 0.9]
-                 [--distinct-level L]
+                 [--conflict-tau 0.1] [--min-reference-agreement 0.5] [--identifiability-margin 0.05]
+                 [--interval-level 0.9] [--distinct-level L]
                  [--ratio-min 0.25 --ratio-max 0.75 --ratio-step 0.125] [--conflict-shared-ratio 0|R|similarity]
                  [--resamples 1000] [--seed 0]
+                 [--subspace-rank 8 --ridge 0.1 --alignment-weight 0.5 | --no-summed-diagnostic]
 
-The decision comes from the same-state probe records (``fairseq_gdps.gdps.same_state``: the
-estimator; ``fairseq_gdps.gdps.conflict``: conflict, identifiability, groups). Statistics recorded
-before those records existed fall back to the summed estimator (``fairseq_gdps.gdps.metrics``,
-``fairseq_gdps.gdps.grouping``), with a warning; its metrics are reported as diagnostics either
-way. ``fairseq_gdps.gdps.report`` documents the module choice.
+The decision comes from the same-state probe records (``fairseq_gdps.gdps.conflict``;
+``fairseq_gdps.gdps.report`` documents the module choice); statistics without them are refused.
+Statistics recorded with ``--gdps-summed-statistics`` also get the summed-statistics diagnostic
+(``fairseq_gdps.gdps.summed_diagnostics``), which decides nothing.
 """
 from __future__ import annotations
 
@@ -33,21 +32,26 @@ def conflict_shared_ratio(text: str):
     return r
 
 
+# flags of the summed estimator, which no longer decides, and what they set
+RETIRED = ("--silhouette-min", "--min-split-distance")
+RETIRED_WHY = ("they set the automatic rule of the summed estimator's clustering; the groups come from conflict "
+               "edges, or --groups K")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="gdps-analyze", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("stats", metavar="STATS", help="gradient statistics file written by the GDPS probe")
     p.add_argument("--out", required=True, help="output folder (plan.json, report.md, *.png)")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--groups", type=int, default=None, help="force this many language groups")
-    g.add_argument("--distance-threshold", type=float, default=None,
-                   help="same-state analysis: the conflict threshold instead of --conflict-tau; summed estimator: "
-                   "cut the dendrogram at this distance (1 - noise-corrected cosine) instead of the silhouette rule")
-    p.add_argument("--top-k", type=int, default=3,
-                   help="number of top-ranked modules whose distances are averaged for grouping (and split with --select topk)")
+    g.add_argument("--groups", type=int, default=None,
+                   help="force this many language groups (average linkage on 1 - same-state similarity)")
+    g.add_argument("--distance-threshold", type=float, default=None, metavar="T",
+                   help="deprecated: the same as --conflict-tau T, which it overrides (a warning says so)")
+    p.add_argument("--top-k", type=int, default=3, help="with --select topk: the number of top-ranked blocks to split")
     s = p.add_mutually_exclusive_group()
     s.add_argument("--select", choices=["top1", "topk"], default="top1",
-                   help="split the single most conflicting module, or the top --top-k")
+                   help="split the single most conflicting block, or the top --top-k")
     s.add_argument("--modules", nargs="+", default=None,
                    help="split exactly these modules (and group languages on them)")
     p.add_argument("--ratio-min", type=float, default=0.25)
@@ -61,14 +65,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "(0: none); each tail of the distinctness interval holds (1 - level) / 2 of them, about 8 at the default "
                    "for 6 blocks")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    p.add_argument("--subspace-rank", type=int, default=8, help="rank of each language's gradient subspace (SVD/CCA)")
-    p.add_argument("--ridge", type=float, default=0.1, help="CCA ridge, relative to the mean variance")
-    p.add_argument("--alignment-weight", type=float, default=0.5,
-                   help="weight of subspace misalignment in the conflict score (0: divergence only)")
-    p.add_argument("--silhouette-min", type=float, default=0.25, help="automatic rule: minimum silhouette to split")
-    p.add_argument("--min-split-distance", type=float, default=0.1,
-                   help="automatic rule: minimum linkage height (1 - corrected cosine) between groups to split")
     p.add_argument("--expect-signature", default=None, help="refuse statistics recorded for another model signature")
+    for flag in RETIRED:
+        p.add_argument(flag, type=float, default=None, metavar="X", help=f"no longer applies ({RETIRED_WHY}); "
+                       "accepted and ignored with a warning")
+    d = p.add_argument_group("summed-statistics diagnostic (statistics recorded with --gdps-summed-statistics; "
+                             "it does not decide)")
+    d.add_argument("--subspace-rank", type=int, default=8, help="rank of each language's gradient subspace (SVD/CCA)")
+    d.add_argument("--ridge", type=float, default=0.1, help="CCA ridge, relative to the mean variance")
+    d.add_argument("--alignment-weight", type=float, default=0.5,
+                   help="weight of subspace misalignment in the summed conflict score (0: divergence only)")
+    d.add_argument("--no-summed-diagnostic", action="store_true",
+                   help="skip the diagnostic even where the statistics hold the summed statistics")
     w = p.add_argument_group("same-state analysis")
     w.add_argument("--window-start", type=int, default=None,
                    help="use the probes of updates >= this (conflict shows once the content is being learned)")
@@ -110,26 +118,34 @@ def main(argv=None) -> int:
     if not 0 <= args.alignment_weight <= 1:
         print("gdps-analyze: --alignment-weight must lie in [0, 1]", file=sys.stderr)
         return 2
+    for flag in RETIRED:
+        if getattr(args, flag[2:].replace("-", "_")) is not None:
+            print(f"gdps-analyze: warning: {flag} no longer applies ({RETIRED_WHY}): ignored", file=sys.stderr)
+    conflict_tau = args.conflict_tau
+    if args.distance_threshold is not None:
+        print(f"gdps-analyze: warning: --distance-threshold is deprecated: it is the conflict threshold "
+              f"(--conflict-tau {args.distance_threshold:g}), used instead of --conflict-tau", file=sys.stderr)
+        conflict_tau = args.distance_threshold
     import logging
 
     from fairseq_gdps.gdps.report import analyze, write_outputs
+    from fairseq_gdps.gdps.summed_diagnostics import Settings
 
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # quiet even under a DEBUG root logger
     from fairseq_gdps.gdps.stats import GradientStatistics
 
+    diagnostic = None if args.no_summed_diagnostic else Settings(
+        subspace_rank=args.subspace_rank, ridge=args.ridge, alignment_weight=args.alignment_weight)
     try:
         stats = GradientStatistics.load(args.stats, expect_signature=args.expect_signature)
         a = analyze(stats, args.stats, modules=args.modules, select=args.select, top_k=args.top_k,
-                    n_groups=args.groups, threshold=args.distance_threshold, ratio_min=args.ratio_min,
-                    ratio_max=args.ratio_max, ratio_step=args.ratio_step, resamples=args.resamples,
-                    seed=args.seed, subspace_rank=args.subspace_rank, ridge=args.ridge,
-                    alignment_weight=args.alignment_weight, silhouette_min=args.silhouette_min,
-                    min_split_distance=args.min_split_distance, window_start=args.window_start,
-                    window_end=args.window_end, reference=args.reference_blocks, conflict_tau=args.conflict_tau,
-                    identifiability_margin=args.identifiability_margin, interval_level=args.interval_level,
-                    distinct_level=args.distinct_level,
+                    n_groups=args.groups, window_start=args.window_start, window_end=args.window_end,
+                    reference=args.reference_blocks, conflict_tau=conflict_tau,
                     min_reference_agreement=args.min_reference_agreement,
-                    conflict_shared_ratio=args.conflict_shared_ratio)
+                    identifiability_margin=args.identifiability_margin, interval_level=args.interval_level,
+                    distinct_level=args.distinct_level, ratio_min=args.ratio_min, ratio_max=args.ratio_max,
+                    ratio_step=args.ratio_step, conflict_shared_ratio=args.conflict_shared_ratio,
+                    resamples=args.resamples, seed=args.seed, summed_diagnostic=diagnostic)
     except (ValueError, FileNotFoundError) as exc:
         print(f"gdps-analyze: {exc}", file=sys.stderr)
         return 1
@@ -140,8 +156,6 @@ def main(argv=None) -> int:
              if a.grouping.resamples else ""))
     print(f"shared ratio: {a.ratio:g}")
     print(f"estimator: {a.estimator}")
-    if a.estimator_warning:
-        print(a.estimator_warning, file=sys.stderr)
     for k in ("plan", "report"):
         print(f"{k}: {paths[k]}")
     return 0

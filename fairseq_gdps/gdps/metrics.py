@@ -1,45 +1,17 @@
-"""Similarity, divergence, conflict and subspace-alignment metrics from ``GradientStatistics`` sums.
+"""Metrics of the summed statistics, for the summed-statistics diagnostic (``summed_diagnostics.py``).
 
-Notation for one module and language i: ``n_i`` steps, ``S_i = sum_t g_t``,
-``Q_i = sum_t ||g_t||^2`` (in the space of S), ``mu_i = S_i / n_i``.
+For one module and language i: ``n_i`` steps, ``S_i = sum_t g_t``, ``Q_i = sum_t ||g_t||^2``,
+``mu_i = S_i / n_i``; ``m_i = (||S_i||^2 - Q_i) / (n_i (n_i - 1))`` is the mean inner product of
+distinct steps. From these: self-similarity ``m_i / (Q_i / n_i)``, raw and noise-corrected cosines
+(``<mu_i, mu_j> / sqrt(m_i m_j)``), divergence ``(1 - rho) / 2``, the share of pairs with a negative
+cosine, a Gaussian estimate of a step's probability of a negative inner product, the alignment of
+the languages' gradient subspaces (principal angles, chance-corrected) and ridge CCA, and a
+per-module conflict score ``divergence * ((1 - w) + w * (1 - alignment))``.
 
-* self inner product ``m_i = (||S_i||^2 - Q_i) / (n_i (n_i - 1))``: the mean inner product
-  between distinct steps, an unbiased estimate of ``||E g_i||^2`` for independent steps;
-* self-similarity (self-cosine) ``s_i = m_i / (Q_i / n_i)``: the share of the gradient's energy
-  that is consistent signal (1: every step points the same way; ~0: pure noise);
-* raw cosine ``cos(mu_i, mu_j)``: biased towards 0 for noisy languages, since noise inflates
-  ``||mu||``;
-* noise-corrected cosine ``rho_ij = <mu_i, mu_j> / sqrt(m_i m_j)``: estimates the cosine of
-  the *expected* gradients; clipped to [-1, 1]. Where ``m_i <= 0`` (no detectable signal, or
-  fewer than 2 steps) the raw cosine is used instead and the pair is flagged
-  (``corrected_valid`` False); ``rho_ii = 1``;
-* divergence ``D_ij = (1 - rho_ij) / 2`` in [0, 1]: 0 same expected direction, 0.5 orthogonal,
-  1 opposite. This equals ``((self_i + self_j) / 2 - cross_ij) / 2`` of the self-normalised
-  similarities (each language's normalised self-similarity is 1), so it compares cross- to
-  self-agreement; the module divergence is the mean over pairs i < j;
-* conflict rate: the share of language pairs whose corrected cosine is negative (mean-gradient
-  level), plus ``step_conflict_prob[i, j]``, the probability that the two languages' gradients
-  *of one step* have a negative inner product, from the joint projected moments over the steps
-  where both were recorded assuming (x_i, x_j) jointly Gaussian: ``q = x_i . x_j`` has
-  ``E q = mu_x . mu_y + tr(C_xy)`` and ``Var q = 2 tr((A C)^2) + 4 mu^T A C A mu``
-  (A = [[0, I/2], [I/2, 0]]); ``P(q < 0) ~ Phi(-E q / sd q)``. The random projection adds
-  variance (pushing estimates towards 0.5), equally for every module, so it ranks modules but
-  is not an absolute rate;
-* subspace alignment: per language, the top ``rank`` eigenvectors of the centred covariance of
-  the projected per-step gradients (the SVD of its centred stacked steps); the alignment of two
-  languages is the mean ``cos^2`` of the principal angles between their subspaces
-  (``scipy.linalg.subspace_angles``), which is ``rank / r`` for random subspaces; the
-  chance-corrected alignment is ``(a - rank/r) / (1 - rank/r)`` clipped to [0, 1];
-* ridge CCA: ``T = (C_ii + l_i I)^(-1/2) C_ij (C_jj + l_j I)^(-1/2)`` on the joint steps with
-  ``l = ridge * tr(C) / r``; its singular values are the canonical correlations; the mean of
-  the top ``rank`` is reported (``cca``). Diagnostic only: it measures whether the two languages'
-  per-step fluctuations move together over training;
-* conflict score (ranks modules, higher = more conflict):
-  ``score = D_mean * ((1 - w) + w * (1 - A))`` with ``D_mean`` the mean divergence,
-  ``A`` the mean chance-corrected subspace alignment over pairs and ``w = alignment_weight``
-  (default 0.5). Disagreeing mean gradients are necessary for conflict; subspaces that are also
-  misaligned (A ~ 0) keep the full divergence, well-aligned ones (A ~ 1) halve it. Without
-  subspace moments, ``score = D_mean``.
+The corrected cosine assumes independent steps around one expected gradient. In training the
+languages of one update share the model's state, which moves from update to update: the cross
+term then carries what the self term does not, and the cosine can exceed +-1. That is why these
+metrics only inform and the decision comes from the same-state records (``conflict.py``).
 """
 from __future__ import annotations
 
@@ -101,37 +73,6 @@ def corrected_cosine(n, S, Q):
     np.fill_diagonal(rho, np.where(n >= 1, 1.0, np.nan))
     np.fill_diagonal(valid, ok)
     return rho, unclipped, valid
-
-
-def weighted_corrected_cosine(w, bn, bS, bQ):
-    """Corrected cosine from bucket sums re-weighted by ``w`` (bootstrap counts).
-
-    w: (R, B) or (B,); bn: (B, L); bS: (B, L, k); bQ: (B, L). With repeated buckets a step is
-    paired with its own copies; those pairs are removed exactly:
-    ``m = (||sum w_b S_b||^2 - sum w_b^2 Q_b) / ((sum w_b n_b)^2 - sum w_b^2 n_b)``.
-    Returns rho of shape (R, L, L) (or (L, L)), raw-cosine fallback where m <= 0."""
-    w = np.asarray(w, dtype=np.float64)
-    single = w.ndim == 1
-    W = w[None] if single else w
-    bn, bS, bQ = (np.asarray(a, dtype=np.float64) for a in (bn, bS, bQ))
-    n = W @ bn                                     # (R, L)
-    S = np.einsum("rb,blk->rlk", W, bS)            # (R, L, k)
-    Q2 = (W ** 2) @ bQ                             # (R, L)
-    n2 = (W ** 2) @ bn
-    with np.errstate(invalid="ignore", divide="ignore"):
-        m = (np.einsum("rlk,rlk->rl", S, S) - Q2) / (n * n - n2)
-        mu = S / n[..., None]
-        c = np.einsum("rlk,rjk->rlj", mu, mu)
-        d = np.sqrt(np.clip(np.einsum("rll->rl", c), 0, None))
-        raw = c / (d[:, :, None] * d[:, None, :])
-        ok = np.isfinite(m) & (m > 0) & (n * n - n2 > 0)
-        mm = np.where(ok, m, 1.0)
-        rho = c / np.sqrt(mm[:, :, None] * mm[:, None, :])
-    valid = ok[:, :, None] & ok[:, None, :]
-    rho = np.clip(np.where(valid, rho, raw), -1.0, 1.0)
-    L = rho.shape[-1]
-    rho[:, np.arange(L), np.arange(L)] = 1.0
-    return rho[0] if single else rho
 
 
 # ------------------------------------------------------------------ subspace metrics
@@ -329,10 +270,9 @@ def compute_all(stats, modules: Optional[Sequence[str]] = None, **kwargs) -> Dic
 def clipped_pairs(metrics: Dict[str, ModuleMetrics]) -> Dict[str, int]:
     """How many language pairs (over all modules) have a noise-corrected cosine beyond +-1.
 
-    Independent steps around one expected gradient cannot give that except by sampling noise;
-    when most pairs do, the steps are not such draws (the expected gradient drifts while the
-    model trains; steps share batches), the divergences are mostly zero, and the module ranking
-    and grouping do not reflect measured conflict."""
+    Independent steps around one expected gradient give that by sampling noise only; when most
+    pairs do, the steps are not such draws (the model's state moves between them), and the
+    divergences and the ranking by them do not measure conflict."""
     clipped = pairs = 0
     for mm in metrics.values():
         iu = np.triu_indices(len(mm.languages), 1)
