@@ -493,7 +493,8 @@ def test_statistics_of_another_model_are_refused(tmp_path):
                                          r"expected 'dec\.1\.fc1:80'$"):
         GradientStatistics.load(tmp_path / "s.pt", expect_signature="dec.1.fc1:80")
     # resuming a probe (the criterion merges the checkpoint's statistics into its own)
-    resumed = GradientStatistics.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True), source=str(tmp_path / "ckpt.pt"))
+    resumed = GradientStatistics.from_state_dict(torch.load(tmp_path / "s.pt", weights_only=True),
+                                                 source=str(tmp_path / "ckpt.pt"))
     other = GradientStatistics(SIZES, languages=STAT_LANGS, subspace_dim=3, aux_dim=16, sketch_dim=32,
                                model_signature="another model")
     with pytest.raises(ValueError, match=rf"^{tmp_path}/ckpt\.pt: cannot merge statistics of different models "
