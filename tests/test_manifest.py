@@ -4,16 +4,19 @@ and errors that name the culprit."""
 import csv
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
+import torch
+import yaml
 
 from fairseq_gdps.cli.prep import main
 from fairseq_gdps.data import features as F
-from fairseq_gdps.data.manifest import MANIFEST_COLUMNS, read_manifest
+from fairseq_gdps.data.manifest import MANIFEST_COLUMNS, read_manifest, resolve_audio_root
 
 LANGS = ("de", "fr", "sw")
 WORDS = "the cat sat on a mat dog ran far away house green blue red big small".split()
@@ -163,6 +166,71 @@ def test_config_yaml_with_fairseq(prepared, tmp_path, monkeypatch):
     assert item.source.shape[1] == 80 and abs(float(item.source.mean())) < 1e-4  # utterance CMVN applied
     assert tgt_dict.unk() not in item.target.tolist()
     assert tgt_dict.string(item.target[:-1], "sentencepiece") == ds.tgt_texts[0]
+
+
+def test_audio_root_resolution(tmp_path):
+    """The folder the manifests' audio is read from: audio_root when it is a folder (empty: the
+    manifests' paths as they stand), relative ones also under the data folder, else the data
+    folder itself (a moved folder whose config.yaml names the old place)."""
+    data = tmp_path / "data"
+    (data / "feats").mkdir(parents=True)
+    assert resolve_audio_root("", str(data)) == ""
+    assert resolve_audio_root(str(tmp_path), str(data)) == str(tmp_path)
+    assert resolve_audio_root("feats", str(data)) == str(data / "feats")
+    assert resolve_audio_root(str(tmp_path / "old" / "data"), str(data)) == str(data)
+    assert resolve_audio_root("nowhere", str(data)) == str(data)
+
+
+def test_moved_data_folder(tmp_path, monkeypatch, capsys):
+    """After moving a prepared folder, speech_to_text_gdps's config reads the features from the
+    new place; stock fairseq reads them from config.yaml's audio_root as it stands, which
+    --relocate points at the new place, leaving every other file and key as it was."""
+    from fairseq.data import Dictionary
+    from fairseq.data.audio.data_cfg import S2TDataConfig
+    from fairseq.data.audio.speech_to_text_dataset import SpeechToTextDatasetCreator
+
+    from fairseq_gdps.tasks.data_folder_config import DataFolderConfig
+
+    corpus = make_corpus(tmp_path / "c", n_train=3, n_dev=1, n_test=3)
+    old, data = tmp_path / "old" / "data", tmp_path / "moved"
+    assert run(corpus, old, "--vocab-size", "20") == 0
+    shutil.move(old, data)
+    assert not old.exists()
+    before = snapshot(data)
+    monkeypatch.chdir(tmp_path / "c")  # resolve from elsewhere, as fairseq-train would
+
+    def first_features(cfg):
+        tgt_dict = Dictionary.load(str(data / cfg.vocab_filename))
+        ds = SpeechToTextDatasetCreator.from_tsv(str(data), cfg, "test", tgt_dict, pre_tokenizer=None,
+                                                 bpe_tokenizer=None, is_train_split=False, epoch=1, seed=1)
+        return ds[0].source
+
+    assert S2TDataConfig(data / "config.yaml").audio_root == str(old)
+    with pytest.raises(FileNotFoundError, match=str(old)):
+        first_features(S2TDataConfig(data / "config.yaml"))
+    gdps_features = first_features(DataFolderConfig(data / "config.yaml"))
+    assert gdps_features.shape[1] == 80
+
+    assert main(["--out", str(data), "--relocate"]) == 0
+    assert f"audio_root is now {data}" in capsys.readouterr().err
+    after = snapshot(data)
+    assert {n for n in before if before[n] != after[n]} == {"config.yaml"}
+    assert yaml.safe_load(after["config.yaml"]) == {**yaml.safe_load(before["config.yaml"]), "audio_root": str(data)}
+    assert (data / "config.yaml").stat().st_mode & 0o777 == 0o644
+    assert torch.equal(first_features(S2TDataConfig(data / "config.yaml")), gdps_features)
+    assert main(["--out", str(data), "--relocate"]) == 0  # the folder is found: nothing to change
+    assert "unchanged" in capsys.readouterr().err and snapshot(data) == after
+
+
+def test_relocate_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path), "--relocate", "--corpus", str(tmp_path)])
+    assert "--relocate takes only --out" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--out", str(tmp_path)])
+    assert "required: --corpus" in capsys.readouterr().err
+    assert main(["--out", str(tmp_path), "--relocate"]) == 1
+    assert f"{tmp_path / 'config.yaml'}: cannot read" in capsys.readouterr().err
 
 
 def test_specaugment_option(tmp_path):
