@@ -20,8 +20,8 @@ while [ $# -gt 0 ]; do
 done
 WORK=${WORK:-$REPO_ROOT/work/demo_$PROFILE}
 case $PROFILE in
-  # quick: 1,500 updates, the whole demo in 687 s on this project's 2-core machine (re-measured
-  # 2026-11-30; a run of 1,300 updates, 723 s before the probe got faster, stops while the content is still being learned: 28 BLEU)
+  # quick: enough updates for the small model to learn the content of the quick corpus, not only
+  # its form (fewer stop while it is still being learned); docs/benchmarks.md ("The demo") has the timings
   quick) MAX_UPDATE=${MAX_UPDATE:-1500} ;;
   full) MAX_UPDATE=${MAX_UPDATE:-6000} ;;
 esac

@@ -13,7 +13,9 @@ Output: every manifest of the data folder (same rows and columns; ``audio`` poin
 ``wav16k.zip``, ``n_frames`` counts samples), the SentencePiece model and vocabulary, and a
 ``config.yaml`` with ``use_audio_input: true`` (``standardize_audio: true`` with ``standardize``:
 zero mean, unit variance per utterance, what XLS-R and most wav2vec 2.0 models were pretrained on;
-the model then needs ``--normalize``).
+the model then needs ``--normalize``). Its ``audio_root`` is the output folder's absolute path, as
+in a ``gdps-prep`` folder: stock fairseq needs it, speech_to_text_gdps reads a moved folder without
+it, and ``gdps-prep --out OUT --relocate`` updates it after a move.
 
 ``python -m fairseq_gdps.data.waveform_data --data DATA --corpus CORPUS --out OUT [--standardize]``
 """
