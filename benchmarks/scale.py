@@ -1,8 +1,10 @@
-"""Cost of the GDPS probe at the scale of SeamlessM4T-Medium's speech encoder (issue 11, point 7).
+"""Cost of the GDPS probe at the scale of SeamlessM4T-Medium's speech encoder.
 
-    python benchmarks/scale.py [--measured-blocks 4] [--utterances 8] [--frames 100] [--probes 3]
+    python -m benchmarks.scale [--measured-blocks 1 3] [--utterances 8] [--frames 100] [--probes 3]
                                [--out DIR]
-    python benchmarks/scale.py --markdown [benchmarks/results/scale.json]
+    python -m benchmarks.scale --markdown [benchmarks/results/scale.json]
+
+(from the repository root).
 
 The shape: 24 Conformer layers of width 1024 with FFN width 4096 and two FFNs per layer (macaron
 ``ffn1`` and ``ffn2``): 48 FFN blocks of 2*1024*4096 + 4096 + 1024 = 8,393,728 parameters
@@ -23,8 +25,9 @@ language (``--gdps-probe-speakers``: 8 units, 16 rows).
   records by default (the same-state records alone, no summed statistics). Each way runs in a
   fresh process;
   its peak resident memory above the state before the probed update (``/proc/self/clear_refs``,
-  ``VmHWM``) is the transient. Per-block costs are independent of the other blocks, so the
-  48-block figures are the measured ones times 48 / measured blocks (stated as such).
+  ``VmHWM``) is the transient. A block's cost does not depend on the other blocks, so the
+  48-block figures come from the straight line through the two measured block counts (stated as
+  such).
 
 Results go to ``<out>/scale.json`` and ``<out>/scale.md`` (atomically).
 """
@@ -34,7 +37,6 @@ import argparse
 import json
 import math
 import os
-import shlex
 import statistics as pystats
 import subprocess
 import sys
@@ -42,11 +44,12 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine import machine, machine_details  # noqa: E402  (benchmarks/machine.py)
+if not __package__:
+    sys.exit("run the scale benchmark from the repository root as a module: python -m benchmarks.scale ...")
 
-REPO = Path(__file__).resolve().parents[1]
-DEFAULT_OUT = REPO / "benchmarks" / "results"
+from benchmarks.common import (REPO, RESULTS, command_line, machine_details, print_results_markdown, software_versions,
+                               write_results)
+
 LAYERS, WIDTH, FFN, LANGUAGES, SPEAKERS = 24, 1024, 4096, 4, 2
 BLOCK = 2 * WIDTH * FFN + FFN + WIDTH
 GOAL_BYTES = 100 * 10**6
@@ -158,7 +161,7 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
 
     from fairseq_gdps.gdps.per_language_update import PerLanguageUpdate, record_blockwise
     from fairseq_gdps.gdps.stats import GradientStatistics
-    from fairseq_gdps.modules.per_language_gradients import PerLanguageGradients
+    from fairseq_gdps.gdps.gradient_capture import PerLanguageGradients
 
     torch.manual_seed(0)
     names = block_names()[:blocks]
@@ -238,9 +241,9 @@ def worker(mode: str, blocks: int, utterances: int, frames: int, probes: int) ->
 
 def run_worker(mode: str, args, blocks: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    cmd = [sys.executable, __file__, "--worker", mode, "--measured-blocks", str(blocks),
+    cmd = [sys.executable, "-m", "benchmarks.scale", "--worker", mode, "--measured-blocks", str(blocks),
            "--utterances", str(args.utterances), "--frames", str(args.frames), "--probes", str(args.probes)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"worker {mode} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -293,7 +296,8 @@ def markdown(results: dict) -> str:
              "Summed statistics (fixed size, they do not grow with updates), plus the same-state records after "
              "100 and 1,000 probes (language units; the records grow by a fixed number of bytes per probe, "
              "every probe kept so that the bootstrap over probes is exact):", "",
-             "| `--gdps-sketch-dim` | `--gdps-subspace-dim` | summed | + 100 probes | + 1,000 probes | <= 100 MB after 1,000 probes |",
+             "| `--gdps-sketch-dim` | `--gdps-subspace-dim` | summed | + 100 probes | + 1,000 probes "
+             "| <= 100 MB after 1,000 probes |",
              "|---|---:|---:|---:|---:|:-:|"]
     ss = st["same_state"]["languages"]
     lines.append(f"| default: no summed statistics | - | 0 | {_mb(ss['bytes_after']['100'])} | "
@@ -330,7 +334,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {label} | {r['blocks']} | {r['ratio_median']:.2f} ({r['ratio_min']:.2f}-"
                          f"{r['ratio_max']:.2f}) | {r['probe_cpu_s']:.2f} | {r['record_cpu_s']:.2f} | "
                          f"{_mb(r['persistent_bytes'])} + {_mb(r['transient_bytes'])} |")
-        lines.append(f"| {label} | **48** (line) | {(s_['unprobed_cpu_s_48_blocks'] + s_['probe_cpu_s_48_blocks']) / s_['unprobed_cpu_s_48_blocks']:.1f} | "
+        unprobed = s_["unprobed_cpu_s_48_blocks"]
+        lines.append(f"| {label} | **48** (line) | {(unprobed + s_['probe_cpu_s_48_blocks']) / unprobed:.1f} | "
                      f"{s_['probe_cpu_s_48_blocks']:.1f} | {s_['record_cpu_s_48_blocks']:.1f} | "
                      f"{_mb(s_['persistent_bytes_48_blocks'])} + {_mb(s_['transient_bytes_48_blocks'])} |")
     lines += ["", results["conclusion"]]
@@ -365,17 +370,6 @@ def conclusion(results: dict) -> str:
             "on one thread and does not depend on the batch: with this small batch it is many times the update itself.")
 
 
-def write_results(results: dict, out_dir: Path):
-    from fairseq_gdps.atomic import atomic_write
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out_dir / "scale.json") as f:
-        json.dump(results, f, indent=1)
-        f.write("\n")
-    with atomic_write(out_dir / "scale.md") as f:
-        f.write(markdown(results))
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--measured-blocks", type=int, nargs="+", default=[1, 3],
@@ -384,9 +378,10 @@ def main(argv=None) -> int:
     p.add_argument("--frames", type=int, default=100, help="frames per utterance after subsampling")
     p.add_argument("--probes", type=int, default=3, help="timed probed (and unprobed) updates per process")
     p.add_argument("--statistics-probes", type=int, default=2, help="probes of all 48 blocks recorded for the records' size")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--worker", choices=list(WAYS), default=None, help=argparse.SUPPRESS)
-    p.add_argument("--markdown", nargs="?", const=str(DEFAULT_OUT / "scale.json"), default=None, metavar="JSON")
+    p.add_argument("--markdown", nargs="?", const=str(RESULTS / "scale.json"), default=None, metavar="JSON",
+                   help="print the markdown of an existing results file and exit")
     args = p.parse_args(argv)
     import torch
 
@@ -395,24 +390,20 @@ def main(argv=None) -> int:
         print(json.dumps(worker(args.worker, args.measured_blocks[0], args.utterances, args.frames, args.probes)))
         return 0
     if args.markdown:
-        sys.stdout.write(markdown(json.loads(Path(args.markdown).read_text())))
+        print_results_markdown(p, args.markdown, markdown)
         return 0
     if args.utterances < 2 * LANGUAGES:
         p.error(f"--utterances must be >= {2 * LANGUAGES} (one per half row)")
-    import fairseq
-
     started = time.perf_counter()
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/scale.py", *(argv if argv is not None else sys.argv[1:])])
     results = {"benchmark": "scale", "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-               "command": command, "machine": {**machine_details(), "description": machine()},
-               "versions": {"torch": torch.__version__, "fairseq": fairseq.__version__}}
+               "command": command_line("scale", argv), "machine": machine_details(), "versions": software_versions()}
     results["statistics"] = measure_statistics(args.statistics_probes)
     results["ways"] = {name: [run_worker(name, args, blocks) for blocks in args.measured_blocks]
                        for name in WAYS}
     results["summary"] = summarize(results["statistics"], results["ways"])
     results["conclusion"] = conclusion(results)
     results["wall_seconds"] = time.perf_counter() - started
-    write_results(results, args.out.resolve())
+    write_results(results, args.out.resolve(), "scale", markdown)
     sys.stdout.write(markdown(results))
     return 0
 
