@@ -103,13 +103,18 @@ def score_decode(data_dir: Path, decode_dir: Path, baseline_decode_dir: Path | N
     return scores
 
 
+def _cells(s: dict) -> str:
+    """BLEU, chrF, chrF++, TER and exact match of one row of the scores table."""
+    return " | ".join(f"{s[m]:.1f}" for m in METRICS)
+
+
 def to_markdown(scores: dict) -> str:
     lines = ["| language | n | BLEU | chrF | chrF++ | TER | exact % |", "|---|---:|---:|---:|---:|---:|---:|"]
     for lang, s in scores["languages"].items():
-        lines.append(f"| {lang} | {s['n']} | {s['bleu']:.1f} | {s['chrf']:.1f} | {s['chrf++']:.1f} | {s['ter']:.1f} | {s['exact_match']:.1f} |")
+        lines.append(f"| {lang} | {s['n']} | {_cells(s)} |")
     a, p = scores["average"], scores["pooled"]
-    lines.append(f"| average | | {a['bleu']:.1f} | {a['chrf']:.1f} | {a['chrf++']:.1f} | {a['ter']:.1f} | {a['exact_match']:.1f} |")
-    lines.append(f"| all (pooled) | {p['n']} | {p['bleu']:.1f} | {p['chrf']:.1f} | {p['chrf++']:.1f} | {p['ter']:.1f} | {p['exact_match']:.1f} |")
+    lines.append(f"| average | | {_cells(a)} |")
+    lines.append(f"| all (pooled) | {p['n']} | {_cells(p)} |")
     if "comet_model" in scores:
         comet = ", ".join(f"{lang} {s['comet']:.1f}" for lang, s in scores["languages"].items())
         lines += ["", f"COMET ({scores['comet_model']}), x100: {comet}; average {a['comet']:.1f}; pooled {p['comet']:.1f}"]
