@@ -159,8 +159,7 @@ class Benchmark:
         self.args, self.s = args, setting
         self.work = args.work.resolve()
         self.env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads),
-                        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}",
-                        TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+                        PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
 
     # -- shell ----------------------------------------------------------------------------------
     def sh(self, cmd: list, log: Path) -> None:

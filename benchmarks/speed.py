@@ -57,8 +57,6 @@ from benchmarks.common import (REPO, RESULTS, command_line, configure_logging, m
                                portable_path, print_results_markdown, software_versions, write_results)
 from benchmarks.statistics_cost import measure_analyze_time, measure_statistics_memory, statistics_markdown
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-
 USER_DIR = REPO / "fairseq_gdps"
 BIN = Path(sys.executable).parent
 # The budgets GDPS is held to, as ratios to the reference variant. The probe runs inside ordinary
@@ -137,7 +135,7 @@ logger = logging.getLogger("benchmarks.speed")
 # ---------------------------------------------------------------------------------------------
 def run_tool(cmd: Sequence, threads: int, log: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS=str(threads),
-               MKL_NUM_THREADS=str(threads), TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+               MKL_NUM_THREADS=str(threads))
     proc = subprocess.run([str(c) for c in cmd], env=env, capture_output=True, text=True)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:

@@ -8,12 +8,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
+# Stock fairseq 0.12 without the plugin: its checkpoints pickle an argparse.Namespace, which torch's
+# weights-only loading refuses unless allowed (the plugin allows that one class when imported).
+STOCK_FAIRSEQ_ENV = ["env", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1"]
 
 
 def run(cmd, cwd=None, timeout=600):
     """Run a command with the venv's tools on PATH; fail the test with its output on error."""
-    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="2",
-               TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="2")
     proc = subprocess.run([str(c) for c in cmd], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
         pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n"

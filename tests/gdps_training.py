@@ -57,8 +57,7 @@ def data_parallel(args, world_size=2):
 
 
 def environment():
-    return dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1",
-                TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1")
+    return dict(os.environ, PATH=f"{BIN}:{os.environ.get('PATH', '')}", OMP_NUM_THREADS="1")
 
 
 def run_all(commands, timeout=300):
@@ -85,9 +84,10 @@ def run_all(commands, timeout=300):
             outputs.append(log.read())
             log.close()
             os.unlink(log.name)
-    for cmd, proc, out in zip(commands, procs, outputs):
-        if proc.returncode != 0:
-            pytest.fail(f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{out[-6000:]}")
+    failures = [f"command failed ({proc.returncode}): {' '.join(map(str, cmd))}\n{out[-6000:]}"
+                for cmd, proc, out in zip(commands, procs, outputs) if proc.returncode != 0]
+    if failures:   # every failing worker: the first to fail is often not the first listed
+        pytest.fail("\n\n".join(failures))
     return outputs
 
 

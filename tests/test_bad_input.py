@@ -325,7 +325,8 @@ def test_plan_module_the_model_lacks_when_the_model_is_built(tmp_path):
                      encoder_attention_heads=2, decoder_attention_heads=2, conv_channels=8,
                      input_feat_per_channel=8, input_channels=1, max_source_positions=100,
                      max_target_positions=20, gdps_plan=str(path))
-    with pytest.raises(ValueError, match=r"^--gdps-plan .*plan.*\.json: no unsplit FFN named 'decoder\.layers\.7\.ffn'; the model has: "
+    with pytest.raises(ValueError, match=r"^--gdps-plan .*plan.*\.json: no unsplit FFN named 'decoder\.layers\.7\.ffn'; "
+                                         r"the model has: "
                                          r"encoder\.transformer_layers\.0\.ffn, decoder\.layers\.0\.ffn, "
                                          r"decoder\.layers\.1\.ffn$"):
         models.build_model(args, task)

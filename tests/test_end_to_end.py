@@ -54,7 +54,8 @@ def test_stock_generate_drops_partial_batch_without_multiple_1(tiny_data, tmp_pa
     try:
         train_tiny_baseline(tiny_data, tmp_path / "ckpt", updates=1)
         common = [BIN / "fairseq-generate", tiny_data, "--user-dir", REPO / "fairseq_gdps", "--task", "speech_to_text",
-                  "--config-yaml", "config.yaml", "--gen-subset", "test_not_multiple_of_8", "--path", tmp_path / "ckpt" / "checkpoint_last.pt",
+                  "--config-yaml", "config.yaml", "--gen-subset", "test_not_multiple_of_8",
+                  "--path", tmp_path / "ckpt" / "checkpoint_last.pt",
                   "--beam", "1", "--max-len-b", "5", "--max-tokens", "100000", "--num-workers", "0"]
         hyps_default = run(common).stdout.count("\nD-")
         hyps_fixed = run(common + ["--required-batch-size-multiple", "1"]).stdout.count("\nD-")

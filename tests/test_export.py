@@ -9,7 +9,7 @@ import torch
 from fairseq import checkpoint_utils, models
 from fairseq.data import Dictionary
 
-from conftest import BIN, REPO, run
+from conftest import BIN, REPO, STOCK_FAIRSEQ_ENV, run
 from fairseq_gdps.cli.export import ExportError, ExportMismatch, export_checkpoint, main
 from fairseq_gdps.models import partitioned_ffns
 
@@ -72,7 +72,8 @@ def load_stock(path):
 def net_input(lang_ids, seed=1):
     g = torch.Generator().manual_seed(seed)
     b = len(lang_ids)
-    return {"src_tokens": torch.randn(b, 23, FEAT, generator=g), "src_lengths": torch.tensor([23 - 3 * (i % 3) for i in range(b)]),
+    return {"src_tokens": torch.randn(b, 23, FEAT, generator=g),
+            "src_lengths": torch.tensor([23 - 3 * (i % 3) for i in range(b)]),
             "prev_output_tokens": torch.randint(4, 24, (b, 6), generator=g), "src_lang_id": torch.tensor(lang_ids)}
 
 
@@ -267,7 +268,8 @@ def test_exported_groups_decode_like_gdps_with_plain_fairseq(tiny_data, tmp_path
         assert export_checkpoint(stage2, out, language=langs[-1])["group"] == group
         exported[group] = torch.load(out, map_location="cpu", weights_only=False)["model"]
         runs += [f"{out} test_{lang}" for lang in langs]  # the per-language manifests of gdps-prep
-    stock_out = run([*ONE_THREAD, sys.executable, "-c", STOCK_GENERATE, tiny_data, ";".join(runs), *DECODE]).stdout
+    stock_out = run([*STOCK_FAIRSEQ_ENV, *ONE_THREAD, sys.executable, "-c", STOCK_GENERATE, tiny_data, ";".join(runs),
+                     *DECODE]).stdout
     decodes = stock_out.split("=== END")[:-1]
     assert len(decodes) == len(runs) == 4
     for lang, decode in zip([lang for langs in groups for lang in langs], decodes):

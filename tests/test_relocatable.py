@@ -3,7 +3,6 @@ later is an absolute path of where they were made. Paths are read relative to th
 folder, or named again on the command line (``gdps-split-checkpoint --data``)."""
 import csv
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -11,7 +10,7 @@ import subprocess
 import pytest
 import torch
 
-from conftest import BIN, REPO, run
+from conftest import BIN, REPO, STOCK_FAIRSEQ_ENV, run
 from fairseq_gdps.cli.split_checkpoint import data_folder
 from gdps_training import stage1_args
 
@@ -35,10 +34,12 @@ def manifest_ids(path):
         return [row["id"] for row in csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
-def generate(data, checkpoint, subset, *extra, cwd):
-    """fairseq-generate of one manifest; returns {utterance id: hypothesis line} and the log."""
+def generate(data, checkpoint, subset, *extra, cwd, stock=False):
+    """fairseq-generate of one manifest (``stock``: without the plugin); returns {utterance id:
+    hypothesis line} and the log."""
     ids = manifest_ids(data / f"{subset}.tsv")
-    out = run([BIN / "fairseq-generate", data, "--config-yaml", "config.yaml", "--gen-subset", subset,
+    out = run([*(STOCK_FAIRSEQ_ENV if stock else []), BIN / "fairseq-generate", data, "--config-yaml", "config.yaml",
+               "--gen-subset", subset,
                "--path", checkpoint, "--beam", "1", "--max-len-b", "5", "--max-tokens", "100000",
                "--num-workers", "0", "--required-batch-size-multiple", "1", "--cpu", *extra], cwd=cwd).stdout
     hypotheses = {ids[int(line.split("\t")[0][2:])]: line for line in out.splitlines() if line.startswith("D-")}
@@ -71,8 +72,7 @@ def test_moved_data_and_run_folders(tiny_corpus, tmp_path):
     # the stage-1 checkpoint names a data folder that is gone: the error says so and names the flag
     split_cmd = [BIN / "gdps-split-checkpoint", work / "stage1" / "checkpoint_last.pt",
                  "--plan", work / "analysis" / "plan.json", "--out", work / "stage2_init.pt"]
-    refused = subprocess.run([str(c) for c in split_cmd], cwd=cwd, capture_output=True, text=True,
-                             env=dict(os.environ, TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD="1"))
+    refused = subprocess.run([str(c) for c in split_cmd], cwd=cwd, capture_output=True, text=True)
     assert refused.returncode == 1 and not (work / "stage2_init.pt").exists()
     assert f"data folder {old_data}, which does not exist" in refused.stderr and "--data DIR" in refused.stderr
     run([*split_cmd, "--data", data], cwd=cwd)
@@ -97,5 +97,6 @@ def test_moved_data_and_run_folders(tiny_corpus, tmp_path):
 
     # stock fairseq joins the manifests' audio to config.yaml's audio_root as it stands
     run([BIN / "gdps-prep", "--out", data, "--relocate", "--quiet"], cwd=cwd)
-    hypotheses, _ = generate(data, work / "export" / "ar.pt", "test_ar", "--task", "speech_to_text", cwd=cwd)
+    hypotheses, _ = generate(data, work / "export" / "ar.pt", "test_ar", "--task", "speech_to_text", cwd=cwd,
+                             stock=True)
     assert sorted(hypotheses) == sorted(manifest_ids(data / "test_ar.tsv"))

@@ -26,7 +26,8 @@ def test_every_utterance_needs_exactly_one_hypothesis(tmp_path):
     (tmp_path / "test.tsv").write_text(MANIFEST)
     manifest = read_manifest(tmp_path / "test.tsv")
     (tmp_path / "out.txt").write_text(generate_log({2: "a", 0: "b"}))
-    with pytest.raises(ValueError, match=r"2 hypotheses for 3 manifest rows; missing sample indices \[1\].*required-batch-size-multiple 1"):
+    with pytest.raises(ValueError,
+                       match=r"2 hypotheses for 3 manifest rows; missing sample indices \[1\].*required-batch-size-multiple 1"):
         pair_with_manifest(manifest, read_hypotheses(tmp_path / "out.txt"), where="out.txt")
     (tmp_path / "dup.txt").write_text(generate_log({0: "b"}) + "D-0\t-0.2\tc\n")
     with pytest.raises(ValueError, match=r"dup.txt:\d+: second hypothesis for sample 0"):
@@ -78,7 +79,9 @@ def test_side_by_side_comparison(tmp_path, capsys):
 MANY = "id\taudio\tn_frames\ttgt_text\tspeaker\tsrc_text\tsrc_lang\ttgt_lang\n" + "".join(
     f"u{i}\tfbank80.zip:1:2\t100\t{ref}\ts1\tsource {i}\t{lang}\ten\n"
     for i, (ref, lang) in enumerate(
-        [(f"in {n} days and {m} liters", "et") for n, m in zip("two three four five six seven eight nine".split(), "one two three four five six seven eight".split())] * 3
+        [(f"in {n} days and {m} liters", "et")
+         for n, m in zip("two three four five six seven eight nine".split(),
+                         "one two three four five six seven eight".split())] * 3
         + [(f"{n} hours ago and one meter", "sw") for n in "two three four five six seven eight nine".split()] * 3))
 
 

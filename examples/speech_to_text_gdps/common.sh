@@ -6,8 +6,6 @@ REPO_ROOT=$(cd "$RECIPE_DIR/../.." && pwd)
 USER_DIR="$REPO_ROOT/fairseq_gdps"
 if [ -x "$REPO_ROOT/.venv/bin/python" ]; then export PATH="$REPO_ROOT/.venv/bin:$PATH"; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)}
-# fairseq checkpoints need pickle loading under torch >= 2.6 (the plugin sets it too).
-export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 
 # s2t_transformer sized for 2 CPU cores: 4 encoder / 2 decoder layers, width 160, FFN 512, and a
 # 256-channel convolutional subsampler (fairseq's default of 1024 channels costs more than the

@@ -39,17 +39,15 @@ from argparse import Namespace
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import torch
+from fairseq import checkpoint_utils, models
+from fairseq.data import Dictionary
+from fairseq.models import ARCH_MODEL_NAME_REGISTRY
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from fairseq import checkpoint_utils, models  # noqa: E402
-from fairseq.data import Dictionary  # noqa: E402
-from fairseq.models import ARCH_MODEL_NAME_REGISTRY  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
-
-import fairseq_gdps  # noqa: E402,F401  (registers the GDPS models)
-from fairseq_gdps.atomic import atomic_write  # noqa: E402
-from fairseq_gdps.models import (  # noqa: E402
+import fairseq_gdps  # noqa: F401  (registers the GDPS models)
+from fairseq_gdps.atomic import atomic_write
+from fairseq_gdps.models import (
     LANG_EMBEDDING_FLAG,
     LANG_EMBEDDING_KEY,
     dense_state_dict,

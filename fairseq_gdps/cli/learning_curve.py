@@ -35,7 +35,9 @@ def main(argv=None) -> int:
     rows = ["system\tnum_updates\twall_s\tdev_loss\tdev_nll_loss\tdev_accuracy"]
     for label, records in curves.items():
         for r in records:
-            rows.append(f"{label}\t{int(r.get('num_updates', 0))}\t{r['wall'] or 0:.0f}\t{r.get('loss', float('nan')):.3f}\t{r.get('nll_loss', float('nan')):.3f}\t{r.get('accuracy', float('nan')):.1f}")
+            nan = float("nan")
+            rows.append("\t".join([label, str(int(r.get("num_updates", 0))), f"{r['wall'] or 0:.0f}", f"{r.get('loss', nan):.3f}",
+                                   f"{r.get('nll_loss', nan):.3f}", f"{r.get('accuracy', nan):.1f}"]))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(args.out.with_name(args.out.name + ".tsv")) as f:
         f.write("\n".join(rows) + "\n")

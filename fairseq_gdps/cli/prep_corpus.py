@@ -4,8 +4,10 @@
     gdps-prep-corpus bemba    --root bigc/data/bem --out corpus/bem
     gdps-prep-corpus irish    --root iwslt2023_ga-eng --out corpus/ga
     gdps-prep-corpus estonian --root iwslt2025_est2eng_data --out corpus/et [--test-tsv test.tsv]
-    gdps-prep-corpus tsv      --train a.tsv --dev b.tsv --test c.tsv --lang xx --audio-col path --tgt-col en --out corpus/xx
-    gdps-prep-corpus kaldi    --train data/train --dev data/dev --test data/test --lang xx --translations text.tc.en --out corpus/xx
+    gdps-prep-corpus tsv      --train a.tsv --dev b.tsv --test c.tsv --lang xx --audio-col path --tgt-col en \
+                              --out corpus/xx
+    gdps-prep-corpus kaldi    --train data/train --dev data/dev --test data/test --lang xx \
+                              --translations text.tc.en --out corpus/xx
     gdps-prep-corpus merge    corpus/aeb corpus/bem corpus/ga corpus/et --out corpus/all
     gdps-prep --corpus corpus/all --out data
 
@@ -59,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="format", required=True, metavar="FORMAT")
 
     s = sub.add_parser("tunisian", help="Tunisian Arabic-English, LDC2022E01 (IWSLT 2022-2025)")
-    s.add_argument("--root", required=True, help="LDC2022E01 folder (holds data/audio/ta, data/transcripts/ta, data/translations/ta)")
+    s.add_argument("--root", required=True,
+                   help="LDC2022E01 folder (holds data/audio/ta, data/transcripts/ta, data/translations/ta)")
     s.add_argument("--splits", required=True,
                    help="folder with train.file_id.txt, dev.file_id.txt, test1.file_id.txt [, exclude-utterance.txt] "
                         "(github.com/kevinduh/iwslt22-dialect)")

@@ -23,15 +23,14 @@ import copy
 import os
 import sys
 
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+import torch
+from fairseq import checkpoint_utils, tasks
+from omegaconf import OmegaConf
 
-import torch  # noqa: E402
-from fairseq import checkpoint_utils, tasks  # noqa: E402
-
-import fairseq_gdps  # noqa: E402,F401  (registers the task and models)
-from fairseq_gdps.atomic import atomic_write  # noqa: E402
-from fairseq_gdps.gdps.split import split_ffn_weights  # noqa: E402
-from fairseq_gdps.models import ffn_module_names, partitioned_ffns  # noqa: E402
+import fairseq_gdps  # noqa: F401  (registers the task and models)
+from fairseq_gdps.atomic import atomic_write
+from fairseq_gdps.gdps.split import split_ffn_weights
+from fairseq_gdps.models import ffn_module_names, partitioned_ffns
 
 SPLIT_PARAMETERS = ("fc1_shared_weight", "fc1_shared_bias", "fc1_private_weight", "fc1_private_bias",
                     "fc2_shared_weight", "fc2_private_weight", "fc2_bias")
@@ -112,8 +111,10 @@ def split_checkpoint(stage1_path: str, plan_path: str | None, out_path: str, ini
     out["model"] = stage2.state_dict()
     out["last_optimizer_state"] = split_optimizer_state(stage1, stage2, state["last_optimizer_state"])
     out["task_state"] = {}  # the probe's statistics stay with stage 1
-    out["cfg"] = copy.deepcopy(cfg)
-    out["cfg"].model = stage2_args
+    stage2_cfg = copy.deepcopy(cfg)
+    stage2_cfg.model = stage2_args
+    # stored as fairseq's Trainer stores it (plain containers), so that weights-only loading reads it
+    out["cfg"] = OmegaConf.to_container(stage2_cfg, resolve=True, enum_to_str=True)
     with atomic_write(out_path, "wb") as f:
         torch.save(out, f)
 

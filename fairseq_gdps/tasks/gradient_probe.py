@@ -341,7 +341,7 @@ class GradientProbe:
                 else Path(self.cfg.restore_file))
         if not path.is_file():
             return
-        task_state = torch.load(path, map_location="cpu", weights_only=False).get("task_state", {})
+        task_state = torch.load(path, map_location="cpu").get("task_state", {})
         if STATE_KEY not in task_state:
             logger.warning(f"{path} holds no GDPS statistics: the probe starts afresh at update {update_num}")
             return
