@@ -27,7 +27,7 @@ compare like with like:
   languages grow, exact and count-sketched, and after 0..N probed updates: the summed statistics
   must not grow; the same-state records (every probe's Gram matrices of the probe units' halves,
   kept so that the bootstrap over probes is exact) grow by a fixed number of bytes per probe;
-* ``gdps-analyze`` time on synthetic statistics (random gradients through ``add_step``) as width
+* ``gdps-analyze`` time on synthetic statistics (random same-state probes through ``add_probe``) as width
   and number of languages grow (these two need no model: ``benchmarks.statistics_cost``).
 
 Results go to ``<out>/speed.json`` and ``<out>/speed.md`` (both written atomically); the markdown

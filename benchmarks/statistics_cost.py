@@ -119,7 +119,7 @@ def timed_analyze(stats_path: Path, out_dir: Path, resamples: int) -> dict:
 
 def measure_analyze_time(setting, work: Path) -> dict:
     """gdps-analyze (the CLI, in this process: load, analysis, bootstrap, plots, plan, report) on
-    synthetic statistics (random gradients through add_step) as languages and width grow."""
+    synthetic statistics (random same-state probes through add_probe) as languages and width grow."""
     from fairseq_gdps.gdps.stats import synthetic_statistics
 
     demo_width, demo_ffn = setting.analyze_widths[0]

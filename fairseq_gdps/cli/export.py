@@ -57,7 +57,7 @@ from fairseq_gdps.models import (
 # GDPS model -> the stock fairseq model (and architecture) its folded weights load into
 STOCK_MODEL = {"s2t_transformer_gdps": "s2t_transformer", "s2t_conformer_gdps": "s2t_conformer"}
 STOCK_TASK = "speech_to_text"
-# the GDPS criterion is fairseq's label-smoothed cross entropy plus the probe
+# the GDPS criterion is fairseq's label-smoothed cross entropy (it adds no loss term; the probe is the task's)
 STOCK_CRITERION = {"label_smoothed_cross_entropy_gdps": "label_smoothed_cross_entropy"}
 GDPS_PREFIX = "gdps_"
 # flags that point at files of the training machine and would be re-read when the model is built

@@ -607,7 +607,7 @@ class ProbeRecording:
     time: a block's Gram matrix and its languages' rows (reduced at once to the stored, sketched
     space when ``sketch_dim`` is set) are formed when the block is given, and its rows may be
     dropped afterwards. So the probe's transient memory is one block's rows, not every tracked
-    parameter times 2U (see ``per_language_update.py`` for when the criterion streams blocks).
+    parameter times 2U (the probe, ``tasks/gradient_probe.py``, streams blocks this way).
     Nothing is added to the sums before ``finish``: a language with a non-finite value in any
     block is still left out of every block, and a probe with any non-finite row keeps no Gram
     matrix. Statistics without the summed part (``summed=False``) take the Gram matrices alone;

@@ -74,8 +74,8 @@ class GradientProbeConfig(FairseqDataclass):
     gdps_summed_statistics: bool = field(
         default=False,
         metadata={"help": "also record the summed statistics behind gdps-analyze's diagnostics (noise-corrected "
-                  "cosines, self-similarity, subspace alignment, CCA), which are otherwise reported as "
-                  "unavailable. The decision uses the same-state records alone (the probe halves' Gram "
+                  "cosines, self-similarity, subspace alignment, CCA); without them the report says the "
+                  "diagnostic was not recorded. The decision uses the same-state records alone (the probe halves' Gram "
                   "matrices, always recorded); the summed statistics add every language's merged gradient, "
                   "squared, sketched and projected, to the cost of a probed update (benchmarks/speed.py measures it)"},
     )
