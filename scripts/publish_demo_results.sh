@@ -9,7 +9,7 @@ cd "$(dirname "$0")/.."
 WORK=${1:-work/demo_quick}
 [ -f "$WORK/results.md" ] || { echo "no $WORK/results.md: run examples/speech_to_text_gdps/run_demo.sh first" >&2; exit 1; }
 mkdir -p docs
-cp "$WORK/results.md" docs/demo_results.md
+# (its results.md goes into docs/benchmarks.md alone, below: one copy of each table)
 cp "$WORK/learning_curve.png" docs/demo_learning_curve.png
 cp "$WORK/gdps/analysis/report.md" docs/demo_analysis_report.md
 # the report's plots sit beside it in docs/ under demo_analysis_<name>.png: rename its links alike
