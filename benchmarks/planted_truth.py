@@ -192,8 +192,6 @@ def decide(stats, truth: dict, window: tuple, resamples: int) -> dict:
     groups = [list(g) for g in a.grouping.partition]
     out = {"window": list(window), "estimator": a.estimator, "split": a.split_modules, "groups": groups,
            "stability": a.grouping.chosen_frequency, "ratio": a.ratio, "rule": a.grouping.info.get("rule")}
-    if a.conflict is None:
-        return out
     ca = a.conflict
     out.update(probes=ca.probes, probed_updates=list(ca.updates), separation=ca.separation,
                beyond_one=ca.beyond_one, candidates=ca.candidates, distinct_level=ca.distinct_level)

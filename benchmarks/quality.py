@@ -81,6 +81,7 @@ if not __package__:
     sys.exit("run the quality benchmark from the repository root as a module: python -m benchmarks.quality ...")
 
 from benchmarks import quality_records as records
+from fairseq_gdps.models.split_spec import format_groups
 from benchmarks.common import REPO, RESULTS, machine_details, portable_path, replace_between, software_versions, write_json
 
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
@@ -133,10 +134,6 @@ def random_partition(plan_groups: list[list[str]], seed: int, attempts: int = 10
         if {frozenset(g) for g in groups} != target:
             break
     return groups
-
-
-def format_groups(groups: list[list[str]]) -> str:
-    return ";".join(",".join(g) for g in groups)
 
 
 # ---------------------------------------------------------------------------------------------
