@@ -271,7 +271,7 @@ def profile_analyze(stats_path: Path, out_dir: Path, resamples: int) -> dict:
     profiler.disable()
     table = pstats.Stats(profiler).stats
     part_s = {}
-    for part, (suffix, function) in {**ANALYZE_PARTS, "total": ("fairseq_gdps/cli/analyze.py", "main")}.items():
+    for part, (suffix, function) in {**ANALYZE_PARTS, "total": ("fairseq_gdps/gdps/analysis_command.py", "main")}.items():
         found = [v[3] for (filename, _, func), v in table.items() if filename.endswith(suffix) and func == function]
         if not found:
             raise RuntimeError(f"profile of gdps-analyze: no {function} in {suffix} (renamed? update ANALYZE_PARTS)")

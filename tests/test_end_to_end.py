@@ -95,7 +95,7 @@ def test_gdps_two_stage_recipe_end_to_end(tiny_data, tmp_path):
     layer = block[: -len(".ffn")]
     from fairseq import checkpoint_utils
 
-    from fairseq_gdps.cli.split_checkpoint import trainable_names
+    from fairseq_gdps.models.optimizer_state import optimized_parameter_names as trainable_names
 
     def names(path):   # parameter order of the optimizer state = the trainer's parameter order
         models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)])

@@ -34,7 +34,8 @@ def decode(data, checkpoint, subset):
 def test_tagged_baseline_trains_decodes_and_carries_into_stage2(tiny_data, tmp_path):
     from fairseq import checkpoint_utils
 
-    from fairseq_gdps.cli.split_checkpoint import main as split_checkpoint, trainable_names
+    from fairseq_gdps.cli.split_checkpoint import main as split_checkpoint
+    from fairseq_gdps.models.optimizer_state import optimized_parameter_names as trainable_names
 
     # the tagged baseline: no plan, the probe on (so that it is also a GDPS stage 1)
     run_all([stage1_args(tiny_data, tmp_path / "stage1", 4, *ARCH)])

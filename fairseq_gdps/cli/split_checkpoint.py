@@ -29,55 +29,7 @@ from omegaconf import OmegaConf
 
 import fairseq_gdps  # noqa: F401  (registers the task and models)
 from fairseq_gdps.atomic import atomic_write
-from fairseq_gdps.gdps.split import split_ffn_weights
-from fairseq_gdps.models import ffn_module_names, partitioned_ffns
-
-SPLIT_PARAMETERS = ("fc1_shared_weight", "fc1_shared_bias", "fc1_private_weight", "fc1_private_bias",
-                    "fc2_shared_weight", "fc2_private_weight", "fc2_bias")
-
-
-def trainable_names(model) -> list:
-    """Parameter names in the order fairseq's trainer hands parameters to the optimizer."""
-    return [name for name, p in model.named_parameters() if p.requires_grad]
-
-
-def split_optimizer_state(stage1, stage2, optimizer_state: dict) -> dict:
-    """Stage-1 optimizer state (fairseq/torch format, parameters by index) mapped onto stage 2."""
-    if len(optimizer_state["param_groups"]) != 1:
-        raise ValueError("only optimizers with a single parameter group are supported")
-    names1 = trainable_names(stage1)
-    by_name = {names1[i]: s for i, s in optimizer_state["state"].items()}
-    param_name = {id(p): n for n, p in stage1.named_parameters()}
-    split_state = {}
-    for block, ffn in partitioned_ffns(stage2).items():
-        fc1, fc2 = ffn_module_names(stage1)[block]
-        originals = [by_name.get(param_name[id(p)]) if p is not None else None
-                     for p in (fc1.weight, fc1.bias, fc2.weight, fc2.bias)]
-        if any(s is None for s in originals[::2]):
-            continue  # no moments yet (e.g. frozen): the split parameters start without state
-        shared = ffn.unit_order[: ffn.fc1_shared_weight.shape[0]].tolist()
-        moments = {}
-        for key in ("exp_avg", "exp_avg_sq"):
-            w1, b1, w2, b2 = (s[key] if s is not None else None for s in originals)
-            moments[key] = split_ffn_weights(w1, b1, w2, b2, ffn.fc1_private_weight.shape[0], 0.0,
-                                             shared_units=shared)
-        for attr in SPLIT_PARAMETERS:
-            split_state[f"{block}.{attr}"] = {
-                "step": originals[0]["step"],
-                "exp_avg": getattr(moments["exp_avg"], attr).clone(),
-                "exp_avg_sq": getattr(moments["exp_avg_sq"], attr).clone(),
-            }
-    state = {}
-    for i, name in enumerate(trainable_names(stage2)):
-        if name in split_state:
-            state[i] = split_state[name]
-        elif name in by_name:
-            state[i] = copy.deepcopy(by_name[name])
-        else:
-            raise ValueError(f"no stage-1 optimizer state for stage-2 parameter {name}")
-    group = dict(optimizer_state["param_groups"][0], params=list(range(len(state))))
-    return {"state": state, "param_groups": [group]}
-
+from fairseq_gdps.models.optimizer_state import ffn_parameter_names, optimized_parameter_names, split_optimizer_state
 
 def data_folder(stage1_path: str, stored: str | None, data: str | None) -> str:
     """The data folder to rebuild the task from: ``--data`` when given, else the one the stage-1
@@ -109,7 +61,8 @@ def split_checkpoint(stage1_path: str, plan_path: str | None, out_path: str, ini
     stage2 = task.build_model(stage2_args)  # resolves the plan into explicit fields of stage2_args
     out = dict(state)
     out["model"] = stage2.state_dict()
-    out["last_optimizer_state"] = split_optimizer_state(stage1, stage2, state["last_optimizer_state"])
+    out["last_optimizer_state"] = split_optimizer_state(optimized_parameter_names(stage1), ffn_parameter_names(stage1),
+                                                        stage2, state["last_optimizer_state"])
     out["task_state"] = {}  # the probe's statistics stay with stage 1
     stage2_cfg = copy.deepcopy(cfg)
     stage2_cfg.model = stage2_args

@@ -35,10 +35,11 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 from fairseq.modules.conformer_layer import FeedForwardModule
 
 from fairseq_gdps.models.arguments import add_gdps_args, gdps_defaults, set_arg
-from fairseq_gdps.models.ffn_surgery import ffn_module_names, split_ffns
+from fairseq_gdps.gdps.plan import Plan
+from fairseq_gdps.models.ffn_surgery import ffn_module_names, partitioned_ffns, split_ffns
 from fairseq_gdps.models.language_embedding import add_language_embedding, load_stage1_weights
 from fairseq_gdps.models.routing import GDPSEncoderMixin, GDPSTransformerDecoder
-from fairseq_gdps.models.split_spec import resolve_split_spec
+from fairseq_gdps.models.split_spec import SplitSpec, format_groups, resolve_split_spec
 from fairseq_gdps.modules.freezing import apply_freezing, parse_globs
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,39 @@ def freeze_parameters(model: nn.Module, args) -> List[str]:
     return frozen
 
 
+def _apply_split(model: nn.Module, args, spec: SplitSpec) -> None:
+    """Route the languages to their groups, split the FFNs (function-preserving) and apply the
+    freezing flags: the last steps of a build, and the whole of a split in place."""
+    group_of = {lang: k for k, g in enumerate(spec.groups) for lang in g}
+    model.encoder.set_language_groups([group_of.get(lang, -1) for lang in spec.languages] if spec.groups else None)
+    if spec.modules:
+        try:
+            split_ffns(model, spec.modules, len(spec.groups), spec.shared_ratio, method=args.gdps_init,
+                       seed=args.gdps_init_seed)
+        except ValueError as e:  # e.g. a module the model lacks: say which plan or flag named it
+            raise ValueError(f"{spec.source}: {e}") from None
+    freeze_parameters(model, args)
+
+
+def split_in_place(model: nn.Module, args, task, plan: Plan, source: str) -> SplitSpec:
+    """Split a built (and trained) unsplit GDPS model in place by ``plan``, exactly as a build
+    with ``--gdps-plan`` splits the stage-1 weights it loads. The plan is written into ``args`` as
+    the explicit split fields, so that checkpoints saved with these args rebuild the split model.
+    ``source`` names the plan in errors. The single-run switch (``--gdps-split-at-update``) calls it."""
+    if not isinstance(model, GDPSModelMixin):
+        raise ValueError(f"{type(model).__name__} is not a GDPS model: use an s2t_*_gdps architecture")
+    if partitioned_ffns(model):
+        raise ValueError(f"{source}: the model is split already")
+    set_arg(args, "gdps_split_modules", ",".join(plan.modules))
+    set_arg(args, "gdps_groups", format_groups(plan.groups))
+    set_arg(args, "gdps_shared_ratio", float(plan.shared_ratio))
+    set_arg(args, "gdps_plan_json", plan.dumps())
+    spec = resolve_split_spec(args, task)
+    spec.source = source
+    _apply_split(model, args, spec)
+    return spec
+
+
 class GDPSModelMixin:
     """The stage-2 build of every GDPS model (see the module doc) and a forward that passes
     ``src_lang_id`` to the encoder."""
@@ -121,23 +155,13 @@ class GDPSModelMixin:
         init_from = getattr(args, "gdps_init_from", None)
         state = checkpoint_utils.load_checkpoint_to_cpu(init_from) if init_from else None
         model = super().build_model(args, task)
-        group_of = {lang: k for k, g in enumerate(spec.groups) for lang in g}
-        model.encoder.set_language_groups(
-            [group_of.get(lang, -1) for lang in spec.languages] if spec.groups else None
-        )
         if getattr(args, "gdps_lang_embedding", False):
             add_language_embedding(model, args, spec, state)
         if init_from:
             load_stage1_weights(model, state, args, init_from)
             logger.info(f"GDPS stage 2 initialised from {init_from}")
             set_arg(args, "gdps_init_from", None)  # the checkpoint then holds the weights itself
-        if spec.modules:
-            try:
-                split_ffns(model, spec.modules, len(spec.groups), spec.shared_ratio, method=args.gdps_init,
-                           seed=args.gdps_init_seed)
-            except ValueError as e:  # e.g. a module the model lacks: say which plan or flag named it
-                raise ValueError(f"{spec.source}: {e}") from None
-        freeze_parameters(model, args)
+        _apply_split(model, args, spec)
         return model
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens, src_lang_id: Optional[Tensor] = None):

@@ -147,8 +147,12 @@ class GradientProbe:
         self._update = self._spare_update = self._pending = None
 
     def state_dict(self) -> dict:
-        """The probe's part of the task's state (saved in every checkpoint): its statistics."""
-        return {} if self.statistics is None else {STATE_KEY: self.statistics.state_dict()}
+        """The probe's part of the task's state (saved in every checkpoint): its statistics (those
+        it resumed from while it has recorded nothing since, as a run resumed after the probe
+        stopped)."""
+        if self.statistics is not None:
+            return {STATE_KEY: self.statistics.state_dict()}
+        return {} if self._saved is None else {STATE_KEY: self._saved[0]}
 
     def load_state_dict(self, state: Mapping, source: str = "the task state") -> None:
         """Resume from a :meth:`state_dict`: the saved statistics are merged into the first
@@ -337,11 +341,10 @@ class GradientProbe:
         calls ``task.load_state_dict`` (only ``load_model_ensemble_and_task`` does, for
         inference), so the probe reads that checkpoint itself, once, when it first records."""
         self._restored = True
-        path = (Path(self.cfg.save_dir) / "checkpoint_last.pt" if self.cfg.restore_file == "checkpoint_last.pt"
-                else Path(self.cfg.restore_file))
-        if not path.is_file():
+        path = resumed_checkpoint(self.cfg)
+        if path is None:
             return
-        task_state = torch.load(path, map_location="cpu").get("task_state", {})
+        task_state = read_task_state(path)
         if STATE_KEY not in task_state:
             logger.warning(f"{path} holds no GDPS statistics: the probe starts afresh at update {update_num}")
             return
@@ -408,6 +411,19 @@ class GradientProbe:
         skipped = record_blockwise(statistics, update_num, capture, tokens, self._block_sizes_of_tracked(),
                                    loss_scale, self._update_key)
         _warn_skipped(update_num, skipped)
+
+
+def resumed_checkpoint(cfg) -> Optional[Path]:
+    """The checkpoint fairseq-train resumes from (``--restore-file``, by default
+    ``checkpoint_last.pt`` in ``--save-dir``), None when there is none (a fresh start)."""
+    path = (Path(cfg.save_dir) / "checkpoint_last.pt" if cfg.restore_file == "checkpoint_last.pt"
+            else Path(cfg.restore_file))
+    return path if path.is_file() else None
+
+
+def read_task_state(path: Path) -> dict:
+    """The task state saved in a checkpoint (fairseq-train's resume does not hand it to the task)."""
+    return torch.load(path, map_location="cpu").get("task_state", {})
 
 
 def _warn_skipped(update_num: int, skipped) -> None:

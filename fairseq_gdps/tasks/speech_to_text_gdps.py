@@ -1,6 +1,7 @@
 """Task ``speech_to_text_gdps``: fairseq's speech-to-text task plus the source language of every
-utterance in ``net_input["src_lang_id"]``, temperature-based language sampling, and the GDPS
-gradient probe.
+utterance in ``net_input["src_lang_id"]``, temperature-based language sampling, the GDPS
+gradient probe and, with ``--gdps-split-at-update``, the analysis and split inside the run
+(``tasks/split_switch.py``).
 
 The probe (``tasks/gradient_probe.py``) belongs to the task, so it works with any criterion
 (stock ``label_smoothed_cross_entropy`` included). On probed updates the train step is the stock
@@ -24,13 +25,14 @@ from omegaconf import II
 
 from fairseq_gdps.net_input import LANG_ID_KEY
 from fairseq_gdps.tasks.data_folder_config import DataFolderConfig
-from fairseq_gdps.tasks.gradient_probe import STATE_KEY, GradientProbe, GradientProbeConfig
+from fairseq_gdps.tasks.gradient_probe import STATE_KEY, GradientProbe, GradientProbeConfig, resumed_checkpoint
+from fairseq_gdps.tasks.split_switch import SWITCH_KEY, SplitSwitch, SplitSwitchConfig
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class SpeechToTextGDPSConfig(GradientProbeConfig):
+class SpeechToTextGDPSConfig(GradientProbeConfig, SplitSwitchConfig):
     data: str = field(default="", metadata={"help": "manifest root path"})
     config_yaml: str = field(default="config.yaml", metadata={"help": "configuration YAML under the manifest root"})
     multitask_config_yaml: Optional[str] = field(default=None, metadata={"help": "multitask YAML under the manifest root"})
@@ -121,6 +123,7 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         self.lang_to_id = {lang: i for i, lang in enumerate(self.languages)}
         logger.info(f"source languages (id order): {self.languages}")
         self.probe = GradientProbe(cfg, self.languages)
+        self.switch = SplitSwitch(cfg, self.probe) if cfg.gdps_split_at_update else None
         # (utterances of the train S2T dataset,) probe unit ids under --gdps-probe-speakers (set
         # when the train set is loaded); None: the units are the languages
         self._unit_of_utterance: Optional[torch.Tensor] = None
@@ -176,6 +179,15 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
                 f"'{cfg._name if hasattr(cfg, '_name') else cfg.arch}' does not take: use an s2t_*_gdps "
                 "architecture (e.g. --arch s2t_transformer_gdps_xs), or --task speech_to_text for stock models"
             )
+        if self.switch is not None and not from_checkpoint:   # training (not a decode of a saved model)
+            self.switch.check_flags()
+            resumed_from = resumed_checkpoint(self.args)
+            state = None if resumed_from is None else torch.load(resumed_from, map_location="cpu")
+            task_state = None if state is None else state.get("task_state", {})
+            if task_state is not None:   # the probe's statistics too, read once here
+                self.probe.load_state_dict(task_state, source=str(resumed_from))
+            update = 0 if state is None else int(state["optimizer_history"][-1]["num_updates"])
+            self.switch.model_built(model, cfg, self, task_state, resumed_from, update)
         return model
 
     def _train_manifest(self) -> Path:
@@ -215,16 +227,21 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         # update's per-language gradients are complete here (and reduced across workers).
         if self.probe.is_due(update_num):
             self.probe.record_update(update_num)
+        if self.switch is not None and self.switch.is_due(update_num):
+            self.switch.switch(model, optimizer)
 
     def begin_valid_epoch(self, epoch, model):
         # Validation precedes every checkpoint save: write the statistics file at the same points.
         self.probe.save()
 
     def state_dict(self):
-        return {**super().state_dict(), **self.probe.state_dict()}
+        switch = {} if self.switch is None else self.switch.state_dict()
+        return {**super().state_dict(), **self.probe.state_dict(), **switch}
 
     def load_state_dict(self, state_dict):
         # fairseq's load_model_ensemble_and_task calls this; fairseq-train's resume does not (the
         # probe reads its checkpoint itself, see GradientProbe._read_resumed_state)
-        super().load_state_dict({k: v for k, v in state_dict.items() if k != STATE_KEY})
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in (STATE_KEY, SWITCH_KEY)})
         self.probe.load_state_dict(state_dict)
+        if self.switch is not None:
+            self.switch.load_state_dict(state_dict)
