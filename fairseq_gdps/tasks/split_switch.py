@@ -54,8 +54,9 @@ class SplitSwitchConfig(FairseqDataclass):
     )
     gdps_analyze_args: str = field(
         default="",
-        metadata={"help": "gdps-analyze flags for the analysis at --gdps-split-at-update, as one string, e.g. "
-                  "'--conflict-tau 0.05 --select topk' (the statistics and --out are set by the run)"},
+        metadata={"help": "gdps-analyze flags for the analysis at --gdps-split-at-update, as one string given with "
+                  "'=' (its first word starts with '--'), e.g. --gdps-analyze-args='--conflict-tau 0.05 --select topk'; "
+                  "the statistics and --out are set by the run"},
     )
     max_update: int = II("optimization.max_update")
     distributed_world_size: int = II("distributed_training.distributed_world_size")
