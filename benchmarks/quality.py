@@ -224,8 +224,9 @@ class Benchmark:
                 lambda: self.sh(["bash", RECIPES / "run_baseline.sh", data, root / "baseline", *common, *decode_joint],
                                 root / "baseline.log")),
             Job(gdps_name, gdps_dir,
-                lambda: self.sh(["bash", RECIPES / "run_gdps.sh", data, gdps_dir, *common, "--stage1-updates", s["stage1"],
-                                 "--probe-interval", s["probe_interval"], "--lang-embedding", *decode_joint],
+                # the two-stage form: the tagged baseline and the split controls continue its stage 1
+                lambda: self.sh(["bash", RECIPES / "run_gdps.sh", data, gdps_dir, *common, "--two-stage", "--stage1-updates",
+                                 s["stage1"], "--probe-interval", s["probe_interval"], "--lang-embedding", *decode_joint],
                                 root / "gdps.log")),
             Job(f"{condition}/seed{seed}/tagged", root / "tagged",
                 lambda: self.sh(["bash", RECIPES / "run_gdps.sh", data, root / "tagged", *common, "--stage1-updates",

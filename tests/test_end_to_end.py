@@ -65,13 +65,31 @@ def test_stock_generate_drops_partial_batch_without_multiple_1(tiny_data, tmp_pa
     assert hyps_default == len(rows) - len(rows) % 8
 
 
-def test_gdps_two_stage_recipe_end_to_end(tiny_data, tmp_path):
-    """run_gdps.sh: probe, analysis, split, decode, score on the tiny corpus."""
+TINY_RECIPE = ["--max-update", "8", "--stage1-updates", "4", "--analyze-args", "--groups 2 --resamples 20", "--",
+               "--encoder-layers", "2", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
+               "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--max-tokens", "4000"]
+
+
+def test_gdps_recipe_in_one_run_end_to_end(tiny_data, tmp_path):
+    """run_gdps.sh by default: one fairseq-train probes, analyses and splits, then decode and score."""
+    import torch
+
     out = tmp_path / "gdps"
-    run(["bash", REPO / "examples/speech_to_text_gdps/run_gdps.sh", tiny_data, out, "--max-update", "8",
-         "--stage1-updates", "4", "--analyze-args", "--groups 2 --resamples 20", "--",
-         "--encoder-layers", "2", "--decoder-layers", "1", "--encoder-embed-dim", "32", "--decoder-embed-dim", "32",
-         "--encoder-ffn-embed-dim", "64", "--decoder-ffn-embed-dim", "64", "--max-tokens", "4000"])
+    printed = run(["bash", REPO / "examples/speech_to_text_gdps/run_gdps.sh", tiny_data, out, *TINY_RECIPE]).stdout
+    assert "GDPS single run: split at update 4" in printed and "groups: " in printed
+    plan = json.loads((out / "checkpoints" / "gdps_analysis" / "plan.json").read_text())
+    assert len(plan["groups"]) == 2 and plan["modules"]
+    state = torch.load(out / "checkpoints" / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    assert any("private" in k for k in state["model"]) and state["optimizer_history"][-1]["num_updates"] == 8
+    assert not (out / "stage1").exists() and not (out / "stage2").exists()
+    scores = json.loads((out / "scores.json").read_text())
+    assert scores["pooled"]["n"] == len(manifest_rows(tiny_data / "test.tsv"))
+
+
+def test_gdps_two_stage_recipe_end_to_end(tiny_data, tmp_path):
+    """run_gdps.sh --two-stage: probe, analysis, split, decode, score on the tiny corpus."""
+    out = tmp_path / "gdps"
+    run(["bash", REPO / "examples/speech_to_text_gdps/run_gdps.sh", tiny_data, out, "--two-stage", *TINY_RECIPE])
     plan = json.loads((out / "analysis" / "plan.json").read_text())
     assert len(plan["groups"]) == 2
     assert sorted(lang for group in plan["groups"] for lang in group) == ["ar", "et", "ga", "sw"]

@@ -1,17 +1,23 @@
 #!/usr/bin/env bash
-# GDPS in two stages, with the same total number of updates as the baseline:
+# GDPS with the same total number of updates as the baseline:
 #   1. probe: a shared model (the baseline's network, --task speech_to_text_gdps) trained for
 #      STAGE1 updates while the per-language gradients of every FFN block are recorded;
 #   2. analyse: gdps-analyze ranks the blocks by conflict, groups the languages, picks the ratio;
 #   3. split: the chosen FFN(s) partitioned into shared + per-group units, initialised from the
-#      stage-1 checkpoint (function-preserving, optimizer state split alike), trained on from update
+#      stage-1 weights (function-preserving, optimizer state split alike), trained on from update
 #      STAGE1 to TOTAL;
 #   4. decode every test utterance and score each language.
+# By default 1-3 are one fairseq-train (--gdps-split-at-update STAGE1: OUT/checkpoints, the analysis
+# in OUT/checkpoints/gdps_analysis). --two-stage runs them as separate commands (stage-1
+# fairseq-train, gdps-analyze, gdps-split-checkpoint, stage-2 fairseq-train: OUT/stage1,
+# OUT/analysis, OUT/stage2), the same computation (bit for bit, tests/test_single_run.py), needed
+# for data-parallel or mixed-precision training and by every option below that reuses or replaces
+# stage 1's decision (--stage1-from, --split-modules, --no-split), which imply it.
 #
 #   run_gdps.sh DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K]
-#               [--seed S] [--analyze-args "..."] [--stage1-from DIR]
+#               [--seed S] [--analyze-args "..."] [--two-stage] [--stage1-from DIR]
 #               [--split-modules M --groups G --shared-ratio R] [--init energy|svd|random]
-#               [--lang-embedding] [--no-split] [--decode-args "..."] [-- extra fairseq-train flags for both stages]
+#               [--lang-embedding] [--no-split] [--decode-args "..."] [-- extra fairseq-train flags]
 # --stage1-from DIR reuses another run's stage 1 and analysis (DIR/stage1, DIR/analysis) instead of
 # training them again; --split-modules/--groups/--shared-ratio replace the plan's split (e.g. a
 # ratio of 0 for a full split); --decode-args go to decode_and_score.sh. --lang-embedding gives both
@@ -26,7 +32,7 @@ source "$(dirname "$0")/common.sh"
 [ $# -ge 2 ] || { echo "usage: $0 DATA_DIR OUT_DIR [--max-update TOTAL] [--stage1-updates N] [--probe-interval K] [--seed S]" >&2; exit 2; }
 DATA=$(cd "$1" && pwd); OUT=$2; shift 2
 TOTAL=1600; STAGE1=; PROBE_INTERVAL=1; SEED=1; ANALYZE_ARGS=; EXTRA=(); STAGE1_FROM=
-SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=; LANG_EMBEDDING=(); NO_SPLIT=0
+SPLIT_MODULES=; LANG_GROUPS=; SHARED_RATIO=; INIT=energy; DECODE_ARGS=; LANG_EMBEDDING=(); NO_SPLIT=0; TWO_STAGE=0
 while [ $# -gt 0 ]; do
   case $1 in
     --max-update) TOTAL=$2; shift 2 ;;
@@ -42,6 +48,7 @@ while [ $# -gt 0 ]; do
     --decode-args) DECODE_ARGS=$2; shift 2 ;;
     --lang-embedding) LANG_EMBEDDING=(--gdps-lang-embedding); shift ;;
     --no-split) NO_SPLIT=1; shift ;;
+    --two-stage) TWO_STAGE=1; shift ;;
     --) shift; EXTRA=("$@"); break ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
@@ -50,10 +57,25 @@ STAGE1=${STAGE1:-$(( TOTAL / 2 ))}
 STAGE2=$(( TOTAL - STAGE1 ))
 [ "$STAGE2" -gt 0 ] || { echo "--stage1-updates ($STAGE1) must be below --max-update ($TOTAL)" >&2; exit 2; }
 mkdir -p "$OUT"
+if [ -n "$STAGE1_FROM$SPLIT_MODULES$LANG_GROUPS$SHARED_RATIO" ] || [ "$NO_SPLIT" = 1 ]; then TWO_STAGE=1; fi
 
 COMMON=(--user-dir "$USER_DIR" --task speech_to_text_gdps --train-subset train --valid-subset dev
   --config-yaml config.yaml --arch "$GDPS_ARCH" "${LANG_EMBEDDING[@]}" "${SIZE_ARGS[@]}" "${DATA_ARGS[@]}" --seed "$SEED"
   --log-format simple --log-interval 50 --no-epoch-checkpoints)
+
+if [ "$TWO_STAGE" = 0 ]; then
+  echo "[gdps] one run: probe to update $STAGE1 (every $PROBE_INTERVAL), analysis, split, on to $TOTAL"
+  fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
+    --criterion label_smoothed_cross_entropy_gdps --gdps-probe-interval "$PROBE_INTERVAL" \
+    --gdps-stats "$OUT/checkpoints/gdps_stats.pt" --gdps-split-at-update "$STAGE1" --gdps-init "$INIT" \
+    --gdps-analyze-args="$ANALYZE_ARGS" --max-update "$TOTAL" --save-dir "$OUT/checkpoints" "${EXTRA[@]}" \
+    > "$OUT/train.log" 2>&1 || { tail -n 30 "$OUT/train.log"; exit 1; }
+  grep -E "GDPS single run|^(split|groups|shared ratio): " "$OUT/train.log" || true
+  echo "[gdps] decoding and scoring"
+  # shellcheck disable=SC2086
+  bash "$RECIPE_DIR/decode_and_score.sh" "$DATA" "$OUT" --task speech_to_text_gdps --checkpoint "$OUT/checkpoints/checkpoint_best.pt" $DECODE_ARGS
+  exit 0
+fi
 
 if [ -n "$STAGE1_FROM" ]; then
   [ -f "$STAGE1_FROM/stage1/checkpoint_last.pt" ] && { [ "$NO_SPLIT" = 1 ] || [ -f "$STAGE1_FROM/analysis/plan.json" ]; } \
