@@ -13,6 +13,11 @@ mkdir -p docs
 cp "$WORK/learning_curve.png" docs/demo_learning_curve.png
 ANALYSIS="$WORK/gdps/checkpoints/gdps_analysis"
 cp "$ANALYSIS/report.md" docs/demo_analysis_report.md
+# the report names the statistics file as the run was given it: the run's folder relative to the
+# repository, never this machine's path
+ABS_WORK=$(cd "$WORK" && pwd)
+REL_WORK=$(python3 -c 'import os, sys; print(os.path.relpath(sys.argv[1]))' "$ABS_WORK")
+sed -i "s|$ABS_WORK/|$REL_WORK/|g" docs/demo_analysis_report.md
 # the report's plots sit beside it in docs/ under demo_analysis_<name>.png: rename its links alike
 for png in similarity dendrogram layer_profile stability; do
   if [ -f "$ANALYSIS/$png.png" ]; then
