@@ -17,7 +17,12 @@ Systems (same prepared corpus, same total number of updates ``max_update``):
                      probe leaves training bit-identical, so GDPS's first ``stage1`` updates ARE the
                      tagged baseline's (one run, two systems: the machine's time goes to seeds);
 * ``full_split``     GDPS's module(s) split with no shared units, one block per language;
-* ``random_groups``  GDPS's module(s) and ratio, languages shuffled into groups of the plan's sizes;
+* ``full_split_matched`` GDPS's module(s), a block per language with the size of GDPS's plan: the
+                     private blocks are narrower (more units shared) so the split block has exactly
+                     the plan's width, the control that asks whether the analysis' grouping beats
+                     "split everything" at equal size;
+* ``random_groups``  GDPS's module(s) and ratio, languages shuffled into groups of the plan's sizes
+                     (the same size as GDPS's plan by construction);
 * ``param_diff``     the Parameter Differentiation rule: GDPS's module(s) copied whole per cluster,
                      two clusters (gdps-analyze --groups 2), no shared part;
 * ``gdps_similarity_ratio`` (opt-in) GDPS's module(s) and groups with the similarity rule's shared
@@ -85,11 +90,12 @@ from fairseq_gdps.models.split_spec import format_groups
 from benchmarks.common import REPO, RESULTS, machine_details, portable_path, replace_between, software_versions, write_json
 
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
-SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "random_groups", "param_diff", "gdps_similarity_ratio", "bilingual")
+SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "full_split_matched", "random_groups", "param_diff",
+           "gdps_similarity_ratio", "bilingual")
 # opt-in: bilingual models answer another question and cost the most; gdps_similarity_ratio is a
 # diagnostic (GDPS's grouping with the similarity rule's shared part: what does sharing do?)
 DEFAULT_SYSTEMS = SYSTEMS[:-2]
-SPLIT_CONTROLS = ("full_split", "random_groups", "param_diff", "gdps_similarity_ratio")
+SPLIT_CONTROLS = ("full_split", "full_split_matched", "random_groups", "param_diff", "gdps_similarity_ratio")
 CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
 
@@ -106,15 +112,29 @@ SETTINGS = {
 RUN_DEFINING = ("utterances", "vocab", "max_update", "stage1", "probe_interval")
 # wall seconds per update of one run (two at a time, one thread each) on this project's 2-core
 # machine, for the estimate of what is left before any run of a system is recorded
-SECONDS_PER_UPDATE = {"baseline": 0.55, "gdps": 0.65, "tagged": 0.55, "full_split": 0.6, "random_groups": 0.6,
+SECONDS_PER_UPDATE = {"baseline": 0.55, "gdps": 0.65, "tagged": 0.55, "full_split": 0.6, "full_split_matched": 0.6,
+                      "random_groups": 0.6,
                       "param_diff": 0.6, "bilingual": 0.5}
 
 logger = logging.getLogger("quality")
+SAME_PARTITION = "no other grouping of the plan's sizes"  # why random_groups may be GDPS's own run
 
 
 # ---------------------------------------------------------------------------------------------
 # pure helpers (unit-tested)
 # ---------------------------------------------------------------------------------------------
+
+def size_matched_shared_ratio(plan_groups: int, plan_shared_ratio: float, n_languages: int) -> float:
+    """The shared ratio at which one private block per language gives a split block of the plan's
+    width: a block of ``h`` units split at ratio ``r`` into ``G`` groups has ``h * (r + G * (1 - r))``
+    units; with ``n_languages`` groups that width needs ``1 - r' = (1 - r) * (G - 1) / (n_languages - 1)``.
+    One group gives 1.0 (nothing private: no split at all)."""
+    if n_languages < 2 or not 1 <= plan_groups <= n_languages:
+        raise ValueError(f"need 1 <= plan groups ({plan_groups}) <= languages ({n_languages}) and >= 2 languages")
+    if not 0.0 <= plan_shared_ratio <= 1.0:
+        raise ValueError(f"shared ratio must lie in [0, 1], got {plan_shared_ratio}")
+    return 1.0 - (1.0 - plan_shared_ratio) * (plan_groups - 1) / (n_languages - 1)
+
 
 def random_partition(plan_groups: list[list[str]], seed: int, attempts: int = 100) -> list[list[str]]:
     """Languages shuffled into groups of the plan's sizes, different from the plan's partition
@@ -257,20 +277,31 @@ class Benchmark:
         modules = ",".join(plan["modules"])
         if control == "full_split":
             groups, ratio = [[lang] for lang in langs], 0.0
+        elif control == "full_split_matched":
+            groups = [[lang] for lang in langs]
+            ratio = size_matched_shared_ratio(len(plan["groups"]), plan["shared_ratio"], len(langs))
+            if len(plan["groups"]) == 1:
+                # at one group's width nothing is private: the run would be GDPS's stage 2 again
+                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": plan["groups"],
+                                                      "shared_ratio": plan["shared_ratio"]},
+                               why="one group: at the plan's width nothing is private")
+                return
         elif control == "gdps_similarity_ratio":
             # a plan made before the conflict rule has the similarity rule's ratio as its own
             groups, ratio = plan["groups"], plan["provenance"]["ratio"].get("similarity_rule", plan["shared_ratio"])
             if ratio == plan["shared_ratio"]:
                 # the plan already has the similarity rule's ratio (no groups from conflict edges):
                 # the run would be GDPS's stage 2 again, so its result is reused
-                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio})
+                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio},
+                               why="the plan's ratio is the similarity rule's")
                 return
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
             if {frozenset(g) for g in groups} == {frozenset(g) for g in plan["groups"]}:
                 # No other partition of these sizes (one group, or one language per group): the run
                 # would be GDPS's stage 2 again, same start, split and seed, so its result is reused.
-                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio})
+                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio},
+                               why=SAME_PARTITION)
                 return
         else:  # param_diff: two clusters from the same statistics, whole-module copies
             self.sh(["gdps-analyze", gdps / "stage1" / "gdps_stats.pt", "--out", gdps / "analysis_two_clusters",
@@ -286,9 +317,9 @@ class Benchmark:
                  "--decode-args", "--splits test"], root / f"{control}.log")
 
     @staticmethod
-    def reuse_run(source: Path, out: Path, split: dict) -> None:
+    def reuse_run(source: Path, out: Path, split: dict, why: str) -> None:
         """``out`` becomes the finished run ``source`` (same model): its scores, decodes, training log
-        and best checkpoint (hard-linked), with the split written down and where it came from."""
+        and best checkpoint (hard-linked), with the split written down and where it came from and why."""
         out.mkdir(parents=True, exist_ok=True)
         (out / "stage2").mkdir(exist_ok=True)
         os.link(source / "stage2" / "checkpoint_best.pt", out / "stage2" / "checkpoint_best.pt")
@@ -297,7 +328,7 @@ class Benchmark:
             if (source / name).is_file():
                 shutil.copy(source / name, out / name)
         (out / "split.json").write_text(json.dumps(split) + "\n")
-        (out / "reused_from.txt").write_text(f"{source}\n")
+        (out / "reused_from.txt").write_text(f"{source}\n{why}\n")
         shutil.copy(source / "scores.json", out / "scores.json")  # last: marks the run finished
 
     def merge_bilingual(self, data: Path, out: Path, langs: list[str]) -> None:
@@ -346,8 +377,10 @@ class Benchmark:
                 {k: plan[k] for k in ("modules", "groups", "shared_ratio")}
             if plan:
                 plan.get("provenance", {}).pop("stats_file", None)  # a path on the machine that ran it
-        notes = f"reused from {Path((run / 'reused_from.txt').read_text().strip()).name}: no other grouping of the plan's sizes" \
-            if (run / "reused_from.txt").is_file() else None
+        notes = None
+        if (run / "reused_from.txt").is_file():
+            source, _, why = (run / "reused_from.txt").read_text().strip().partition("\n")
+            notes = f"reused from {Path(source).name}: {why or SAME_PARTITION}"
         record = records.make_record(
             setting_name=self.args.setting, run_setting=self.run_setting(), condition=condition,
             seed=int(seed[len("seed"):]), system=system, scores=scores,

@@ -32,12 +32,12 @@ def test_reused_run_is_the_source_run_finished(tmp_path):
     (gdps / "scores.json").write_text('{"average": {"bleu": 1.0}}\n')
     out = tmp_path / "random_groups"
     split = {"modules": ["decoder.layers.1.ffn"], "groups": [["ar", "et"]], "shared_ratio": 0.75}
-    quality.Benchmark.reuse_run(gdps, out, split)
+    quality.Benchmark.reuse_run(gdps, out, split, why="one group")
     assert (out / "scores.json").read_text() == (gdps / "scores.json").read_text()
     assert (out / "decode" / "test.txt").read_text() == (gdps / "decode" / "test.txt").read_text()
     assert (out / "stage2" / "checkpoint_best.pt").stat().st_ino == (gdps / "stage2" / "checkpoint_best.pt").stat().st_ino
     assert json.loads((out / "split.json").read_text()) == split
-    assert (out / "reused_from.txt").read_text().strip() == str(gdps)
+    assert (out / "reused_from.txt").read_text().splitlines() == [str(gdps), "one group"]
 
 
 def test_conflict_condition_uses_shared_speakers(tmp_path, monkeypatch):
@@ -156,7 +156,35 @@ def test_conflict_targets_are_checked_per_language():
     lines = records._targets("conflict", {"gdps|tagged": {"per_seed": per_seed}})
     assert lines[0].startswith("GDPS - tagged baseline, average BLEU: +1.50") and lines[0].count("met") == 1
     assert "on xx: +4.00" in lines[1] and lines[1].endswith("met")
-    assert lines[2] == "Lowest other language: ar -0.70 (target >= -0.5): NOT met"
+    assert lines[2] == "Lowest other language against the tagged baseline: ar -0.70 (target >= -0.5): NOT met"
+    # GDPS against the controls of its own size: met only when GDPS is not below them
+    equal = {"gdps|tagged": {"per_seed": per_seed},
+             "gdps|full_split_matched": {"per_seed": [dict(per_seed[0], delta_average=-0.3)]},
+             "gdps|random_groups": {"per_seed": [dict(per_seed[0], delta_average=0.0)]}}
+    lines = records._targets("conflict", equal)
+    assert "GDPS - full_split_matched (same size), average BLEU: -0.30 (target >= +0.0): NOT met (1 seeds)" in lines
+    assert "GDPS - random_groups (same size), average BLEU: +0.00 (target >= +0.0): met (1 seeds)" in lines
+    natural = records._targets("natural", {"gdps|tagged": {"per_seed": per_seed}})
+    assert natural[1] == "Lowest language against the tagged baseline: ar -0.70 (target >= -0.5): NOT met"
+
+
+@pytest.mark.parametrize("groups, ratio, languages", [(2, 0.0, 5), (2, 0.5, 4), (3, 0.25, 4), (4, 0.0, 4), (1, 0.0, 4)])
+def test_size_matched_full_split_has_the_plans_width(groups, ratio, languages):
+    matched = quality.size_matched_shared_ratio(groups, ratio, languages)
+    width = lambda g, r: r + g * (1 - r)  # split block width in units of the unsplit block
+    if groups == languages:
+        assert matched == pytest.approx(ratio)
+    if groups == 1:
+        assert matched == 1.0  # nothing private
+    assert width(languages, matched) == pytest.approx(width(groups, ratio))
+    assert 0.0 <= matched <= 1.0 and (matched >= ratio)  # a block per language is narrower, so more is shared
+
+
+def test_size_matched_full_split_refuses_impossible_plans():
+    with pytest.raises(ValueError, match="groups"):
+        quality.size_matched_shared_ratio(5, 0.0, 4)
+    with pytest.raises(ValueError, match="shared ratio"):
+        quality.size_matched_shared_ratio(2, 1.5, 4)
 
 
 @pytest.mark.slow
@@ -182,6 +210,14 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
     assert "stats_file" not in by_system["gdps"]["plan"]["provenance"]  # no machine paths in the records
     assert by_system["full_split"]["split"]["groups"] == [[l] for l in languages]
     assert len(by_system["param_diff"]["split"]["groups"]) == 2
+    # the size-matched full split: a block per language at exactly GDPS's size (one group: GDPS's own run)
+    matched = by_system["full_split_matched"]
+    if len(by_system["gdps"]["plan"]["groups"]) > 1:
+        assert matched["split"]["groups"] == [[l] for l in languages]
+        assert abs(matched["params"] - by_system["gdps"]["params"]) <= 8 * len(languages)  # rounding of units
+        assert matched["params"] < by_system["full_split"]["params"]
+    else:
+        assert matched["hypotheses_sha256"] == by_system["gdps"]["hypotheses_sha256"] and "nothing is private" in matched["notes"]
     # the opt-in diagnostic: GDPS's groups with the similarity rule's shared ratio (a plan that
     # already has that ratio makes it GDPS's own run, reused)
     assert quality.main(args + ["--systems", "gdps", "gdps_similarity_ratio"]) == 0
@@ -193,9 +229,10 @@ def test_tiny_benchmark_records_every_system_resumes_and_reports_from_records(ti
         assert sim["hypotheses_sha256"] == by_system["gdps"]["hypotheses_sha256"] and "reused from gdps" in sim["notes"]
     report = json.loads((results / "quality.json").read_text())
     assert report["meta"]["recorded"] == report["meta"]["planned"] == len(quality.DEFAULT_SYSTEMS) + 1
-    assert "gdps|tagged" in report["results"]["natural"]["comparisons"]
+    comparisons = report["results"]["natural"]["comparisons"]
+    assert {"gdps|tagged", "gdps|full_split_matched", "gdps|random_groups"} <= set(comparisons)
     text = (results / "quality.md").read_text()
-    assert "**7 of 7 runs recorded**" in text and "PARTIAL" not in text
+    assert "**8 of 8 runs recorded**" in text and "PARTIAL" not in text
     # the report comes from the records alone: without the run folders it is the same
     shutil.rmtree(work)
     assert quality.main(args + ["--report-only"]) == 0
