@@ -15,6 +15,7 @@ setup(
             "gdps-make-corpus=fairseq_gdps.cli.make_corpus:main",
             "gdps-prep=fairseq_gdps.cli.prep:main",
             "gdps-analyze=fairseq_gdps.cli.analyze:main",
+            "gdps-train=fairseq_gdps.cli.train:cli_main",
             "gdps-score=fairseq_gdps.cli.score:main",
             "gdps-split-checkpoint=fairseq_gdps.cli.split_checkpoint:main",
             "gdps-prep-corpus=fairseq_gdps.cli.prep_corpus:main",

@@ -170,8 +170,10 @@ def test_conflict_targets_are_checked_per_language():
 
 @pytest.mark.parametrize("groups, ratio, languages", [(2, 0.0, 5), (2, 0.5, 4), (3, 0.25, 4), (4, 0.0, 4), (1, 0.0, 4)])
 def test_size_matched_full_split_has_the_plans_width(groups, ratio, languages):
+    def width(g, r):   # split block width in units of the unsplit block
+        return r + g * (1 - r)
+
     matched = quality.size_matched_shared_ratio(groups, ratio, languages)
-    width = lambda g, r: r + g * (1 - r)  # split block width in units of the unsplit block
     if groups == languages:
         assert matched == pytest.approx(ratio)
     if groups == 1:

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from conftest import BIN, REPO, run
-from gdps_training import (assert_models_equal, assert_statistics_equal, build_trainer, load_checkpoint, num_updates,
-                           run_all, run_killed_after_checkpoint, split_checkpoint, train_args)
+from gdps_training import (assert_models_equal, assert_statistics_equal, build_trainer, data_parallel, load_checkpoint,
+                           num_updates, run_all, run_killed_after_checkpoint, split_checkpoint, train_args)
 
 SWITCH, MAX_UPDATE = 4, 8
 EVERY = ["--save-interval-updates", "2"]   # mid-epoch checkpoints at 2, 4, 6 (11 batches an epoch)
@@ -140,13 +140,54 @@ CRITERION = ["--criterion", "label_smoothed_cross_entropy"]
     ([*PROBE, "--gdps-split-at-update", "4", "--gdps-analyze-args", "--groups 0"], "--groups must be >= 1"),
     ([*PROBE, "--gdps-split-at-update", "4", "--gdps-analyze-args=--no-such-flag"], "not valid gdps-analyze flags"),
     ([*PROBE, "--gdps-split-at-update", "4", "--gdps-analyze-args", "--out elsewhere"], "leave out --out"),
-    ([*PROBE, "--gdps-split-at-update", "4", "--distributed-world-size", "2"], "two-stage form"),
     ([*PROBE, "--gdps-split-at-update", "4", "--store-ema"], "cannot be combined with --store-ema"),
 ])
 def test_flags_that_cannot_work_are_refused_at_start_up(tiny_data, tmp_path, monkeypatch, flags, message):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         build_trainer(tiny_data, *CRITERION, "--save-dir", tmp_path, *flags)
+
+
+def test_data_parallel_fairseq_train_is_refused_before_the_first_update(tiny_data, tmp_path, monkeypatch):
+    """fairseq-train's Trainer cannot wrap the split model anew: with several workers the switch
+    needs gdps-train's, which hands the task its re-wrapper."""
+    from fairseq_gdps.cli.train import GdpsTrainer
+
+    monkeypatch.chdir(tmp_path)
+    flags = [*CRITERION, "--save-dir", tmp_path, *PROBE, "--gdps-split-at-update", "4", "--distributed-world-size", "2"]
+    task, trainer = build_trainer(tiny_data, *flags)
+    with pytest.raises(ValueError, match="--distributed-world-size 2 needs gdps-train"):
+        task.begin_epoch(1, trainer.get_model())
+    GdpsTrainer(trainer.cfg, task, trainer.get_model(), trainer.get_criterion())
+    task.begin_epoch(1, trainer.get_model())   # gdps-train's Trainer: accepted
+
+
+@pytest.mark.slow
+def test_two_workers_under_gdps_train_equal_one_process_with_update_freq_2(runs, tiny_data):
+    """gdps-train with two gloo workers: the first worker decides the plan and broadcasts it, every
+    worker splits alike, the model is wrapped anew, and the run equals one fairseq-train process
+    with --update-freq 2 (the exact single-process equivalent, test_distributed.py) bit for bit."""
+    out = runs["out"]
+    single = single_run(tiny_data, out / "freq2")
+    workers = single_run(tiny_data, out / "workers")
+    workers[0] = BIN / "gdps-train"
+    logs = run_all([[*single, "--update-freq", "2"], *data_parallel(workers)])
+    # (fairseq logs warnings only on the workers after the first)
+    assert "GDPS single run: split at update 4" in logs[0] and "GDPS single run: split at update 4" in logs[1]
+    plan = json.loads((out / "workers" / "gdps_analysis" / "plan.json").read_text())
+    assert plan["groups"] == json.loads((out / "freq2" / "gdps_analysis" / "plan.json").read_text())["groups"]
+    assert "After update 4, the run split" in (out / "workers" / "gdps_analysis" / "report.md").read_text()
+    assert num_updates(out / "workers" / "checkpoint_last.pt") == MAX_UPDATE
+    workers_state, single_state = load_checkpoint(out / "workers" / "checkpoint_last.pt"), \
+        load_checkpoint(out / "freq2" / "checkpoint_last.pt")
+    assert any("private" in k for k in workers_state["model"])
+    assert_models_equal(workers_state["model"], single_state["model"])
+    assert_models_equal(optimizer_moments(out / "workers" / "checkpoint_last.pt"),
+                        optimizer_moments(out / "freq2" / "checkpoint_last.pt"))
+    # the private units were trained after the switch by both workers together: not the switch's copy
+    at_switch = load_checkpoint(out / "workers" / "checkpoint_1_4.pt")["model"]
+    private = [k for k in at_switch if "private" in k]
+    assert private and any(not torch.equal(workers_state["model"][k], at_switch[k]) for k in private)
 
 
 def test_a_run_without_the_flag_is_not_resumed_past_its_update(tiny_data, tmp_path, monkeypatch):

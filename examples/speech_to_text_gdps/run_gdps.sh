@@ -65,7 +65,9 @@ COMMON=(--user-dir "$USER_DIR" --task speech_to_text_gdps --train-subset train -
 
 if [ "$TWO_STAGE" = 0 ]; then
   echo "[gdps] one run: probe to update $STAGE1 (every $PROBE_INTERVAL), analysis, split, on to $TOTAL"
-  fairseq-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
+  # gdps-train is fairseq-train with a Trainer that wraps the split model anew, so that this form
+  # also trains data-parallel (-- --distributed-world-size N); single-process runs are identical
+  gdps-train "$DATA" "${COMMON[@]}" "${OPTIM_ARGS[@]}" \
     --criterion label_smoothed_cross_entropy_gdps --gdps-probe-interval "$PROBE_INTERVAL" \
     --gdps-stats "$OUT/checkpoints/gdps_stats.pt" --gdps-split-at-update "$STAGE1" --gdps-init "$INIT" \
     --gdps-analyze-args="$ANALYZE_ARGS" --max-update "$TOTAL" --save-dir "$OUT/checkpoints" "${EXTRA[@]}" \

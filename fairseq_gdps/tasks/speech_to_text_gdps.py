@@ -230,6 +230,17 @@ class SpeechToTextGDPSTask(SpeechToTextTask):
         if self.switch is not None and self.switch.is_due(update_num):
             self.switch.switch(model, optimizer)
 
+    def attach_model_rewrapper(self, rewrap_model) -> None:
+        """gdps-train's Trainer hands the task ``rewrap_model()``, which has fairseq wrap the
+        model anew for data-parallel training; the single run's switch calls it after the split."""
+        if self.switch is not None:
+            self.switch.attach_rewrapper(rewrap_model)
+
+    def begin_epoch(self, epoch, model):
+        super().begin_epoch(epoch, model)
+        if self.switch is not None:   # before the first update of a data-parallel run
+            self.switch.check_data_parallel()
+
     def begin_valid_epoch(self, epoch, model):
         # Validation precedes every checkpoint save: write the statistics file at the same points.
         self.probe.save()

@@ -13,9 +13,12 @@ rebuilt split before fairseq loads its weights, and ``fairseq-generate`` / ``gdp
 split from the checkpoint's model args like a two-stage one's.
 
 fairseq 0.12 gives a task no handle on the Trainer, so the switch changes the model and the
-optimizer it is handed, in place: the parameters change, while fairseq's data-parallel wrappers,
-mixed-precision optimizers (their flat float32 copies) and EMA copy keep the old ones. Those set-ups
-are refused at start-up, naming the flag; the two-stage form covers them.
+optimizer it is handed, in place. fairseq's data-parallel wrappers keep the parameters they were
+built with: data-parallel training runs under ``gdps-train`` (fairseq-train with a Trainer that
+wraps the model anew after the switch, ``cli/train.py``), where the first worker decides the plan
+and broadcasts it, and every worker splits alike. Mixed-precision optimizers (their flat float32
+copies) and the EMA copy also keep the old parameters: those are refused at start-up, naming the
+flag; the two-stage form covers them.
 """
 
 import json
@@ -26,6 +29,7 @@ from pathlib import Path
 from typing import Optional
 
 from fairseq.dataclass import FairseqDataclass
+from fairseq.distributed import utils as distributed_utils
 from omegaconf import II
 
 from fairseq_gdps.atomic import atomic_write
@@ -66,6 +70,10 @@ class SplitSwitchConfig(FairseqDataclass):
     store_ema: bool = II("ema.store_ema")
 
 
+def _first_worker() -> bool:
+    return distributed_utils.get_data_parallel_world_size() == 1 or distributed_utils.get_data_parallel_rank() == 0
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -83,6 +91,21 @@ class SplitSwitch:
         self.decision: Optional[dict] = None   # {"update": N, "plan": plan JSON text, or None: no split}
         self._model_args = None
         self._task = None
+        self._rewrap_model = None   # set by gdps-train's Trainer: wrap the model anew for data-parallel
+
+    def attach_rewrapper(self, rewrap_model) -> None:
+        """``rewrap_model()``: called after the split, so that data-parallel training wraps the
+        split parameters (gdps-train's Trainer gives it)."""
+        self._rewrap_model = rewrap_model
+
+    def check_data_parallel(self) -> None:
+        """Refuse data-parallel training without a Trainer that can wrap the split model anew
+        (before the first update: the Trainer exists only after the task is set up)."""
+        world = self.cfg.distributed_world_size
+        if world > 1 and self._rewrap_model is None and self.decision is None:
+            raise ValueError(f"--gdps-split-at-update with --distributed-world-size {world} needs gdps-train (the same "
+                             "flags as fairseq-train): fairseq-train's data-parallel wrapper would keep the unsplit "
+                             "parameters after the switch; or use the two-stage form (run_gdps.sh --two-stage)")
 
     # ------------------------------------------------------------------ start-up
 
@@ -97,10 +120,6 @@ class SplitSwitch:
             raise ValueError(f"{flag} {n}: no probed update before the switch (--gdps-probe-start {cfg.gdps_probe_start})")
         if cfg.max_update and n >= cfg.max_update:
             raise ValueError(f"{flag} {n} must lie before --max-update {cfg.max_update}")
-        if cfg.distributed_world_size > 1:
-            raise ValueError(f"{flag} runs in one process (--distributed-world-size {cfg.distributed_world_size}): "
-                             "fairseq's data-parallel wrapper would keep the unsplit parameters; use the two-stage form "
-                             "(run_gdps.sh --two-stage) for data-parallel training")
         for name in ("fp16", "bf16", "amp", "store_ema"):
             if getattr(cfg, name, False):
                 raise ValueError(f"{flag} cannot be combined with {_flag(name)}: fairseq keeps its own copies of the "
@@ -148,28 +167,46 @@ class SplitSwitch:
         """Whether the optimizer step of update ``update_num`` (0-based) completes update N."""
         return self.decision is None and update_num + 1 == self.update
 
+    def analyse(self) -> dict:
+        """Run the analysis (on the first data-parallel worker, which alone holds the statistics
+        file) and hand every worker its outcome: {"plan": JSON text or None, "report": path} or
+        {"error": why}."""
+        outcome = None
+        if _first_worker():
+            args = self.analysis_flags()
+            logger.info(f"GDPS single run: analysing the statistics of updates before {self.update} "
+                        f"(gdps-analyze {' '.join(shlex.quote(a) for a in [args.stats, '--out', args.out])} "
+                        f"{self.cfg.gdps_analyze_args})")
+            try:
+                analysis, paths = analysis_command.run(args)
+                logger.info("GDPS analysis:\n" + analysis_command.summary(analysis, paths))
+                plan = Plan.load(paths["plan"])
+                split = len(plan.groups) >= 2 and bool(plan.modules)
+                outcome = {"plan": plan.dumps() if split else None, "report": str(paths["report"])}
+            except (ValueError, FileNotFoundError) as exc:
+                outcome = {"error": str(exc)}
+        if distributed_utils.get_data_parallel_world_size() > 1:   # one decision for all workers
+            outcome = distributed_utils.broadcast_object(outcome, src_rank=0,
+                                                         group=distributed_utils.get_data_parallel_group())
+        if "error" in outcome:
+            raise RuntimeError(f"--gdps-split-at-update {self.update}: the analysis stopped: {outcome['error']}. The "
+                               f"statistics are in {self.cfg.gdps_stats} and the last checkpoint is unsplit; analyse them "
+                               "with gdps-analyze and go on with the two-stage form, or change --gdps-analyze-args")
+        return outcome
+
     def switch(self, model, optimizer) -> None:
         """Analyse, and split model and optimizer state (see the module doc)."""
         self.probe.stop()
         self.probe.save()
-        args = self.analysis_flags()
-        logger.info(f"GDPS single run: analysing the statistics of updates before {self.update} "
-                    f"(gdps-analyze {' '.join(shlex.quote(a) for a in [args.stats, '--out', args.out])} "
-                    f"{self.cfg.gdps_analyze_args})")
-        try:
-            analysis, paths = analysis_command.run(args)
-        except (ValueError, FileNotFoundError) as exc:
-            raise RuntimeError(f"--gdps-split-at-update {self.update}: the analysis stopped: {exc}. The statistics "
-                               f"are in {self.cfg.gdps_stats} and the last checkpoint is unsplit; analyse them with "
-                               "gdps-analyze and go on with the two-stage form, or change --gdps-analyze-args") from None
-        logger.info("GDPS analysis:\n" + analysis_command.summary(analysis, paths))
-        plan = Plan.load(paths["plan"])
-        if len(plan.groups) < 2 or not plan.modules:
+        outcome = self.analyse()
+        report = outcome["report"] if _first_worker() else None   # the first worker wrote it
+        if outcome["plan"] is None:
             self.decision = {"update": self.update, "plan": None}
-            self._note_in_report(paths["report"], "the analysis kept the languages in one group, so the run went "
+            self._note_in_report(report, "the analysis kept the languages in one group, so the run went "
                                  "on unsplit: every later update trained the shared model.")
             logger.info(f"GDPS single run: no conflict to split at update {self.update}: training goes on unsplit")
             return
+        plan = Plan.from_dict(json.loads(outcome["plan"]), source=f"the analysis at update {self.update}")
         fairseq_model = unwrapped(model)
         names_before = optimized_parameter_names(fairseq_model)
         ffn_names_before = ffn_parameter_names(fairseq_model)
@@ -177,20 +214,24 @@ class SplitSwitch:
         if len(state_before["param_groups"][0]["params"]) != len(names_before):
             raise RuntimeError("--gdps-split-at-update: the optimizer holds parameters outside the model "
                                "(a criterion with parameters?), which the switch cannot map")
-        split_in_place(fairseq_model, self._model_args, self._task, plan, source=f"the plan {paths['plan']}")
+        split_in_place(fairseq_model, self._model_args, self._task, plan, source=f"the plan in {self.out_dir}")
         state_after = split_optimizer_state(names_before, ffn_names_before, fairseq_model, state_before)
         params = [p for p in fairseq_model.parameters() if p.requires_grad]
         # a fresh instance of the same optimizer over the split parameters ("reset optimizer
         # instance", FairseqOptimizer's own setter), then the carried-over state
         optimizer.optimizer = type(optimizer.optimizer)(params, **optimizer.optimizer_config)
         optimizer.load_state_dict(state_after)
+        if self._rewrap_model is not None:
+            self._rewrap_model()
         self.decision = {"update": self.update, "plan": plan.dumps()}
-        self._note_in_report(paths["report"], f"the run split {', '.join(plan.modules)} into the groups "
+        self._note_in_report(report, f"the run split {', '.join(plan.modules)} into the groups "
                              f"{' / '.join('{' + ', '.join(g) + '}' for g in plan.groups)} and trained on.")
         logger.info(f"GDPS single run: split at update {self.update}: {plan.modules}, groups {plan.groups}, "
                     f"shared ratio {plan.shared_ratio:g}; {sum(p.numel() for p in params):,} trained parameters")
 
-    def _note_in_report(self, report: str, what: str) -> None:
+    def _note_in_report(self, report: Optional[str], what: str) -> None:
+        if report is None:   # a worker other than the first: it wrote no report
+            return
         text = Path(report).read_text(encoding="utf-8")
         with atomic_write(report) as f:
             f.write(f"{text}\n## In the run (--gdps-split-at-update {self.update})\n\nAfter update {self.update}, {what}\n")
