@@ -36,7 +36,11 @@ differ from GDPS only in the split and from the tagged baseline only in having o
 
 Conditions: ``natural`` (the quick demo corpus) and ``conflict`` (the same plus ``xx``: Estonian
 spoken by Estonian's own speakers, ``--conflict-speakers shared``, with numbers and units
-permuted, so it differs from ``et`` in meaning only; the right grouping isolates ``xx``).
+permuted, so it differs from ``et`` in meaning only; the right grouping isolates ``xx``);
+opt-in, ``conflict_units``: ``xx`` permutes only the units (its numbers agree with ``et``'s), a
+partial conflict. Where a conflict is planted, the ``oracle`` system (the planted split: ``xx``
+alone at every decoder FFN, nothing shared, continuing GDPS's stage 1) says what a split is worth
+there, independently of the analysis.
 
 The setting ``learned`` is chosen from measured learning curves (docs/benchmarks.md): the demo
 corpus' sentence templates are learned early, its content (numbers and units) much later, and the
@@ -90,12 +94,20 @@ from fairseq_gdps.models.split_spec import format_groups
 from benchmarks.common import REPO, RESULTS, machine_details, portable_path, replace_between, software_versions, write_json
 
 RECIPES = REPO / "examples" / "speech_to_text_gdps"
-SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "full_split_matched", "random_groups", "param_diff",
+SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "full_split_matched", "random_groups", "param_diff", "oracle",
            "gdps_similarity_ratio", "bilingual")
 # opt-in: bilingual models answer another question and cost the most; gdps_similarity_ratio is a
 # diagnostic (GDPS's grouping with the similarity rule's shared part: what does sharing do?)
 DEFAULT_SYSTEMS = SYSTEMS[:-2]
-SPLIT_CONTROLS = ("full_split", "full_split_matched", "random_groups", "param_diff", "gdps_similarity_ratio")
+SPLIT_CONTROLS = ("full_split", "full_split_matched", "random_groups", "param_diff", "oracle", "gdps_similarity_ratio")
+# corpus flags of each condition (gdps-make-corpus); the planted ones also have the oracle system
+CONDITIONS = {"natural": [],
+              "conflict": ["--conflict-language", f"{records.CONFLICT_LANGUAGE}:{records.CONFLICT_BASE}",
+                           "--conflict-speakers", "shared"],
+              "conflict_units": ["--conflict-language", f"{records.CONFLICT_LANGUAGE}:{records.CONFLICT_BASE}",
+                                 "--conflict-speakers", "shared", "--conflict-remap", "units"]}
+# the planted split: the conflict language alone at every decoder FFN of the recipes' model
+ORACLE_MODULES = ["decoder.layers.0.ffn", "decoder.layers.1.ffn"]
 CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
 
@@ -114,7 +126,7 @@ RUN_DEFINING = ("utterances", "vocab", "max_update", "stage1", "probe_interval")
 # machine, for the estimate of what is left before any run of a system is recorded
 SECONDS_PER_UPDATE = {"baseline": 0.55, "gdps": 0.65, "tagged": 0.55, "full_split": 0.6, "full_split_matched": 0.6,
                       "random_groups": 0.6,
-                      "param_diff": 0.6, "bilingual": 0.5}
+                      "param_diff": 0.6, "oracle": 0.6, "bilingual": 0.5}
 
 logger = logging.getLogger("quality")
 SAME_PARTITION = "no other grouping of the plan's sizes"  # why random_groups may be GDPS's own run
@@ -194,7 +206,7 @@ class Benchmark:
             return Path(given[condition]).resolve()
         root = self.work / condition
         data = root / "data"
-        if condition == "conflict":
+        if condition in records.PLANTED_CONDITIONS:
             self.check_conflict_corpus(root / "corpus")
         if (data / "config.yaml").is_file():
             return data
@@ -204,8 +216,7 @@ class Benchmark:
             cmd = ["gdps-make-corpus", "--profile", "quick", "--seed", "1", "--out", corpus]
             if self.s["utterances"]:
                 cmd += ["--utterances-per-language", self.s["utterances"]]
-            if condition == "conflict":
-                cmd += ["--conflict-language", f"{CONFLICT_LANGUAGE}:et", "--conflict-speakers", CONFLICT_SPEAKERS]
+            cmd += CONDITIONS[condition]
             self.sh(cmd, root / "corpus.log")
         shutil.rmtree(data, ignore_errors=True)
         cmd = ["gdps-prep", "--corpus", corpus, "--out", data]
@@ -255,6 +266,8 @@ class Benchmark:
                 deps=[gdps_name]),
         ]
         for control in SPLIT_CONTROLS:
+            if control == "oracle" and condition not in records.PLANTED_CONDITIONS:
+                continue   # nothing planted: no known right split
             jobs.append(Job(f"{condition}/seed{seed}/{control}", root / control,
                             (lambda c=control: self.run_control(c, data, root, seed, langs)), deps=[gdps_name]))
         per_language = max(1, s["max_update"] // len(langs))
@@ -295,6 +308,11 @@ class Benchmark:
                 self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio},
                                why="the plan's ratio is the similarity rule's")
                 return
+        elif control == "oracle":
+            modules = ",".join(ORACLE_MODULES)
+            groups = [[lang for lang in langs if lang != CONFLICT_LANGUAGE], [CONFLICT_LANGUAGE]]
+            ratio = 0.0
+            plan = dict(plan, modules=ORACLE_MODULES)   # what split.json records
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
             if {frozenset(g) for g in groups} == {frozenset(g) for g in plan["groups"]}:
@@ -598,10 +616,11 @@ def report(results_dir: Path, setting_name: str, setting: dict, systems: list[st
     # seed or condition must not shrink the report to that part (or to "0 of N recorded")
     default = SETTINGS[setting_name]
     seeds = sorted(set(default["seeds"]) | set(setting["seeds"]) | {r["seed"] for r in found})
-    conditions = [c for c in ("natural", "conflict")
+    conditions = [c for c in CONDITIONS
                   if c in default["conditions"] or c in setting["conditions"] or any(r["condition"] == c for r in found)]
     planned_systems = [s for s in SYSTEMS if s in DEFAULT_SYSTEMS or s in systems or any(r["system"] == s for r in found)]
-    planned = [f"{c}/seed{s}/{sys}" for s in seeds for c in conditions for sys in planned_systems]
+    planned = [f"{c}/seed{s}/{sys}" for s in seeds for c in conditions for sys in planned_systems
+               if sys != "oracle" or c in records.PLANTED_CONDITIONS]
     have = {f"{r['condition']}/seed{r['seed']}/{r['system']}" for r in found}
     plot = results_dir / "quality_learning_curves.png"
     if found:
@@ -651,7 +670,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS,
                         help="the records (RESULTS/quality/<setting>/) and the report")
     parser.add_argument("--seeds", type=int, nargs="+", help="training seeds (default: the setting's)")
-    parser.add_argument("--conditions", nargs="+", choices=["natural", "conflict"])
+    parser.add_argument("--conditions", nargs="+", choices=list(CONDITIONS))
     parser.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(DEFAULT_SYSTEMS),
                         help=f"default: {' '.join(DEFAULT_SYSTEMS)} (bilingual is opt-in)")
     parser.add_argument("--jobs", type=int, default=2, help="runs at a time (default 2)")
@@ -675,8 +694,9 @@ def main(argv=None) -> int:
         parser.error("the tagged baseline and the split controls continue GDPS's stage 1: include gdps in --systems")
     for item in args.data or []:
         condition, _, folder = item.partition("=")
-        if condition not in ("natural", "conflict") or not (Path(folder) / "config.yaml").is_file():
-            parser.error(f"--data {item}: expected natural=DIR or conflict=DIR with a gdps-prep folder (config.yaml)")
+        if condition not in CONDITIONS or not (Path(folder) / "config.yaml").is_file():
+            parser.error(f"--data {item}: expected CONDITION=DIR ({', '.join(CONDITIONS)}) with a gdps-prep folder "
+                         "(config.yaml)")
     args.results = args.results.resolve()
     if args.ratio_validation:
         if not records_root(args.ratio_validation, args.setting).is_dir():

@@ -24,7 +24,14 @@ from benchmarks.common import write_json
 
 RECORD_FORMAT = 1
 CONFLICT_LANGUAGE, CONFLICT_BASE = "xx", "et"
-SPLIT_SYSTEMS = ("gdps", "full_split", "full_split_matched", "random_groups", "param_diff", "gdps_similarity_ratio")
+# conditions with a planted conflict language (xx spoken by et's speakers) and what it permutes
+PLANTED_CONDITIONS = {
+    "conflict": "`xx` is Estonian spoken by Estonian's own speakers with its numbers and units permuted: it differs "
+                "from `et` in meaning only. The right grouping isolates it.",
+    "conflict_units": "`xx` is Estonian spoken by Estonian's own speakers with only its units permuted (its numbers "
+                      "mean what et's mean): a partial meaning conflict. The right grouping isolates it.",
+}
+SPLIT_SYSTEMS = ("gdps", "full_split", "full_split_matched", "random_groups", "param_diff", "gdps_similarity_ratio", "oracle")
 BASELINES = ("baseline", "tagged")
 # Controls with exactly GDPS's parameter count: GDPS is compared with each directly, since a split
 # that wins only by being larger says nothing for the analysis.
@@ -41,6 +48,8 @@ LANGUAGE_INFORMATION = {
     "random_groups": "the language embedding, and GDPS's FFN(s) and ratio routed by random groups of the plan's sizes",
     "param_diff": "the language embedding, and GDPS's FFN(s) copied whole per cluster (two clusters)",
     "gdps_similarity_ratio": "the language embedding, and GDPS's FFN(s) and groups with the similarity rule's shared ratio",
+    "oracle": "the language embedding, and the planted split: xx alone at every decoder FFN, nothing shared "
+              "(what a split is worth where the answer is known)",
     "bilingual": "one model per language",
 }
 
@@ -51,8 +60,9 @@ LANGUAGE_INFORMATION = {
 LEARNED_CRITERION = {"min_average_bleu": 35.0, "min_final_dev_accuracy": 75.0}
 
 # Targets the project aims for, checked and printed, never assumed.
-TARGETS = {"conflict": {"gdps_minus_tagged_average": 1.0, "gdps_minus_tagged_xx": 1.0, "other_language_floor": -0.5,
-                        "gdps_minus_equal_size_control": 0.0},
+_PLANTED_TARGETS = {"gdps_minus_tagged_average": 1.0, "gdps_minus_tagged_xx": 1.0, "other_language_floor": -0.5,
+                    "gdps_minus_equal_size_control": 0.0, "gdps_share_of_oracle_gain": 0.7}
+TARGETS = {"conflict": _PLANTED_TARGETS, "conflict_units": _PLANTED_TARGETS,
            "natural": {"gdps_minus_tagged_average": 0.0, "other_language_floor": -0.5,
                        "gdps_minus_equal_size_control": 0.0}}
 
@@ -167,7 +177,7 @@ def load_records(root: Path, setting_name: str, run_setting: dict) -> tuple[list
 # ---------------------------------------------------------------------------------------------
 
 def criterion_languages(condition: str, languages: list[str]) -> list[str]:
-    if condition == "conflict":
+    if condition in PLANTED_CONDITIONS:
         return [l for l in languages if l not in (CONFLICT_LANGUAGE, CONFLICT_BASE)]
     return list(languages)
 
@@ -303,7 +313,7 @@ def aggregate(records: list[dict], references: dict, n_samples: int, cache: dict
 
 
 def _system_order(system: str) -> int:
-    order = ("baseline", "tagged", "gdps", "full_split", "full_split_matched", "random_groups", "param_diff",
+    order = ("baseline", "tagged", "gdps", "oracle", "full_split", "full_split_matched", "random_groups", "param_diff",
              "gdps_similarity_ratio", "bilingual")
     return order.index(system) if system in order else len(order)
 
@@ -357,9 +367,20 @@ def _targets(condition: str, comparisons: dict) -> list[str]:
         others = {l: mean(p["delta_languages"][l] for p in c["per_seed"])
                   for l in c["per_seed"][0]["delta_languages"] if l != CONFLICT_LANGUAGE}
         worst = min(others, key=others.get)
-        lines.append(f"Lowest {'other ' if condition == 'conflict' else ''}language against the tagged baseline: {worst} "
+        lines.append(f"Lowest {'other ' if condition in PLANTED_CONDITIONS else ''}language against the tagged baseline: {worst} "
                      f"{others[worst]:+.2f} (target >= {wanted['other_language_floor']:+.1f}): "
                      f"{'met' if others[worst] >= wanted['other_language_floor'] else 'NOT met'}")
+    oracle = comparisons.get("oracle|tagged")
+    if "gdps_share_of_oracle_gain" in wanted and oracle:
+        # per seed with both, GDPS's gain over the tagged baseline as a share of the oracle's
+        gains = {p["seed"]: p["delta_average"] for p in c["per_seed"]}
+        pairs = [(gains[p["seed"]], p["delta_average"]) for p in oracle["per_seed"] if p["seed"] in gains]
+        g, o = mean(a for a, _ in pairs), mean(b for _, b in pairs)
+        share = g / o if o > 0 else math.nan
+        lines.append(f"GDPS's gain over the tagged baseline as a share of the oracle split's: {g:+.2f} of {o:+.2f} = "
+                     f"{share:.0%} (target >= {wanted['gdps_share_of_oracle_gain']:.0%}, {len(pairs)} seeds): "
+                     + ("met" if share >= wanted["gdps_share_of_oracle_gain"] else
+                        "NOT met" if o > 0 else "the oracle gains nothing here"))
     floor = wanted.get("gdps_minus_equal_size_control")
     for control in EQUAL_SIZE_CONTROLS if floor is not None else ():
         e = comparisons.get(f"gdps|{control}")
@@ -418,9 +439,8 @@ def to_markdown(results: dict, meta: dict) -> str:
              "A seed that misses it is listed and left out of every mean below.", ""]
     for condition, cond in results.items():
         lines += [f"### Condition `{condition}`", ""]
-        if condition == "conflict":
-            lines += [f"`{CONFLICT_LANGUAGE}` is Estonian spoken by Estonian's own speakers with its numbers and units "
-                      "permuted: it differs from `et` in meaning only. The right grouping isolates it.", ""]
+        if condition in PLANTED_CONDITIONS:
+            lines += [PLANTED_CONDITIONS[condition], ""]
         lines += ["| seed | baseline avg BLEU (criterion languages) | final dev accuracy | learned |", "|---|---:|---:|---|"]
         for seed, c in sorted(cond["learned"].items()):
             acc = "-" if c["final_dev_accuracy"] is None else f"{c['final_dev_accuracy']:.1f}%"
@@ -462,7 +482,7 @@ def to_markdown(results: dict, meta: dict) -> str:
             lines += ["", "What GDPS's analysis chose:", ""]
             for seed, ch in cond["choices"].items():
                 alone = ""
-                if condition == "conflict":
+                if condition in PLANTED_CONDITIONS:
                     # what resolves the conflict is the pair in different groups (either one alone will do)
                     alone = (f"; `{CONFLICT_BASE}` and `{CONFLICT_LANGUAGE}` "
                              + ("apart" if ch["conflict_pair_apart"] else "in one group")

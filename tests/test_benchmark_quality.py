@@ -310,3 +310,32 @@ def test_the_report_says_whether_the_conflict_pair_was_put_apart():
     assert "- seed 1: split decoder.layers.0.ffn, groups {ar, ga, sw, xx} / {et}, shared ratio 0.375; `et` and `xx` apart" in text
     assert "`et` and `xx` apart (`xx` alone)" in text
     assert "- seed 3: one group" in text and "`et` and `xx` in one group" in text
+
+
+def test_gdps_share_of_the_oracle_gain_is_checked_on_planted_conditions():
+    def seed(s, delta):
+        return {"seed": s, "delta_average": delta, "delta_languages": {"xx": delta, "ar": 0.0}, "pooled_delta": delta,
+                "pooled_p": 0.01, "languages_p": {}}
+
+    comparisons = {"gdps|tagged": {"per_seed": [seed(1, 2.0), seed(2, 4.0)]},
+                   "oracle|tagged": {"per_seed": [seed(1, 4.0), seed(2, 6.0)]}}
+    for condition in ("conflict", "conflict_units"):
+        lines = records._targets(condition, comparisons)
+        assert ("GDPS's gain over the tagged baseline as a share of the oracle split's: +3.00 of +5.00 = 60% "
+                "(target >= 70%, 2 seeds): NOT met") in lines
+    nothing = dict(comparisons, **{"oracle|tagged": {"per_seed": [seed(1, -1.0)]}})
+    assert any(line.endswith("the oracle gains nothing here") for line in records._targets("conflict", nothing))
+    assert not any("oracle" in line for line in records._targets("natural", comparisons))
+
+
+def test_the_oracle_runs_only_where_a_conflict_is_planted(tmp_path):
+    args = argparse.Namespace(work=tmp_path, threads=1, data=None)
+    bench = quality.Benchmark(args, dict(quality.SETTINGS["learned"]))
+    data = tmp_path / "data"
+    data.mkdir()
+    for lang in ("ar", "et", "xx"):
+        (data / f"test_{lang}.tsv").write_text("id\n")
+    for condition in quality.CONDITIONS:
+        names = [j.name.split("/")[-1] for j in bench.jobs_for(condition, 1, data)]
+        assert ("oracle" in names) == (condition in records.PLANTED_CONDITIONS)
+    assert "--conflict-remap" in quality.CONDITIONS["conflict_units"]
