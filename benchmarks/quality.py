@@ -148,6 +148,28 @@ def size_matched_shared_ratio(plan_groups: int, plan_shared_ratio: float, n_lang
     return 1.0 - (1.0 - plan_shared_ratio) * (plan_groups - 1) / (n_languages - 1)
 
 
+def reuse_reason(control: str, plan: dict, seed: int) -> Optional[str]:
+    """Why the split control ``control`` would be GDPS's own run (same start, split and seed) for
+    this plan, or None when it is a run of its own."""
+    if control == "full_split_matched" and len(plan["groups"]) == 1:
+        return "one group: at the plan's width nothing is private"
+    if control == "gdps_similarity_ratio" and similarity_rule_ratio(plan) == plan["shared_ratio"]:
+        return "the plan's ratio is the similarity rule's"
+    if control == "random_groups" and ({frozenset(g) for g in random_partition(plan["groups"], seed)}
+                                       == {frozenset(g) for g in plan["groups"]}):
+        return SAME_PARTITION   # one group, or one language per group: no other partition of these sizes
+    return None
+
+
+def similarity_rule_ratio(plan: dict) -> float:
+    """The similarity rule's shared ratio of a plan (a plan made before the conflict rule has it as its own)."""
+    return plan["provenance"]["ratio"].get("similarity_rule", plan["shared_ratio"])
+
+
+def plan_split(plan: dict) -> dict:
+    return {k: plan[k] for k in ("modules", "groups", "shared_ratio")}
+
+
 def random_partition(plan_groups: list[list[str]], seed: int, attempts: int = 100) -> list[list[str]]:
     """Languages shuffled into groups of the plan's sizes, different from the plan's partition
     whenever another partition with those sizes exists."""
@@ -288,26 +310,17 @@ class Benchmark:
         gdps = root / "gdps"
         plan = json.loads((gdps / "analysis" / "plan.json").read_text())
         modules = ",".join(plan["modules"])
+        why = reuse_reason(control, plan, seed)
+        if why:   # the run would be GDPS's stage 2 again: its result is reused
+            self.reuse_run(gdps, root / control, plan_split(plan), why)
+            return
         if control == "full_split":
             groups, ratio = [[lang] for lang in langs], 0.0
         elif control == "full_split_matched":
             groups = [[lang] for lang in langs]
             ratio = size_matched_shared_ratio(len(plan["groups"]), plan["shared_ratio"], len(langs))
-            if len(plan["groups"]) == 1:
-                # at one group's width nothing is private: the run would be GDPS's stage 2 again
-                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": plan["groups"],
-                                                      "shared_ratio": plan["shared_ratio"]},
-                               why="one group: at the plan's width nothing is private")
-                return
         elif control == "gdps_similarity_ratio":
-            # a plan made before the conflict rule has the similarity rule's ratio as its own
-            groups, ratio = plan["groups"], plan["provenance"]["ratio"].get("similarity_rule", plan["shared_ratio"])
-            if ratio == plan["shared_ratio"]:
-                # the plan already has the similarity rule's ratio (no groups from conflict edges):
-                # the run would be GDPS's stage 2 again, so its result is reused
-                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio},
-                               why="the plan's ratio is the similarity rule's")
-                return
+            groups, ratio = plan["groups"], similarity_rule_ratio(plan)
         elif control == "oracle":
             modules = ",".join(ORACLE_MODULES)
             groups = [[lang for lang in langs if lang != CONFLICT_LANGUAGE], [CONFLICT_LANGUAGE]]
@@ -315,12 +328,6 @@ class Benchmark:
             plan = dict(plan, modules=ORACLE_MODULES)   # what split.json records
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
-            if {frozenset(g) for g in groups} == {frozenset(g) for g in plan["groups"]}:
-                # No other partition of these sizes (one group, or one language per group): the run
-                # would be GDPS's stage 2 again, same start, split and seed, so its result is reused.
-                self.reuse_run(gdps, root / control, {"modules": plan["modules"], "groups": groups, "shared_ratio": ratio},
-                               why=SAME_PARTITION)
-                return
         else:  # param_diff: two clusters from the same statistics, whole-module copies
             self.sh(["gdps-analyze", gdps / "stage1" / "gdps_stats.pt", "--out", gdps / "analysis_two_clusters",
                      "--groups", "2", "--resamples", "0"], root / "param_diff_analysis.log")
@@ -407,6 +414,25 @@ class Benchmark:
             machine=machine_details(), threads=self.args.threads, notes=notes)
         write_json(self.record_of(job), record)
 
+    def record_reused_from_gdps_record(self, job: Job) -> bool:
+        """A split control that is GDPS's own run (:func:`reuse_reason`) is recorded from GDPS's
+        record when GDPS's run folder is gone (recorded in another sitting). Returns whether it was."""
+        condition, seed, system = job.name.split("/")
+        source = records.record_path(self.records_root, condition, int(seed[len("seed"):]), "gdps")
+        if system not in SPLIT_CONTROLS or not source.is_file():
+            return False
+        gdps = json.loads(source.read_text(encoding="utf-8"))
+        why = gdps.get("plan") and reuse_reason(system, gdps["plan"], gdps["seed"])
+        if not why:
+            return False
+        record = dict(gdps, system=system, language_information=records.LANGUAGE_INFORMATION[system],
+                      split=plan_split(gdps["plan"]), plan=None, wall_seconds=None, notes=f"reused from gdps: {why}",
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"))
+        record.pop("path", None)
+        write_json(self.record_of(job), record)
+        logger.info(f"done  {job.name}: GDPS's own run ({why}), recorded from its record")
+        return True
+
     def check_records_setting(self) -> None:
         """A records folder keeps one training setting: refuse to mix runs of another budget into it
         (and into the work folder, whose finished runs are reused by name)."""
@@ -492,6 +518,9 @@ class Benchmark:
                             status[job.name] = "done"
                             continue
                         missing = [d for d in job.deps if not (self.work / d / "scores.json").is_file()]
+                        if missing and self.record_reused_from_gdps_record(job):
+                            status[job.name] = "done"
+                            continue
                         if missing:  # recorded in another sitting, on another machine: the run folder is gone
                             status[job.name] = (f"failed: needs the run folder(s) {missing} under {self.work}, recorded "
                                                 "elsewhere; remove their records to run them again here")
@@ -685,7 +714,8 @@ def main(argv=None) -> int:
     parser.add_argument("--publish", action="store_true",
                         help="also replace the report's generated section of docs/benchmarks.md")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="[quality] %(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # force: an import (fairseq's) has already configured the root logger at DEBUG
+    logging.basicConfig(level=logging.INFO, format="[quality] %(asctime)s %(message)s", datefmt="%H:%M:%S", force=True)
     setting = dict(SETTINGS[args.setting])
     for key, value in (("seeds", args.seeds), ("conditions", args.conditions)):
         if value is not None:

@@ -339,3 +339,31 @@ def test_the_oracle_runs_only_where_a_conflict_is_planted(tmp_path):
         names = [j.name.split("/")[-1] for j in bench.jobs_for(condition, 1, data)]
         assert ("oracle" in names) == (condition in records.PLANTED_CONDITIONS)
     assert "--conflict-remap" in quality.CONDITIONS["conflict_units"]
+
+
+def test_a_control_that_is_gdps_own_run_is_recorded_from_gdps_record(tmp_path):
+    """With GDPS's run folder gone (recorded in another sitting), a control that would be GDPS's own
+    run is recorded from GDPS's record; a control that is a run of its own is not."""
+    args = argparse.Namespace(work=tmp_path / "work", results=tmp_path / "results", setting="learned", threads=1, data=None)
+    bench = quality.Benchmark(args, dict(quality.SETTINGS["learned"]))
+    one_group = {"modules": ["decoder.layers.1.ffn"], "groups": [["ar", "et", "ga", "sw"]], "shared_ratio": 0.0,
+                 "provenance": {"ratio": {"rule": "conflict"}}}
+    gdps = {"system": "gdps", "seed": 1, "condition": "natural", "plan": one_group, "hypotheses_sha256": "abc",
+            "split": None, "notes": None, "language_information": "x"}
+    path = records.record_path(bench.records_root, "natural", 1, "gdps")
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(gdps))
+
+    def job(system):
+        return quality.Job(f"natural/seed1/{system}", tmp_path / "work" / system, lambda: None, deps=["natural/seed1/gdps"])
+
+    assert bench.record_reused_from_gdps_record(job("full_split_matched"))
+    derived = json.loads(records.record_path(bench.records_root, "natural", 1, "full_split_matched").read_text())
+    assert derived["system"] == "full_split_matched" and derived["hypotheses_sha256"] == "abc"
+    assert derived["notes"] == "reused from gdps: one group: at the plan's width nothing is private"
+    assert derived["split"]["groups"] == one_group["groups"] and derived["plan"] is None
+    assert not bench.record_reused_from_gdps_record(job("full_split"))   # a run of its own
+    assert not records.record_path(bench.records_root, "natural", 1, "full_split").exists()
+    assert quality.reuse_reason("random_groups", one_group, 1) == quality.SAME_PARTITION
+    two_groups = dict(one_group, groups=[["ar", "et"], ["ga", "sw"]])
+    assert quality.reuse_reason("full_split_matched", two_groups, 1) is None
