@@ -174,6 +174,8 @@ def test_two_workers_under_gdps_train_equal_one_process_with_update_freq_2(runs,
     logs = run_all([[*single, "--update-freq", "2"], *data_parallel(workers)])
     # (fairseq logs warnings only on the workers after the first)
     assert "GDPS single run: split at update 4" in logs[0] and "GDPS single run: split at update 4" in logs[1]
+    # gdps-train logs as fairseq-train does (its format and level), whatever its imports set up
+    assert " | INFO | fairseq_cli.train | done training in " in logs[1] and "DEBUG" not in logs[1]
     plan = json.loads((out / "workers" / "gdps_analysis" / "plan.json").read_text())
     assert plan["groups"] == json.loads((out / "freq2" / "gdps_analysis" / "plan.json").read_text())["groups"]
     assert "After update 4, the run split" in (out / "workers" / "gdps_analysis" / "report.md").read_text()

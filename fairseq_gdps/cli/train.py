@@ -17,9 +17,10 @@ The plugin is loaded by the command itself (``--user-dir fairseq_gdps`` may be g
 import argparse
 import logging
 import math
+import os
 import sys
 
-import fairseq_gdps  # noqa: F401  (registers the task, criterion and models; before fairseq_cli)
+import fairseq_gdps  # noqa: F401  (registers the task, criterion and models)
 import numpy as np
 from fairseq import checkpoint_utils, options, quantization_utils, tasks, utils
 from fairseq.data import data_utils
@@ -31,9 +32,9 @@ from fairseq.file_io import PathManager
 from fairseq.logging import meters, metrics
 from fairseq.model_parallel.megatron_trainer import MegatronTrainer
 from fairseq.trainer import Trainer
-from fairseq_cli import train as fairseq_train   # its logging set-up, epoch loop and validation
+from fairseq_cli import train as fairseq_train   # its epoch loop and validation
 
-logger = logging.getLogger("fairseq_gdps.cli.train")
+logger = logging.getLogger("fairseq_cli.train")   # the log reads as fairseq-train's
 
 
 class GdpsTrainer(Trainer):
@@ -135,6 +136,10 @@ def main(cfg) -> None:
 
 
 def cli_main(argv=None) -> None:
+    # fairseq-train's log set-up: fairseq_cli.train makes it when imported first, but importing this
+    # package has imported fairseq modules before it, one of which sets the root logger to DEBUG
+    logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", datefmt="%Y-%m-%d %H:%M:%S",
+                        level=os.environ.get("LOGLEVEL", "INFO").upper(), stream=sys.stdout, force=True)
     parser = options.get_training_parser()
     args = options.parse_args_and_arch(parser, input_args=argv)
     for flag in ("tpu", "use_plasma_view", "profile"):
