@@ -100,16 +100,13 @@ SYSTEMS = ("baseline", "tagged", "gdps", "full_split", "full_split_matched", "ra
 # diagnostic (GDPS's grouping with the similarity rule's shared part: what does sharing do?)
 DEFAULT_SYSTEMS = SYSTEMS[:-2]
 SPLIT_CONTROLS = ("full_split", "full_split_matched", "random_groups", "param_diff", "oracle", "gdps_similarity_ratio")
-# corpus flags of each condition (gdps-make-corpus); the planted ones also have the oracle system
-CONDITIONS = {"natural": [],
-              "conflict": ["--conflict-language", f"{records.CONFLICT_LANGUAGE}:{records.CONFLICT_BASE}",
-                           "--conflict-speakers", "shared"],
-              "conflict_units": ["--conflict-language", f"{records.CONFLICT_LANGUAGE}:{records.CONFLICT_BASE}",
-                                 "--conflict-speakers", "shared", "--conflict-remap", "units"]}
-# the planted split: the conflict language alone at every decoder FFN of the recipes' model
-ORACLE_MODULES = ["decoder.layers.0.ffn", "decoder.layers.1.ffn"]
 CONFLICT_LANGUAGE = records.CONFLICT_LANGUAGE
 CONFLICT_SPEAKERS = "shared"  # xx is spoken by et's speakers: it differs from et in meaning only
+_PLANTED = ["--conflict-language", f"{CONFLICT_LANGUAGE}:{records.CONFLICT_BASE}", "--conflict-speakers", CONFLICT_SPEAKERS]
+# corpus flags of each condition (gdps-make-corpus); the planted ones also have the oracle system
+CONDITIONS = {"natural": [], "conflict": _PLANTED, "conflict_units": [*_PLANTED, "--conflict-remap", "units"]}
+# the planted split: the conflict language alone at every decoder FFN of the recipes' model
+ORACLE_MODULES = ["decoder.layers.0.ffn", "decoder.layers.1.ffn"]
 
 SETTINGS = {
     # the learned regime (see the module's docstring)
@@ -125,8 +122,7 @@ RUN_DEFINING = ("utterances", "vocab", "max_update", "stage1", "probe_interval")
 # wall seconds per update of one run (two at a time, one thread each) on this project's 2-core
 # machine, for the estimate of what is left before any run of a system is recorded
 SECONDS_PER_UPDATE = {"baseline": 0.55, "gdps": 0.65, "tagged": 0.55, "full_split": 0.6, "full_split_matched": 0.6,
-                      "random_groups": 0.6,
-                      "param_diff": 0.6, "oracle": 0.6, "bilingual": 0.5}
+                      "random_groups": 0.6, "param_diff": 0.6, "oracle": 0.6, "bilingual": 0.5}
 
 logger = logging.getLogger("quality")
 SAME_PARTITION = "no other grouping of the plan's sizes"  # why random_groups may be GDPS's own run
@@ -309,7 +305,7 @@ class Benchmark:
     def run_control(self, control: str, data: Path, root: Path, seed: int, langs: list[str]) -> None:
         gdps = root / "gdps"
         plan = json.loads((gdps / "analysis" / "plan.json").read_text())
-        modules = ",".join(plan["modules"])
+        split_modules = plan["modules"]
         why = reuse_reason(control, plan, seed)
         if why:   # the run would be GDPS's stage 2 again: its result is reused
             self.reuse_run(gdps, root / control, plan_split(plan), why)
@@ -322,10 +318,9 @@ class Benchmark:
         elif control == "gdps_similarity_ratio":
             groups, ratio = plan["groups"], similarity_rule_ratio(plan)
         elif control == "oracle":
-            modules = ",".join(ORACLE_MODULES)
+            split_modules = ORACLE_MODULES
             groups = [[lang for lang in langs if lang != CONFLICT_LANGUAGE], [CONFLICT_LANGUAGE]]
             ratio = 0.0
-            plan = dict(plan, modules=ORACLE_MODULES)   # what split.json records
         elif control == "random_groups":
             groups, ratio = random_partition(plan["groups"], seed), plan["shared_ratio"]
         else:  # param_diff: two clusters from the same statistics, whole-module copies
@@ -335,9 +330,9 @@ class Benchmark:
             groups, ratio = two["groups"], 0.0
         out = root / control
         out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps({"modules": plan["modules"], "groups": groups, "shared_ratio": ratio}) + "\n")
+        (out / "split.json").write_text(json.dumps({"modules": split_modules, "groups": groups, "shared_ratio": ratio}) + "\n")
         self.sh(["bash", RECIPES / "run_gdps.sh", data, out, "--max-update", self.s["max_update"], "--seed", seed,
-                 "--stage1-updates", self.s["stage1"], "--stage1-from", gdps, "--split-modules", modules,
+                 "--stage1-updates", self.s["stage1"], "--stage1-from", gdps, "--split-modules", ",".join(split_modules),
                  "--groups", format_groups(groups), "--shared-ratio", ratio, "--lang-embedding",
                  "--decode-args", "--splits test"], root / f"{control}.log")
 
